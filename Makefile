@@ -1,0 +1,40 @@
+# stem-nb: two commands do everything on a fresh machine.
+#   make reproduce   set up the environment (idempotent) and run the main job (the CPU reproduction)
+#   make test        set up the environment (idempotent) and run the whole test suite
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTHON ?= python3
+PRESET ?= cpu
+# CPU machines take the local CPU wheel (an unpinned torch would pull a multi-GB CUDA build);
+# where nvidia-smi answers, pip picks the default (CUDA) build.
+TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+OFFLINE := HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: env reproduce test smoke lab clean-nbs export bench
+
+env: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+reproduce: env
+	$(OFFLINE) $(BIN)/stem-nb reproduce --preset $(PRESET)
+
+smoke: env
+	$(OFFLINE) $(BIN)/stem-nb smoke
+
+test: env
+	$(OFFLINE) $(BIN)/nbdev-test --n-workers 2 --timing
+	$(OFFLINE) $(BIN)/python -m pytest -q tests
+
+bench: env
+	$(BIN)/stem-nb bench
+
+lab: env
+	$(BIN)/jupyter lab
+
+export: env
+	$(BIN)/nbdev-clean && $(BIN)/nbdev-export
