@@ -1,0 +1,157 @@
+"lm-eval wrapper: exact loglikelihoods, rolling windows, offline tasks through simple_evaluate, hub tasks marked n/a."
+import os
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1"); os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import json, time
+
+import pytest, torch
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from stem_nb.eval import (StemLM, build_offline_tasks, evaluate, expand_tasks, results_table, task_manager,
+                          UNREACHABLE, SUITES)
+from stem_nb.generate import generate
+from stem_nb.model import Transformer, preset
+from stem_nb.tokenizer import get_tokenizer
+
+
+
+TOK = get_tokenizer("byte")
+VERSE = "\n".join(f"Line {i}: the quality of mercy is not strained, it droppeth as the gentle rain." for i in range(80))
+FACTS = [dict(prompt=f"{n} lives in", answer=c, attribute="city")
+         for n, c in [("Ada", "Paris"), ("Ben", "Oslo"), ("Cy", "Lima"), ("Di", "Rome"), ("Ed", "Kyiv"), ("Flo", "Bonn")]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(preset("debug", ffn_type="stem", stem_layers="all", vocab_size=258)).eval()
+
+
+def seq_logprob(model, ids):
+    lp = F.log_softmax(model(torch.tensor([ids]))[0, :-1].float(), -1)
+    return lp.gather(-1, torch.tensor(ids[1:])[:, None]).sum().item()
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    build_offline_tasks(d, facts=FACTS, text=VERSE, needle_lengths=(64,), n_docs=12)
+    return d
+
+
+def inst(kind, args, i=0): return Instance(request_type=kind, doc={}, arguments=args, idx=i)
+
+
+def test_loglikelihood_is_difference_of_full_sequence_logprobs(model):
+    lm = StemLM(model, TOK, batch_size=2)
+    reqs = [("The cat sat on the", " mat"), ("", "Hello"), ("Question: 2+2=", " 4"), ("ab", "cdefgh" * 3)]
+    got = lm.loglikelihood([inst("loglikelihood", r, i) for i, r in enumerate(reqs)])
+    for (c, x), (ll, greedy) in zip(reqs, got):
+        ref = seq_logprob(model, [256] + TOK.encode(c + x)) - seq_logprob(model, [256] + TOK.encode(c))
+        assert ll == pytest.approx(ref, abs=1e-3) and isinstance(greedy, bool)
+
+
+def test_shared_context_equals_separate_forwards(model):
+    reqs = [("Which is a fruit? Answer:", c) for c in (" apple", " a car", " x", " the big blue house on the hill")] + [("q", " a"), ("", "z")]
+    a = StemLM(model, TOK, batch_size=2).loglikelihood(reqs)
+    b = StemLM(model, TOK, share_context=False).loglikelihood(reqs)
+    assert [x[0] for x in a] == pytest.approx([x[0] for x in b], abs=1e-3) and [x[1] for x in a] == [x[1] for x in b]
+
+
+def test_loglikelihood_truncates_from_the_left(model):
+    lm = StemLM(model, TOK, max_length=32)
+    c, x = "z" * 100, "abc"
+    (ll, _), = lm.loglikelihood([(c, x)])
+    ids = ([256] + TOK.encode(c + x))[-33:]
+    assert ll == pytest.approx(seq_logprob(model, ids) - seq_logprob(model, ids[:-3]), abs=1e-3)
+
+
+def test_rolling_is_sum_of_token_logprobs(model):
+    text = "It was the best of times, it was the worst of times."
+    (one,) = StemLM(model, TOK).loglikelihood_rolling([inst("loglikelihood_rolling", (text,))])
+    assert type(one) is float
+    assert one == pytest.approx(seq_logprob(model, [256] + TOK.encode(text)), abs=1e-3)
+    # windows of 16: every token scored exactly once, each with its window's context
+    lm = StemLM(model, TOK, max_length=16)
+    (w,) = lm.loglikelihood_rolling([(text * 3,)])
+    wins = [make_disjoint_window(x) for x in get_rolling_token_windows(TOK.encode(text * 3), 256, 16, 1)]
+    assert sum(len(b) for _, b in wins) == len(TOK.encode(text * 3))
+    ref = sum(seq_logprob(model, a + b) - (seq_logprob(model, a) if len(a) > 1 else 0.0) for a, b in wins)
+    assert w == pytest.approx(ref, abs=1e-2)
+
+
+def test_generate_until_uses_generate(model):
+    lm = StemLM(model, TOK)
+    reqs = [("Once", {"until": ["\n"], "max_gen_toks": 10, "do_sample": False}), ("Twice", {"until": "zz", "max_gen_toks": 6})]
+    out = lm.generate_until([inst("generate_until", r, i) for i, r in enumerate(reqs)])
+    assert out == [generate(model, TOK, "Once", 10, stop=["\n"]), generate(model, TOK, "Twice", 6, stop="zz")]
+
+
+def test_suites():
+    assert expand_tasks("commonsense8") == SUITES["commonsense8"] and len(SUITES["commonsense8"]) == 8
+    assert expand_tasks("midtrain")[-2:] == ["gsm8k", "mmlu"]
+    assert expand_tasks("contextual") == ["bbh", "leaderboard_musr", "longbench"]
+
+
+def test_offline_task_through_simple_evaluate(model, tasks_dir, tmp_path):
+    from lm_eval import simple_evaluate
+    assert {"stem_bios_mc.yaml", "stem_bios_gen.yaml", "stem_shakespeare_next.yaml", "stem_heldout_ppl.yaml",
+            "stem_needle.yaml"} <= {p.name for p in tasks_dir.glob("*.yaml")}
+    tm = task_manager(tasks_dir)
+    res = simple_evaluate(model=StemLM(model, TOK), tasks=["stem_shakespeare_next", "stem_heldout_ppl"], task_manager=tm,
+                          limit=4, bootstrap_iters=0)
+    assert 0.0 <= res["results"]["stem_shakespeare_next"]["acc,none"] <= 1.0
+    assert res["results"]["stem_heldout_ppl"]["bits_per_byte,none"] > 0
+    # the same through evaluate(), suite name, JSON written with lm-eval's keys
+    r = evaluate(model, TOK, ["offline"], limit=3, include_path=tasks_dir, out=tmp_path / "r.json")
+    for t in ("stem_bios_mc", "stem_bios_gen", "stem_shakespeare_next", "stem_heldout_ppl", "stem_needle_64"):
+        assert t in r["results"], t
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert {"results", "configs", "versions", "n-shot", "task_status"} <= set(saved)
+    assert all(s["status"] == "ok" for s in saved["task_status"])
+    assert len(results_table(r)) >= 8
+
+
+def test_hub_tasks_marked_offline_within_seconds(model, tasks_dir):
+    from stem_nb.eval import _offline_mode
+    task_manager(tasks_dir)                            # the one-off lm-eval index build is not the task's time
+    t0 = time.time()
+    with _offline_mode(): r = evaluate(model, TOK, ["commonsense8", "contextual"], limit=2, include_path=tasks_dir)
+    assert time.time() - t0 < 30
+    st = {s["task"]: s["status"] for s in r["task_status"]}
+    assert st["arc_easy"] == UNREACHABLE and st["bbh"] == UNREACHABLE and st["longbench"].startswith("n/a")
+    assert r["results"] == {}
+
+
+def test_unknown_task_names_raise(model, tasks_dir):
+    with pytest.raises(ValueError, match="no_such_task"): evaluate(model, TOK, ["no_such_task"], include_path=tasks_dir)
+
+
+def test_offline_mode_is_restored():
+    import datasets.config as dc, huggingface_hub.constants as hc
+    from stem_nb.eval import _offline_mode, hub_reachable
+    before = (dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE)
+    with _offline_mode():
+        assert dc.HF_HUB_OFFLINE and hc.HF_HUB_OFFLINE and not hub_reachable()
+    assert (dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE) == before
+
+
+def test_from_checkpoint_and_cli(model, tasks_dir, tmp_path):
+    from stem_nb.checkpoint import save_checkpoint, export_consolidated
+    from stem_nb.eval import cli
+    ck = save_checkpoint(tmp_path / "run" / "checkpoints", 5, model, config_yaml="data:\n  tokenizer: byte\n")
+    pt = export_consolidated(ck, tmp_path / "consolidated.pt")
+    reqs = [("The cat sat on the", " mat"), ("", "Hello")]
+    ref = StemLM(model, TOK).loglikelihood(reqs)
+    from stem_nb.checkpoint import write_reference_checkpoint
+    refck = write_reference_checkpoint(model, tmp_path / "ref", P=2)       # the reference trainer's layout, tables in 2 slices
+    for path in (ck, tmp_path / "run", pt, refck):            # checkpoint dir, dump dir, consolidated .pt, reference import
+        lm = StemLM.from_checkpoint(path, None if path in (ck, tmp_path / "run") else "byte")
+        assert [x[0] for x in lm.loglikelihood(reqs)] == pytest.approx([x[0] for x in ref], abs=1e-4)
+    out = tmp_path / "res.json"
+    assert cli([str(ck), "--tasks", "stem_bios_mc,arc_easy", "--limit", "2", "--task-dir", str(tasks_dir),
+                "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "acc,none" in res["results"]["stem_bios_mc"]
+    assert {s["task"]: s["status"] for s in res["task_status"]}["arc_easy"] == UNREACHABLE
