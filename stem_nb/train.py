@@ -22,6 +22,7 @@ from .optim import OptimArgs
 import stem_nb.optim as O
 from .distributed import (DistributedArgs, StemLayout, init_distributed, world_info, unwrap, parallelize,
                                  sync_table_grads, stem_norm_hook)
+from .distributed import job_tokens, no_backbone_sync, is_fsdp, clip_grad_norm_ as fsdp_clip_grad_norm_  # [distributed]
 from .checkpoint import (CKPT_DIR, CheckpointError, save_checkpoint, load_latest, prune_checkpoints, list_checkpoints,
                                 rng_state, set_rng_state)
 
@@ -117,6 +118,7 @@ def set_lr(step: int, args: TrainArgs, backbone_opt, table_opt) -> float:
 
 def clip_grads(model, args: TrainArgs, layout: StemLayout) -> torch.Tensor:
     "Clip backbone + table gradients together by their global norm (`optim.clip`; <= 0: measure only); returns the norm."
+    if is_fsdp(model): return fsdp_clip_grad_norm_(model, layout, args.optim.clip)   # [distributed] FSDP2: DTensor grads
     m = unwrap(model)
     hook = stem_norm_hook(layout) if layout.stem_group is not None else None   # table slices of the other ranks
     return O.clip_grad_norm_(m, m.stem_tables, args.optim.clip, table_sq_hook=hook)
@@ -147,13 +149,11 @@ def train_step(model, batches, backbone_opt, table_opt, args: TrainArgs, layout:
     "One optimizer step over the micro-batches `batches`; returns (mean loss, grad norm, lr)."
     lr = set_lr(step, args, backbone_opt, table_opt)
     # rows about to be read must carry their pending weight decay (distributed: the STEM group's tokens)
-    settle_table_decay(table_opt, torch.cat([x.reshape(-1) for x, _ in batches]))
+    settle_table_decay(table_opt, job_tokens(torch.cat([x.reshape(-1) for x, _ in batches]).to(device)))  # [distributed] every rank's rows
     n, total = len(batches), torch.zeros((), device=device)
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sync = contextlib.nullcontext() if (not ddp or i == n - 1) else model.no_sync()
-        with sync:
+        with no_backbone_sync(model, i < n - 1):     # [distributed] DDP no_sync / FSDP2 no reduce until the last micro-batch
             with autocast_ctx(args, device): loss = model(x, y)
             (loss / n).backward()
         total += loss.detach().float()
