@@ -6,7 +6,7 @@ Docs: https://stem-nb.github.io/stem-nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #475a9e8f
 from __future__ import annotations
-import dataclasses, hashlib, json
+import dataclasses, hashlib, json, os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # %% auto #0
-__all__ = ['T', 'ConfigError', 'load_config', 'to_dict', 'dump_config', 'sha256_file', 'config_hash']
+__all__ = ['T', 'ConfigError', 'load_config', 'to_dict', 'dump_config', 'repo_root', 'sha256_file', 'config_hash']
 
 # %% ../nbs/00_config.ipynb #11d359fb
 class ConfigError(ValueError):
@@ -70,6 +70,14 @@ def dump_config(obj, path: str | Path | None = None) -> str:
     txt = yaml.safe_dump(to_dict(obj), sort_keys=False)
     if path is not None: Path(path).write_text(txt)
     return txt
+
+def repo_root() -> Path:
+    "The stem-nb checkout (holding `experiments/presets.yaml`), searched upward from the package and the cwd; env `STEM_NB_ROOT` overrides."
+    if "STEM_NB_ROOT" in os.environ: return Path(os.environ["STEM_NB_ROOT"]).expanduser().resolve()
+    here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+    for p in [here, *here.parents, Path.cwd(), *Path.cwd().parents]:
+        if (p / "experiments" / "presets.yaml").exists(): return p
+    raise FileNotFoundError("cannot find the stem-nb checkout (experiments/presets.yaml): run from it or set STEM_NB_ROOT")
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
     "sha256 of a file's bytes, read in chunks (archives, checkpoint manifests)."

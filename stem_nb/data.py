@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from .config import sha256_file
+from .config import sha256_file, repo_root
 from .tokenizer import Tokenizer, get_tokenizer, train_bpe
 
 # %% auto #0
@@ -34,14 +34,12 @@ class DataError(ValueError):
 class DataWarning(UserWarning):
     "Data was changed or skipped (counted): replaced bytes, empty documents."
 
-def _repo_root() -> Path:
-    try: return Path(__file__).resolve().parent.parent      # stem_nb/data.py -> repo
-    except NameError: return Path.cwd().resolve().parent     # running inside nbs/
-
 def data_dir() -> Path:
-    "The data directory: `$STEM_NB_DATA` or `<repo>/data`."
+    "The data directory: `$STEM_NB_DATA`, else `<checkout>/data`, else `./data` outside a checkout."
     d = os.environ.get("STEM_NB_DATA")
-    return Path(d).expanduser() if d else _repo_root() / "data"
+    if d: return Path(d).expanduser()
+    try: return repo_root() / "data"
+    except FileNotFoundError: return Path.cwd() / "data"
 
 # %% ../nbs/02_data.ipynb #593422da
 BUILDERS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}

