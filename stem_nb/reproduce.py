@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import config_hash, ConfigError, repo_root
+from .config import config_hash, ConfigError, repo_root, write_atomic
 
 # %% auto #0
 __all__ = ['README_START', 'README_END', 'README_ORDER', 'TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT',
@@ -197,7 +197,7 @@ def train_cached(overrides: Sequence[str], runs_dir: str | Path, log=print) -> d
     t0 = time.time()
     s = train(args)
     s["key"] = key
-    tmp = done.with_suffix(".tmp"); tmp.write_text(json.dumps(s, indent=1)); os.replace(tmp, done)
+    write_atomic(done, json.dumps(s, indent=1))
     log(f"trained {key} ({args.model.ffn_type}, layers {args.model.stem_layers}, seed {args.seed}) in {time.time()-t0:.0f}s: "
         f"loss {s['loss']:.3f}, val {s['val_loss']}")
     return s
@@ -212,7 +212,7 @@ def eval_cached(dump_dir: str | Path, tasks: Sequence[str], limit=None, task_dir
     lm = StemLM.from_checkpoint(dump_dir, batch_size=batch_size)
     res = evaluate(lm, tasks=list(tasks), limit=limit, include_path=task_dir)
     slim = {k: res.get(k) for k in ("results", "groups", "task_status", "n-samples", "configs") if k in res}
-    tmp = out.with_suffix(".tmp"); tmp.write_text(json.dumps(slim, indent=1, default=str)); os.replace(tmp, out)
+    write_atomic(out, json.dumps(slim, indent=1, default=str))
     return slim
 
 def load_metrics(dump_dir: str | Path) -> "pd.DataFrame":

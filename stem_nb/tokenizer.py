@@ -13,6 +13,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import tiktoken
+
+from .config import write_atomic
 from tiktoken.load import load_tiktoken_bpe
 
 # %% auto #0
@@ -105,12 +107,8 @@ def llama3_special_tokens(n_ranks: int = 128000) -> dict[str, int]:
 
 def save_tiktoken_bpe(ranks: dict[bytes, int], path) -> Path:
     "Write mergeable ranks as a tiktoken BPE file (`base64 rank` per line, by rank); returns the path."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(b"".join(base64.b64encode(tok) + b" " + str(r).encode() + b"\n"
-                             for tok, r in sorted(ranks.items(), key=lambda x: x[1])))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, b"".join(base64.b64encode(tok) + b" " + str(r).encode() + b"\n"
+                                       for tok, r in sorted(ranks.items(), key=lambda x: x[1])))
 
 def load_tokenizer_file(path) -> Tokenizer:
     "A `Tokenizer` over a tiktoken BPE file (Llama-3 `tokenizer.model` recognised by its 128000 ranks)."

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import ConfigError, load_config, dump_config, config_hash
+from .config import ConfigError, load_config, dump_config, config_hash, write_atomic
 from .model import ModelArgs, Transformer
 from .flops import flops_per_token, estimate_mfu
 from .data import DataArgs, DataError
@@ -204,7 +204,7 @@ def truncate_metrics(path, step: int):
         try: r = json.loads(line)
         except json.JSONDecodeError: continue
         if r.get("step", 0) <= step: keep.append(line)
-    tmp = p.with_name(p.name + ".tmp"); tmp.write_text("".join(l + "\n" for l in keep)); os.replace(tmp, p)
+    write_atomic(p, "".join(l + "\n" for l in keep))
 
 def read_metrics(dump_dir) -> list[dict]:
     "The rows of `dump_dir/metrics.jsonl`."
