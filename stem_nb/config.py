@@ -6,17 +6,18 @@ Docs: https://stem-nb.github.io/stem-nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #475a9e8f
 from __future__ import annotations
-import dataclasses, hashlib, json, os
+import dataclasses, hashlib, json, os, statistics, time, uuid
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # %% auto #0
-__all__ = ['T', 'ConfigError', 'load_config', 'to_dict', 'dump_config', 'repo_root', 'write_atomic', 'sha256_file', 'config_hash']
+__all__ = ['T', 'ConfigError', 'load_config', 'to_dict', 'dump_config', 'repo_root', 'tmp_name', 'write_atomic', 'sha256_file',
+           'config_hash', 'time_interleaved', 'paired_speedup', 'bench_summary', 'peak_rss_mb']
 
 # %% ../nbs/00_config.ipynb #11d359fb
 class ConfigError(ValueError):
@@ -72,22 +73,33 @@ def dump_config(obj, path: str | Path | None = None) -> str:
     return txt
 
 def repo_root() -> Path:
-    "The stem-nb checkout (holding `experiments/presets.yaml`), searched upward from the package and the cwd; env `STEM_NB_ROOT` overrides."
-    if "STEM_NB_ROOT" in os.environ: return Path(os.environ["STEM_NB_ROOT"]).expanduser().resolve()
-    here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-    for p in [here, *here.parents, Path.cwd(), *Path.cwd().parents]:
+    "The stem-nb checkout (holding `experiments/presets.yaml`): the working directory (or a parent) first, then env `STEM_NB_ROOT`, then the installed package's checkout."
+    cwd = Path.cwd().resolve()
+    for p in [cwd, *cwd.parents]:
+        if (p / "experiments" / "presets.yaml").exists(): return p
+    if os.environ.get("STEM_NB_ROOT"): return Path(os.environ["STEM_NB_ROOT"]).expanduser().resolve()
+    here = Path(__file__).resolve().parent if "__file__" in globals() else cwd
+    for p in [here, *here.parents]:
         if (p / "experiments" / "presets.yaml").exists(): return p
     raise FileNotFoundError("cannot find the stem-nb checkout (experiments/presets.yaml): run from it or set STEM_NB_ROOT")
+
+def tmp_name(path) -> Path:
+    "A temporary sibling of `path`, unique to this process and call (two writers never share a temp file)."
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 def write_atomic(path, data) -> Path:
     "Write `data` (str, bytes, or a callable `f(tmp_path)` that writes the file) to `path` via a temporary file and a rename: readers see the old file or the new one, never a torn one."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if callable(data): data(tmp)
-    else:
-        with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = tmp_name(path)
+    try:
+        if callable(data): data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
     return path
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
@@ -101,3 +113,47 @@ def config_hash(obj, n: int = 12) -> str:
     "A stable short hash of a config (dataclass or dict), independent of key order."
     d = to_dict(obj) if is_dataclass(obj) else obj
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+# %% ../nbs/00_config.ipynb #80894deb
+def time_interleaved(contenders: Mapping[str, Callable[[], Any]],  # name -> a call that does one unit of work
+                     rounds: int = 5,                                  # timed rounds (each runs every contender once)
+                     warmup: int = 1,                                  # untimed rounds first (allocation, compilation)
+                    ) -> dict[str, list[float]]:
+    "Seconds per round of each contender, run round by round in a rotating order; returns {name: [seconds per round]}."
+    names = list(contenders)
+    if not names: raise ValueError("time_interleaved: no contenders")
+    if rounds < 1: raise ValueError(f"time_interleaved: rounds must be >= 1, got {rounds}")
+    times = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:              # rotate: nobody always runs first (cold caches) or last
+            t0 = time.perf_counter(); contenders[n](); dt = time.perf_counter() - t0
+            if r >= warmup: times[n].append(dt)
+    return times
+
+def paired_speedup(times: Mapping[str, Sequence[float]], ours: str, peer: str) -> float:
+    "Median over rounds of `peer / ours` time: > 1 means `ours` is faster."
+    a, b = times[ours], times[peer]
+    if len(a) != len(b) or not a: raise ValueError(f"paired_speedup: {ours!r} and {peer!r} need the same, non-zero number of rounds")
+    return statistics.median(q / p for p, q in zip(a, b))
+
+def bench_summary(times: Mapping[str, Sequence[float]], ours: str, peers: Sequence[str] = (), per: float = 1.0,
+                  unit: str = "ms") -> dict:
+    "JSON-ready medians (`per` units of work per call -> rate or ms) and paired ratios of `ours` against each peer (> 1: ours faster)."
+    out = {}
+    for n, ts in times.items():
+        med = statistics.median(ts)
+        out[n] = round(med * 1e3, 3) if unit == "ms" else round(per / med, 1)
+    ratios = {f"{ours}_vs_{p}": round(paired_speedup(times, ours, p), 3) for p in peers}
+    return {f"median_{unit}": out, "paired_ratio": ratios, "rounds": len(next(iter(times.values())))}
+
+def peak_rss_mb(fn: Callable[[], Any]) -> Optional[float]:
+    "Peak resident memory (MB) of this process while `fn()` runs: resets the kernel's high-water mark (`clear_refs` 5) then reads `VmHWM`. None where /proc does not allow it."
+    try:
+        with open("/proc/self/clear_refs", "w") as f: f.write("5")
+    except OSError:
+        fn(); return None
+    fn()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"): return round(int(line.split()[1]) / 1024, 1)
+    return None
