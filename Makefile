@@ -1,6 +1,7 @@
 # stem-nb: two commands do everything on a fresh machine.
 #   make reproduce   set up the environment (idempotent) and run the main job (the CPU reproduction)
 #   make test        set up the environment (idempotent) and run the whole test suite
+# Others: make smoke | bench (one JSON line per result) | gpu-check (scripts/gpu_check.sh; GPU_CHECK_ARGS=--dry-run on a CPU)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PRESET ?= cpu
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 OFFLINE := HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: env reproduce test smoke lab clean-nbs export bench
+.PHONY: env reproduce test smoke lab export bench gpu-check
 
 env: $(VENV)/.stamp
 
@@ -26,12 +27,16 @@ reproduce: env
 smoke: env
 	$(OFFLINE) $(BIN)/stem-nb smoke
 
+# pytest exits 5 when it collects no test: that is a failure too (any non-zero code stops make)
 test: env
 	$(OFFLINE) $(BIN)/nbdev-test --n-workers 2 --timing
 	$(OFFLINE) $(BIN)/python -m pytest -q tests
 
 bench: env
-	$(BIN)/stem-nb bench
+	$(OFFLINE) $(BIN)/stem-nb bench
+
+gpu-check: env
+	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 lab: env
 	$(BIN)/jupyter lab

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from .model import Transformer, ModelArgs, TABLE_FFN_TYPES
 
 # %% auto #0
-__all__ = ['EDIT_STRATEGIES', 'pairwise_cosines', 'summarize', 'random_p95', 'angular_spread', 'ffn_inputs', 'distinct_positions',
-           'upproj_vs_stem_cosine', 'ff_features', 'ff_feature_similarity', 'edit_mapping', 'EditHandle',
-           'entity_token_ids', 'edit', 'answer_scores', 'measure_editing', 'train_bios_pair']
+__all__ = ['P95_SAMPLE', 'EDIT_STRATEGIES', 'pairwise_cosines', 'summarize', 'random_p95', 'angular_spread', 'ffn_inputs',
+           'distinct_positions', 'upproj_vs_stem_cosine', 'ff_features', 'ff_feature_similarity', 'edit_mapping',
+           'EditHandle', 'entity_token_ids', 'edit', 'answer_scores', 'measure_editing', 'train_bios_pair']
 
 # %% ../nbs/14_analysis.ipynb #c472ae3b
 def pairwise_cosines(X: torch.Tensor) -> torch.Tensor:
@@ -29,10 +29,12 @@ def pairwise_cosines(X: torch.Tensor) -> torch.Tensor:
     i, j = torch.triu_indices(len(X), len(X), 1)
     return C[i, j]
 
+P95_SAMPLE = 2_000_000   # P95 over the first 2M cosines: torch.quantile refuses inputs over 2^24 elements
+
 def summarize(cos: torch.Tensor) -> dict:
-    "Mean, std and P95 of |cos| of a sample of cosines."
+    "Mean, std and P95 of |cos| (over the first `P95_SAMPLE`) of a sample of cosines."
     c = cos.float()
-    return dict(mean=float(c.mean()), std=float(c.std()), p95_abs=float(torch.quantile(c.abs()[:2_000_000], 0.95)), n=len(c))
+    return dict(mean=float(c.mean()), std=float(c.std()), p95_abs=float(torch.quantile(c.abs()[:P95_SAMPLE], 0.95)), n=len(c))
 
 def random_p95(H: int, n: int = 512, seed: int = 0) -> float:
     "P95 |cos| of random Gaussian directions in H dimensions (≈ 1.96/sqrt(H))."
@@ -95,7 +97,7 @@ def upproj_vs_stem_cosine(dense_model: Optional[Transformer], stem_model: Option
     if dense_model is not None:
         for l in layers:
             if not hasattr(dense_model.layers[l].feed_forward, "w3"):
-                raise ValueError(f"dense_model layer {l} has no up-projection w3 (ffn_kind={dense_model.layers[l].ffn_kind})")
+                raise ValueError(f"dense_model layer {l} has no up-projection w3 (ffn_type={dense_model.layers[l].ffn_type})")
         us = ffn_inputs(dense_model, tokens, layers)
         for l in layers:
             up = us[l][pos] @ dense_model.layers[l].feed_forward.w3.weight.detach().float().cpu().T
@@ -116,9 +118,9 @@ def ff_features(model: Transformer, tokens: torch.Tensor, layers: Sequence[int],
     for l in layers:
         ff, u = model.layers[l].feed_forward, us[l][pos]
         gate = F.silu(u @ ff.w1.weight.detach().float().cpu().T)
-        if model.layers[l].ffn_kind == "stem": up = model.stem_tables[str(l)].weight.detach()[ids].float().cpu()
-        elif model.layers[l].ffn_kind == "dense": up = u @ ff.w3.weight.detach().float().cpu().T
-        else: raise ValueError(f"layer {l}: FF features are defined for dense and stem layers, not {model.layers[l].ffn_kind}")
+        if model.layers[l].ffn_type == "stem": up = model.stem_tables[str(l)].weight.detach()[ids].float().cpu()
+        elif model.layers[l].ffn_type == "dense": up = u @ ff.w3.weight.detach().float().cpu().T
+        else: raise ValueError(f"layer {l}: FF features are defined for dense and stem layers, not {model.layers[l].ffn_type}")
         out[l] = gate * up
     return out
 
@@ -202,7 +204,7 @@ def _bios_people(bios):
     "(people [{name, attr: value}], templates {attr: '... {name} ...'}) from a bios corpus object or a (people, templates) pair."
     if isinstance(bios, tuple) and len(bios) == 2: return list(bios[0]), dict(bios[1])
     if isinstance(bios, dict) and "people" in bios:                   # stem_nb.data.make_bios(...)
-        from stem_nb.data import BIO_PROMPTS
+        from stem_nb.corpora import BIO_PROMPTS
         return list(bios["people"]), dict(bios.get("templates", BIO_PROMPTS))
     people = getattr(bios, "people", None)
     templates = getattr(bios, "templates", None) or getattr(bios, "question_templates", None) or getattr(bios, "prompts", None)
@@ -263,6 +265,7 @@ def measure_editing(model: Transformer, tokenizer, bios, n_pairs: int = 20, stra
                 local += [ac[a] == before[C["name"]][a] for a in attrs]
     f = lambda xs: float(np.mean(xs)) if xs else float("nan")
     return dict(strategy=strategy, where=where or ("stem" if len(model.stem_tables) else "embedding"), n_pairs=len(pairs),
+                pairs=[(A["name"], B["name"]) for A, B in pairs],
                 base_accuracy=float(base), success=f(succ), success_known=f(succ_known), source_kept=f(kept),
                 locality=f(local), n_edit_prompts=len(succ), n_locality_prompts=len(local), candidates=max_candidates)
 
@@ -271,7 +274,7 @@ def train_bios_pair(n_people: int = 40, steps: int = 500, batch: int = 8, seq: i
                     vocab_size: int = 1024, lr: float = 3e-3, seed: int = 0, tokenizer_path: str = "/tmp/stem_bios_bpe.tiktoken",
                     log=print) -> tuple:
     "(bios, tokenizer, {'stem': model, 'dense': model}): small models that memorize `n_people` biographies."
-    from stem_nb.data import make_bios
+    from stem_nb.corpora import make_bios
     from stem_nb.tokenizer import train_bpe
     bios = make_bios(n_people=n_people, seed=seed, n_paraphrases=8)
     tok = train_bpe(bios["docs"], vocab_size, tokenizer_path)
@@ -281,7 +284,7 @@ def train_bios_pair(n_people: int = 40, steps: int = 500, batch: int = 8, seq: i
         torch.manual_seed(seed)
         m = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=4, vocab_size=tok.n_vocab, multiple_of=32,
                                   max_seq_len=seq, ffn_type=ffn, stem_layers="all", seed=seed))
-        tabs = [p for n, p in m.named_parameters() if n.startswith("stem_tables")]
+        tabs = [p for _, p in m.table_parameters()]
         opts = [torch.optim.AdamW([p for n, p in m.backbone_parameters()], lr=lr, betas=(0.9, 0.95), weight_decay=0.0)]
         if tabs: opts.append(torch.optim.SparseAdam(tabs, lr=lr))
         rng = np.random.default_rng(seed)

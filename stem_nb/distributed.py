@@ -1,4 +1,5 @@
-"""torch.distributed for the backbone (DDP / FSDP2), STEM tables sharded along the hidden dim.
+"""torch.distributed for the backbone (DDP / FSDP2),
+STEM tables sharded along the hidden dim.
 
 Docs: https://stem-nb.github.io/stem-nb/distributed.html.md"""
 
@@ -6,27 +7,26 @@ Docs: https://stem-nb.github.io/stem-nb/distributed.html.md"""
 
 # %% ../nbs/07_distributed.ipynb #730d572e
 from __future__ import annotations
-import math, os, re, shlex, sys
+import contextlib, inspect, os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import ConfigError, write_atomic
+from .config import ConfigError
 
 # %% auto #0
-__all__ = ['TABLE_DIR', 'BACKBONE_DIR', 'DistributedArgs', 'world_info', 'is_main', 'init_distributed', 'barrier',
-           'destroy_distributed', 'stem_groups', 'StemLayout', 'make_layout', 'ShardedStemLookup', 'shard_stem_tables',
-           'unwrap', 'sync_table_grads', 'table_sq_norm', 'backbone_sq_norm', 'global_grad_norm', 'clip_grad_norm_',
-           'stem_norm_hook', 'job_tokens', 'wrap_backbone', 'is_fsdp', 'parallelize', 'no_backbone_sync',
-           'save_table_shards', 'table_slices', 'load_table_shards', 'full_tables', 'save_backbone', 'load_backbone',
-           'save_distributed', 'load_distributed', 'consolidate', 'stem_comm_bytes', 'fsdp_w3_bytes', 'comm_table',
-           'torchrun_command', 'launch_slurm']
+__all__ = ['DistributedArgs', 'stem_groups', 'world_info', 'is_main', 'init_distributed', 'barrier', 'destroy_distributed',
+           'StemLayout', 'make_layout', 'gather_group_tokens', 'ShardedStemLookup', 'unwrap', 'shard_stem_tables',
+           'sync_table_grads', 'is_fsdp', 'stem_norm_hook', 'backbone_norm_hook', 'job_tokens', 'ddp_backbone',
+           'fsdp_backbone', 'wrap_backbone', 'parallelize', 'no_backbone_sync', 'stem_comm_bytes', 'fsdp_w3_bytes',
+           'comm_table']
 
 # %% ../nbs/07_distributed.ipynb #98449a0e
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 @dataclass
 class DistributedArgs:
     backbone: str = "ddp"          # ddp | fsdp | none: how the backbone is replicated/sharded across ranks
@@ -44,12 +44,23 @@ class DistributedArgs:
         if self.fsdp_param_dtype not in _DTYPES:
             raise ConfigError(f"distributed.fsdp_param_dtype: {self.fsdp_param_dtype!r} is not one of {sorted(_DTYPES)}")
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# %% ../nbs/07_distributed.ipynb #d627603d
+def stem_groups(world: int, P: int) -> tuple[list[list[int]], list[list[int]]]:
+    "(STEM groups, slice-replica groups) as rank lists, for a world of `world` ranks and `P` slices per table."
+    if P < 1 or world % P:
+        raise ConfigError(f"distributed.stem_parallel_size={P} does not divide the world size {world}: launch a multiple "
+                          f"of {P} processes (torchrun --nproc-per-node=...) or set distributed.stem_parallel_size to a "
+                          f"divisor of {world}" + (" (1 for a single process)" if world == 1 else ""))
+    n_groups = world // P
+    return ([list(range(g * P, (g + 1) * P)) for g in range(n_groups)],
+            [[g * P + s for g in range(n_groups)] for s in range(P)])
 
+# %% ../nbs/07_distributed.ipynb #9d8661bf
 def world_info() -> tuple[int, int, int]:
     "(rank, world_size, local_rank) from the process group, else from torchrun's environment, else (0, 1, 0)."
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), local
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local
 
 def is_main() -> bool: return world_info()[0] == 0
 
@@ -57,6 +68,7 @@ def init_distributed(args: Optional[DistributedArgs] = None) -> tuple[int, int, 
     "Create the default process group when launched by torchrun; returns (rank, world_size, device)."
     args = args or DistributedArgs()
     rank, world, local = world_info()
+    stem_groups(world, args.stem_parallel_size)            # a P that does not fit the world: refuse before any work
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda: torch.cuda.set_device(device)
@@ -72,14 +84,7 @@ def barrier():
 def destroy_distributed():
     if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
-# %% ../nbs/07_distributed.ipynb #d627603d
-def stem_groups(world: int, P: int) -> tuple[list[list[int]], list[list[int]]]:
-    "(STEM groups, slice-replica groups) as rank lists, for a world of `world` ranks and `P` slices per table."
-    if P < 1 or world % P:
-        raise ConfigError(f"distributed.stem_parallel_size={P} does not divide the world size {world}")
-    G = world // P
-    return [list(range(g * P, (g + 1) * P)) for g in range(G)], [[g * P + s for g in range(G)] for s in range(P)]
-
+# %% ../nbs/07_distributed.ipynb #c53c6484
 @dataclass
 class StemLayout:
     "Where this rank sits: its STEM group (all slices of one table copy) and its slice-replica group."
@@ -102,34 +107,34 @@ class StemLayout:
 def make_layout(P: int = 1) -> StemLayout:
     "The layout of this process; creates the sub-groups (every rank calls `new_group` for every group, same order)."
     rank, world, _ = world_info()
-    stem, rep = stem_groups(world, P)
-    lay = StemLayout(world, rank, P)
-    if world == 1: return lay
+    stem, replicas = stem_groups(world, P)
+    layout = StemLayout(world, rank, P)
+    if world == 1: return layout
     if not dist.is_initialized(): raise RuntimeError(f"make_layout: WORLD_SIZE={world} but no process group; call init_distributed first")
     # always new groups, even one spanning the world: DDP/FSDP keep the default group to themselves, so their
     # asynchronous gradient reductions never interleave with our all-to-alls on the same communicator
     for ranks in stem:
         if len(ranks) > 1:
-            pg = dist.new_group(ranks)
-            if rank in ranks: lay.stem_group = pg
-    for ranks in rep:
+            group = dist.new_group(ranks)
+            if rank in ranks: layout.stem_group = group
+    for ranks in replicas:
         if len(ranks) > 1:
-            pg = dist.new_group(ranks)
-            if rank in ranks: lay.replica_group = pg
-    return lay
+            group = dist.new_group(ranks)
+            if rank in ranks: layout.replica_group = group
+    return layout
 
-# %% ../nbs/07_distributed.ipynb #9d8661bf
+# %% ../nbs/07_distributed.ipynb #389f228d
 class _AllToAll(torch.autograd.Function):
     "Send block m of dim 0 to member m of `group`, receive block m from member m. Its own adjoint."
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _a2a(x, group)
+        return _all_to_all(x, group)
 
     @staticmethod
-    def backward(ctx, grad): return _a2a(grad, ctx.group), None
+    def backward(ctx, grad): return _all_to_all(grad, ctx.group), None
 
-def _a2a(x, group):
+def _all_to_all(x, group):
     # the incoming gradient is a permuted view: make it contiguous, and allocate contiguous (empty_like keeps strides)
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -138,6 +143,19 @@ def _a2a(x, group):
 
 def _group_size(group) -> int: return 1 if group is None else dist.get_world_size(group)
 
+def gather_group_tokens(tokens, layout: StemLayout) -> torch.Tensor:
+    "The (B, S) token ids of every member of this rank's STEM group, stacked: (P, B, S). All members must send one shape."
+    shape = torch.tensor(tokens.shape, device=tokens.device)
+    shapes = [torch.empty_like(shape) for _ in range(layout.P)]
+    dist.all_gather(shapes, shape, group=layout.stem_group)
+    if any(not torch.equal(other, shape) for other in shapes):
+        raise RuntimeError(f"{layout}: STEM group members sent token batches of different shapes "
+                           f"{[tuple(other.tolist()) for other in shapes]}; every rank must use the same (B, S)")
+    buf = [torch.empty_like(tokens) for _ in range(layout.P)]
+    dist.all_gather(buf, tokens.contiguous(), group=layout.stem_group)
+    return torch.stack(buf)
+
+# %% ../nbs/07_distributed.ipynb #14bc4988
 class ShardedStemLookup:
     "Replace every table of `model` by its `[V, H/P]` column slice and install the group-wide reader."
     def __init__(self, model, layout: StemLayout):
@@ -149,37 +167,21 @@ class ShardedStemLookup:
                               f"(model.dim={args.dim}); choose a divisor of {self.H}")
         if _group_size(layout.stem_group) != self.P:
             raise RuntimeError(f"{layout}: the STEM group has {_group_size(layout.stem_group)} ranks, expected P={self.P}")
-        self.h = self.H // self.P
-        s = layout.slice_index
+        self.h, lo = self.H // self.P, layout.slice_index * (self.H // self.P)
         for name, emb in list(model.stem_tables.items()):
             w = emb.weight.detach()
             if w.shape[1] != self.H: raise RuntimeError(f"stem_tables[{name!r}] is already sharded ({tuple(w.shape)})")
             new = nn.Embedding(self.V, self.h, sparse=emb.sparse, device=w.device, dtype=w.dtype)
-            with torch.no_grad(): new.weight.copy_(w[:, s * self.h:(s + 1) * self.h])
+            with torch.no_grad(): new.weight.copy_(w[:, lo:lo + self.h])
             model.stem_tables[name] = new
         self.tables = model.stem_tables
         self._tokens, self._all = None, None
         model.set_stem_lookup(self)
 
-    def begin(self, tokens):
-        "Once per forward: all-gather the (B, S) token ids of the STEM group -> (P, B, S)."
-        self._tokens = tokens
-        if self.P == 1: return
-        g = self.layout.stem_group
-        shape = torch.tensor(tokens.shape, device=tokens.device)
-        shapes = [torch.empty_like(shape) for _ in range(self.P)]
-        dist.all_gather(shapes, shape, group=g)
-        if any(not torch.equal(x, shape) for x in shapes):
-            raise RuntimeError(f"{self.layout}: STEM group members sent token batches of different shapes "
-                               f"{[tuple(x.tolist()) for x in shapes]}; every rank must use the same (B, S)")
-        buf = [torch.empty_like(tokens) for _ in range(self.P)]
-        dist.all_gather(buf, tokens.contiguous(), group=g)
-        self._all = torch.stack(buf)                                     # (P, B, S)
-
     def __call__(self, layer: int, tokens):
         table = self.tables[str(layer)]
         if self.P == 1: return table(tokens)
-        if tokens is not self._tokens: self.begin(tokens)
+        if tokens is not self._tokens: self._tokens, self._all = tokens, gather_group_tokens(tokens, self.layout)
         B, S = tokens.shape
         local = table(self._all)                                          # (P, B, S, H/P): my slice, every member's tokens
         recv = _AllToAll.apply(local, self.layout.stem_group)            # (P, B, S, H/P): slice m of MY tokens, from member m
@@ -187,161 +189,138 @@ class ShardedStemLookup:
 
     def __repr__(self): return f"ShardedStemLookup(P={self.P}, slice={self.layout.slice_index}, V={self.V}, H/P={self.h})"
 
-def shard_stem_tables(model, layout: StemLayout) -> ShardedStemLookup:
-    "Shard the tables of `model` (the raw `Transformer`) for `layout`; returns the installed reader."
-    return ShardedStemLookup(unwrap(model), layout)
-
+# %% ../nbs/07_distributed.ipynb #63a34a8f
 def unwrap(model):
     "The `Transformer` inside a DDP wrapper (FSDP2 shards in place, so it is the model itself)."
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
+def shard_stem_tables(model, layout: StemLayout) -> ShardedStemLookup:
+    "Shard the tables of `model` (the raw `Transformer`) for `layout`; returns the installed reader."
+    return ShardedStemLookup(unwrap(model), layout)
+
 # %% ../nbs/07_distributed.ipynb #3fda914f
-def _table_params(model) -> list[nn.Parameter]: return list(unwrap(model).stem_tables.parameters())
+def _sum_sparse_dense(grad, group):
+    "All-reduce the dense [V, h] gradient and a [V] touched-row mask; keep the union of touched rows, sparse."
+    idx = grad.indices()[0]
+    dense = grad.to_dense(); dist.all_reduce(dense, group=group)
+    mask = torch.zeros(grad.shape[0], dtype=torch.int32, device=idx.device); mask[idx] = 1
+    dist.all_reduce(mask, group=group)
+    rows = mask.nonzero(as_tuple=True)[0]
+    return torch.sparse_coo_tensor(rows[None], dense[rows], grad.shape, is_coalesced=True, check_invariants=False)
 
-def _sum_sparse(g, group, mode: str = "auto"):
+def _sum_sparse(grad, group, mode: str = "auto"):
     """Sum a coalesced sparse [V, h] gradient over `group`. `sparse`: all-gather (indices, rows), padded to the largest
-    nnz; `dense`: all-reduce the [V, h] gradient plus a [V] touched-row mask (so the result has exactly the union of
-    touched rows, as the sparse path); `auto`: whichever moves fewer bytes."""
-    idx, val = g.indices()[0], g.values()
-    R = _group_size(group)
+    nnz; `dense`: `_sum_sparse_dense`; `auto`: whichever moves fewer bytes."""
+    idx, val = grad.indices()[0], grad.values()
+    n_members = _group_size(group)
     n = torch.tensor([idx.numel()], device=idx.device)
-    ns = [torch.empty_like(n) for _ in range(R)]
-    dist.all_gather(ns, n, group=group)
-    mx, (V, h) = max(int(k) for k in ns), g.shape
-    if mode == "auto": mode = "sparse" if (R - 1) * mx * (h + 2) < 2 * V * (h + 1) else "dense"
-    if mode == "dense":
-        d = g.to_dense(); dist.all_reduce(d, group=group)
-        mask = torch.zeros(V, dtype=torch.int32, device=idx.device); mask[idx] = 1
-        dist.all_reduce(mask, group=group)
-        rows = mask.nonzero(as_tuple=True)[0]
-        return torch.sparse_coo_tensor(rows[None], d[rows], g.shape, is_coalesced=True, check_invariants=False)
-    pi = torch.zeros(mx, dtype=idx.dtype, device=idx.device); pi[:idx.numel()] = idx
-    pv = val.new_zeros((mx,) + tuple(val.shape[1:])); pv[:idx.numel()] = val
-    ai, av = [torch.empty_like(pi) for _ in ns], [torch.empty_like(pv) for _ in ns]
-    dist.all_gather(ai, pi, group=group); dist.all_gather(av, pv, group=group)
-    I = torch.cat([t[:int(k)] for t, k in zip(ai, ns)]); Vv = torch.cat([t[:int(k)] for t, k in zip(av, ns)])
-    return torch.sparse_coo_tensor(I[None], Vv, g.shape, check_invariants=False).coalesce()
+    counts = [torch.empty_like(n) for _ in range(n_members)]
+    dist.all_gather(counts, n, group=group)
+    most, (V, h) = max(int(k) for k in counts), grad.shape
+    if mode == "auto": mode = "sparse" if (n_members - 1) * most * (h + 2) < 2 * V * (h + 1) else "dense"
+    if mode == "dense": return _sum_sparse_dense(grad, group)
+    pad_idx = torch.zeros(most, dtype=idx.dtype, device=idx.device); pad_idx[:idx.numel()] = idx
+    pad_val = val.new_zeros((most,) + tuple(val.shape[1:])); pad_val[:idx.numel()] = val
+    all_idx, all_val = [torch.empty_like(pad_idx) for _ in counts], [torch.empty_like(pad_val) for _ in counts]
+    dist.all_gather(all_idx, pad_idx, group=group); dist.all_gather(all_val, pad_val, group=group)
+    rows = torch.cat([t[:int(k)] for t, k in zip(all_idx, counts)])
+    values = torch.cat([t[:int(k)] for t, k in zip(all_val, counts)])
+    return torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False).coalesce()
 
+# %% ../nbs/07_distributed.ipynb #9752a4b3
 @torch.no_grad()
 def sync_table_grads(model, layout: StemLayout, mode: str = "auto"):
     "Make each table slice's gradient the job-loss gradient: sum over the slice-replica group, times 1/W. Call after backward."
     if mode not in ("auto", "sparse", "dense"): raise ValueError(f"sync_table_grads: mode {mode!r} is not auto, sparse or dense")
-    for p in _table_params(model):
-        g = p.grad
-        if g is None: g = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=p.device),
-                                                  p.new_zeros((0, p.shape[1])), p.shape)
-        if g.is_sparse:
-            g = g.coalesce()
-            if layout.replica_group is not None: g = _sum_sparse(g, layout.replica_group, mode)
-            g = torch.sparse_coo_tensor(g.indices(), g.values() / layout.world, g.shape, is_coalesced=True, check_invariants=False)
+    for _, p in unwrap(model).table_parameters():
+        grad = p.grad
+        if grad is None: grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=p.device),
+                                                        p.new_zeros((0, p.shape[1])), p.shape)
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            if layout.replica_group is not None: grad = _sum_sparse(grad, layout.replica_group, mode)
+            grad = torch.sparse_coo_tensor(grad.indices(), grad.values() / layout.world, grad.shape,
+                                           is_coalesced=True, check_invariants=False)
         else:
-            if layout.replica_group is not None: dist.all_reduce(g, group=layout.replica_group)
-            g = g / layout.world
-        p.grad = g
+            if layout.replica_group is not None: dist.all_reduce(grad, group=layout.replica_group)
+            grad = grad / layout.world
+        p.grad = grad
 
-def _sq(g):
-    if g.is_sparse: g = g.coalesce().values()
-    return g.detach().float().pow(2).sum()
-
-def table_sq_norm(model, layout: StemLayout) -> torch.Tensor:
-    "Squared norm of all table gradients of the job: local slices, summed over the STEM group (call after sync)."
-    ps = [p for p in _table_params(model) if p.grad is not None]
-    dev = ps[0].device if ps else torch.device("cpu")
-    t = sum((_sq(p.grad) for p in ps), torch.zeros((), device=dev))
-    if layout.stem_group is not None: dist.all_reduce(t, group=layout.stem_group)
-    return t
-
-def backbone_sq_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
-    "Squared norm of backbone gradients: plain (DDP: identical on all ranks) plus FSDP2 DTensor shards summed over ranks."
-    from torch.distributed.tensor import DTensor
-    grads = [p.grad for p in params if p.grad is not None]
-    dev = grads[0].device if grads else torch.device("cpu")
-    plain = sum((_sq(g) for g in grads if not isinstance(g, DTensor)), torch.zeros((), device=dev))
-    sharded = [g for g in grads if isinstance(g, DTensor)]
-    if sharded:   # FSDP2 shards over every rank: every rank takes this branch, so the all-reduce is collective
-        t = sum((_sq(g.to_local()) for g in sharded), torch.zeros((), device=dev))
-        if dist.is_initialized(): dist.all_reduce(t)
-        plain = plain + t
-    return plain
-
-def global_grad_norm(model, layout: StemLayout) -> torch.Tensor:
-    "The L2 norm of the whole job's gradient (backbone + every shard of every table), identical on every rank."
-    bb = [p for _, p in unwrap(model).backbone_parameters()]
-    t = backbone_sq_norm(bb)
-    return (t + table_sq_norm(model, layout).to(t.device)).sqrt()
-
-@torch.no_grad()
-def clip_grad_norm_(model, layout: StemLayout, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
-    """Clip backbone and table gradients together by the global norm (as `torch.nn.utils.clip_grad_norm_`); returns the norm
-    before clipping (`max_norm <= 0`: measure only). Handles FSDP2's DTensor gradients, which `stem_nb.optim.clip_grad_norm_`
-    (plain and sparse tensors) cannot scale."""
-    norm = global_grad_norm(model, layout)
-    if max_norm is None or max_norm <= 0: return norm
-    c = min(1.0, max_norm / (norm.item() + eps))
-    if c == 1.0: return norm
-    for p in unwrap(model).parameters():
-        if p.grad is None: continue
-        if p.grad.is_sparse: p.grad = p.grad.coalesce() * c
-        else: p.grad.mul_(c)
-    return norm
-
-def stem_norm_hook(layout: StemLayout):
-    "For `stem_nb.optim.clip_grad_norm_`: turns this rank's table squared-norm contribution into the job's."
-    def hook(sq: torch.Tensor) -> torch.Tensor:
-        if layout.stem_group is not None:
-            sq = sq.clone(); dist.all_reduce(sq, group=layout.stem_group)
-        return sq
-    return hook
-
-# %% ../nbs/07_distributed.ipynb #7002f57f
-def job_tokens(tokens) -> torch.Tensor:
-    "The distinct token ids of every rank's `tokens` (the rows any rank reads this step); `tokens.unique()` in one process."
-    u = tokens.reshape(-1).unique()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return u
-    n = torch.tensor([u.numel()], device=u.device)
-    ns = [torch.empty_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(ns, n)
-    mx = max(int(k) for k in ns)
-    pad = torch.zeros(mx, dtype=u.dtype, device=u.device); pad[:u.numel()] = u
-    bufs = [torch.empty_like(pad) for _ in ns]
-    dist.all_gather(bufs, pad)
-    return torch.cat([b[:int(k)] for b, k in zip(bufs, ns)]).unique()
-
-# %% ../nbs/07_distributed.ipynb #e1495e40
-def wrap_backbone(model, args: DistributedArgs, device: Optional[torch.device] = None):
-    "DDP-wrap or FSDP2-shard the backbone of `model` (tables excluded); returns the model to call."
-    rank, world, _ = world_info()
-    if world == 1: return model
-    if args.backbone == "none":
-        raise ConfigError(f"distributed.backbone=none with {world} ranks: the backbone replicas would drift; use ddp or fsdp")
-    tables = [n for n, _ in model.named_parameters() if n.startswith("stem_tables.")]
-    device = device or next(model.parameters()).device
-    if args.backbone == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        DDP._set_params_and_buffers_to_ignore_for_model(model, tables)
-        import inspect   # buffers (RoPE tables) are identical on every rank: no per-forward broadcast
-        kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-              else {"broadcast_buffers": False})
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **kw)
-    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-    mp = (MixedPrecisionPolicy(param_dtype=_DTYPES[args.fsdp_param_dtype], reduce_dtype=torch.float32)
-          if device.type == "cuda" else MixedPrecisionPolicy())
-    for layer in model.layers: fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp, ignored_params=set(model.stem_tables.parameters()))
-    return model
-
+# %% ../nbs/07_distributed.ipynb #04ca50c7
 def is_fsdp(model) -> bool:
     "Whether `model` was sharded in place by FSDP2's `fully_shard` (its gradients are DTensors)."
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
+
+def _identity(sq: torch.Tensor) -> torch.Tensor: return sq
+
+def stem_norm_hook(layout: StemLayout):
+    "`table_sq_hook` for the clipper: this rank's table squared norm (one column slice) -> the job's."
+    if layout.stem_group is None: return _identity
+    def hook(sq: torch.Tensor) -> torch.Tensor:
+        sq = sq.clone(); dist.all_reduce(sq, group=layout.stem_group)
+        return sq
+    return hook
+
+def backbone_norm_hook(model):
+    "`backbone_sq_hook` for the clipper: FSDP2 (every backbone gradient a DTensor shard) all-reduces the squares; else identity."
+    if not is_fsdp(model): return _identity
+    from torch.distributed.tensor import DTensor
+    plain = [n for n, p in unwrap(model).backbone_parameters() if not isinstance(p, DTensor)]
+    if plain: raise RuntimeError(f"backbone_norm_hook: {plain[0]} is not sharded by FSDP2 although the model is; "
+                                 "its squares would be counted once per rank (shard every block with wrap_backbone)")
+    def hook(sq: torch.Tensor) -> torch.Tensor:
+        sq = sq.clone(); dist.all_reduce(sq)
+        return sq
+    return hook
+
+# %% ../nbs/07_distributed.ipynb #4e3667b2
+def job_tokens(tokens) -> torch.Tensor:
+    "The distinct token ids of every rank's `tokens` (the rows any rank reads this step); `tokens.unique()` in one process."
+    unique = tokens.reshape(-1).unique()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return unique
+    n = torch.tensor([unique.numel()], device=unique.device)
+    counts = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    pad = torch.zeros(max(int(k) for k in counts), dtype=unique.dtype, device=unique.device); pad[:unique.numel()] = unique
+    bufs = [torch.empty_like(pad) for _ in counts]
+    dist.all_gather(bufs, pad)
+    return torch.cat([b[:int(k)] for b, k in zip(bufs, counts)]).unique()
+
+# %% ../nbs/07_distributed.ipynb #fafd7f46
+def ddp_backbone(model, device: torch.device):
+    "`model` (a `Transformer`) wrapped in DDP with its tables left out."
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in model.table_parameters()])
+    # buffers (RoPE tables) are identical on every rank: no per-forward broadcast
+    kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+          else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **kw)
+
+def fsdp_backbone(model, args: DistributedArgs, device: torch.device):
+    "`model` (a `Transformer`) sharded in place by FSDP2 over the default group: every block, then the root; tables ignored."
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    mp = (MixedPrecisionPolicy(param_dtype=_DTYPES[args.fsdp_param_dtype], reduce_dtype=torch.float32)
+          if device.type == "cuda" else MixedPrecisionPolicy())
+    for layer in model.layers: fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, ignored_params={p for _, p in model.table_parameters()})
+    return model
+
+# %% ../nbs/07_distributed.ipynb #132e6bd7
+def wrap_backbone(model, args: DistributedArgs, device: Optional[torch.device] = None):
+    "DDP-wrap or FSDP2-shard the backbone of `model` (tables excluded) when there are several ranks; returns the model to call."
+    world = world_info()[1]
+    if world == 1: return model
+    if args.backbone == "none":
+        raise ConfigError(f"distributed.backbone=none with {world} ranks: the backbone replicas would drift; use ddp or fsdp")
+    device = device or next(model.parameters()).device
+    return ddp_backbone(model, device) if args.backbone == "ddp" else fsdp_backbone(model, args, device)
 
 def parallelize(model, args: DistributedArgs, device: Optional[torch.device] = None):
     "Shard the tables (P = `args.stem_parallel_size`) then wrap the backbone. Returns (model to call, layout)."
     layout = make_layout(args.stem_parallel_size)
     shard_stem_tables(model, layout)
     return wrap_backbone(model, args, device), layout
-
-import contextlib
 
 @contextlib.contextmanager
 def no_backbone_sync(model, enabled: bool = True):
@@ -356,146 +335,6 @@ def no_backbone_sync(model, enabled: bool = True):
         finally: model.set_requires_gradient_sync(True)
     else: yield
 
-# %% ../nbs/07_distributed.ipynb #fafd7f46
-TABLE_DIR = "stem_tables"
-_SLICE_RE = re.compile(r"slice-(\d+)-of-(\d+)\.pt$")
-
-def _table_opt_state(optimizers, p) -> Optional[dict]:
-    for o in optimizers or ():
-        if o is not None and p in o.state: return o.state[p]
-    return None
-
-def _optimizer_of(optimizers, p):
-    for o in optimizers or ():
-        if o is not None and any(p is q for g in o.param_groups for q in g["params"]): return o
-    return None
-
-def _as_list(x): return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
-
-def save_table_shards(ckpt_dir, model, layout: StemLayout, optimizers=None) -> Optional[Path]:
-    "Write this rank's table slices and their optimizer state (STEM group 0 only); returns the file or None."
-    if layout.group_index != 0: return None
-    m, opts = unwrap(model), _as_list(optimizers)
-    tables, optim = {}, {}
-    for name, emb in m.stem_tables.items():
-        tables[name] = emb.weight.detach().cpu().clone()
-        st = _table_opt_state(opts, emb.weight)
-        if st: optim[name] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-    d = Path(ckpt_dir) / TABLE_DIR; d.mkdir(parents=True, exist_ok=True)
-    f = d / f"slice-{layout.slice_index:03d}-of-{layout.P:03d}.pt"
-    obj = dict(P=layout.P, slice=layout.slice_index, vocab=m.args.vocab_size, hidden=m.args.hidden_dim,
-               tables=tables, optim=optim)
-    return write_atomic(f, lambda tmp: torch.save(obj, tmp))
-
-def table_slices(ckpt_dir) -> tuple[int, list[Path]]:
-    "(P the tables were saved with, the slice files in order); a clear error when slices are missing."
-    d = Path(ckpt_dir) / TABLE_DIR
-    files = sorted(d.glob("slice-*-of-*.pt")) if d.is_dir() else []
-    if not files: raise FileNotFoundError(f"no STEM table slices under {d}")
-    Ps = {int(_SLICE_RE.search(f.name).group(2)) for f in files}
-    if len(Ps) != 1: raise RuntimeError(f"{d}: slices of several stem_parallel_size values {sorted(Ps)}")
-    P = Ps.pop()
-    have = {int(_SLICE_RE.search(f.name).group(1)): f for f in files}
-    miss = [s for s in range(P) if s not in have]
-    if miss: raise FileNotFoundError(f"{d}: slice {miss[0]} of {P} is missing")
-    return P, [have[s] for s in range(P)]
-
-def _columns(objs_by_slice: dict, h_old: int, lo: int, hi: int, get):
-    "Columns [lo, hi) of the full tensor whose slice j is `get(objs_by_slice[j])`."
-    parts = []
-    for j in range(lo // h_old, (hi - 1) // h_old + 1):
-        a, b = max(lo, j * h_old) - j * h_old, min(hi, (j + 1) * h_old) - j * h_old
-        parts.append(get(objs_by_slice[j])[..., a:b])
-    return torch.cat(parts, dim=-1)
-
-@torch.no_grad()
-def load_table_shards(ckpt_dir, model, layout: StemLayout, optimizers=None):
-    "Load the table slices (and optimizer state) saved at any P into this rank's slice for `layout`."
-    m, opts = unwrap(model), _as_list(optimizers)
-    P_old, files = table_slices(ckpt_dir)
-    H, V = m.args.hidden_dim, m.args.vocab_size
-    h_old, P = H // P_old, layout.P
-    h = H // P
-    lo, hi = layout.slice_index * h, (layout.slice_index + 1) * h
-    need = range(lo // h_old, (hi - 1) // h_old + 1)
-    objs = {j: torch.load(files[j], map_location="cpu", mmap=True, weights_only=True) for j in need}
-    first = objs[need[0]]
-    if (first["vocab"], first["hidden"]) != (V, H):
-        raise RuntimeError(f"{files[0]}: tables of shape [{first['vocab']}, {first['hidden']}] do not fit the model's [{V}, {H}]")
-    for name, emb in m.stem_tables.items():
-        if name not in first["tables"]: raise KeyError(f"{files[0]}: no table for STEM layer {name}")
-        if tuple(emb.weight.shape) != (V, h):
-            raise RuntimeError(f"stem_tables[{name!r}] is {tuple(emb.weight.shape)}, expected the slice [{V}, {h}] for {layout}")
-        emb.weight.copy_(_columns(objs, h_old, lo, hi, lambda o: o["tables"][name]))
-        o = _optimizer_of(opts, emb.weight)
-        if o is None or name not in first["optim"]: continue
-        st = {}
-        for k, v in first["optim"][name].items():
-            if torch.is_tensor(v) and v.dim() >= 2 and v.shape[-1] == h_old:
-                v = _columns(objs, h_old, lo, hi, lambda ob: ob["optim"][name][k])
-            st[k] = v.clone().to(emb.weight.device) if torch.is_tensor(v) else v
-        o.state[emb.weight] = st
-
-def full_tables(ckpt_dir) -> dict[str, torch.Tensor]:
-    "Every table of a checkpoint as one `[V, H]` tensor (slices concatenated along H)."
-    P, files = table_slices(ckpt_dir)
-    objs = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
-    return {name: torch.cat([o["tables"][name] for o in objs], dim=1) for name in objs[0]["tables"]}
-
-# %% ../nbs/07_distributed.ipynb #132e6bd7
-BACKBONE_DIR = "backbone"
-
-def _backbone_only(sd: dict) -> dict: return {k: v for k, v in sd.items() if not k.startswith("stem_tables.")}
-
-def save_backbone(ckpt_dir, model, optimizer=None):
-    "DCP-save the backbone weights (and its optimizer) under ckpt_dir/backbone; every rank calls it."
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    state = {"model": _backbone_only(get_model_state_dict(model))}
-    if optimizer is not None: state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=str(Path(ckpt_dir) / BACKBONE_DIR))
-
-def load_backbone(ckpt_dir, model, optimizer=None):
-    "DCP-load the backbone saved by `save_backbone` at any world size into `model` (and `optimizer`)."
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict, StateDictOptions)
-    state = {"model": _backbone_only(get_model_state_dict(model))}
-    if optimizer is not None: state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / BACKBONE_DIR))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    if optimizer is not None: set_optimizer_state_dict(model, optimizer, state["optim"])
-
-def save_distributed(ckpt_dir, model, layout: StemLayout, backbone_optimizer=None, table_optimizers=None):
-    "Backbone via DCP (all ranks) + table slices with their optimizer state (STEM group 0); barrier at the end."
-    save_backbone(ckpt_dir, model, backbone_optimizer)
-    save_table_shards(ckpt_dir, model, layout, table_optimizers)
-    if dist.is_initialized(): dist.barrier()
-
-def load_distributed(ckpt_dir, model, layout: StemLayout, backbone_optimizer=None, table_optimizers=None):
-    "Load a `save_distributed` checkpoint written at any world size / P into this layout."
-    load_backbone(ckpt_dir, model, backbone_optimizer)
-    load_table_shards(ckpt_dir, model, layout, table_optimizers)
-
-def consolidate(ckpt_dir, out, model_args=None) -> Path:
-    """One file `{'model_args': dict, 'model': full state_dict}` (backbone + `[V, H]` tables) for single-process evaluation,
-    the format `stem_nb.checkpoint.load_model` reads. `model_args` defaults to the checkpoint's `model_args.json`."""
-    import dataclasses, json, tempfile
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    d = Path(ckpt_dir)
-    if model_args is None:
-        f = d / "model_args.json"
-        if not f.is_file(): raise FileNotFoundError(f"{f} is missing: pass model_args to consolidate")
-        margs = json.loads(f.read_text())
-    else: margs = dataclasses.asdict(model_args) if dataclasses.is_dataclass(model_args) else dict(model_args)
-    with tempfile.TemporaryDirectory() as td:
-        tmp = Path(td) / "bb.pt"
-        dcp_to_torch_save(str(d / BACKBONE_DIR), str(tmp))
-        sd = dict(torch.load(tmp, map_location="cpu", weights_only=True)["model"])
-    if (d / TABLE_DIR).is_dir():
-        for name, w in full_tables(d).items(): sd[f"stem_tables.{name}.weight"] = w
-    return write_atomic(out, lambda tmp: torch.save({"model_args": margs, "model": sd}, tmp))
-
 # %% ../nbs/07_distributed.ipynb #c9f40157
 def stem_comm_bytes(args, tokens_per_rank: int, P: int, dtype_bytes: int = 4, id_bytes: int = 8,
                     world: Optional[int] = None, unique_per_rank: Optional[int] = None) -> dict:
@@ -506,10 +345,10 @@ def stem_comm_bytes(args, tokens_per_rank: int, P: int, dtype_bytes: int = 4, id
     a2a = (P - 1) * T * (H // P) * dtype_bytes
     out = dict(P=P, tokens_per_rank=T, ids_allgather=ids, a2a_fwd=a2a, a2a_bwd=a2a, stem_total=ids + 2 * a2a)
     if world is not None:   # what sync_table_grads(mode="auto") moves: the cheaper of sparse all-gather and dense all-reduce
-        R = world // P
-        u = min(T * P, V) if unique_per_rank is None else unique_per_rank
-        sparse = (R - 1) * u * ((H // P) * dtype_bytes + 8)
-        dense = int(2 * (R - 1) / R * V * ((H // P) * dtype_bytes + 4))
+        n_replicas = world // P
+        unique = min(T * P, V) if unique_per_rank is None else unique_per_rank
+        sparse = (n_replicas - 1) * unique * ((H // P) * dtype_bytes + 8)
+        dense = int(2 * (n_replicas - 1) / n_replicas * V * ((H // P) * dtype_bytes + 4))
         out["replica_sync"] = min(sparse, dense)
     return out
 
@@ -517,53 +356,16 @@ def fsdp_w3_bytes(args, world: int, param_bytes: int = 2, reduce_bytes: int = 4)
     "Bytes received per rank per step for one FSDP2-sharded up-projection W3 [d, H]: 2 all-gathers + 1 reduce-scatter."
     return int((world - 1) / world * args.dim * args.hidden_dim * (2 * param_bytes + reduce_bytes))
 
+# %% ../nbs/07_distributed.ipynb #b22c47e1
 def comm_table(args, world: int = 64, tokens=(2048, 4096, 16384), Ps=(2, 8, 64), dtype_bytes: int = 4) -> "pd.DataFrame":
     "Per-layer, per-rank, per-step MB: sharded STEM table vs FSDP's W3, over tokens per rank and P."
     import pandas as pd
-    fs = fsdp_w3_bytes(args, world)
+    fsdp = fsdp_w3_bytes(args, world)
     rows = []
     for T in tokens:
         for P in Ps:
             c = stem_comm_bytes(args, T, P, dtype_bytes, world=world)
             rows.append(dict(tokens_per_rank=T, P=P, ids_MB=c["ids_allgather"] / 1e6, a2a_fwd_bwd_MB=2 * c["a2a_fwd"] / 1e6,
-                             stem_MB=c["stem_total"] / 1e6, fsdp_w3_MB=fs / 1e6, stem_over_fsdp=c["stem_total"] / fs,
+                             stem_MB=c["stem_total"] / 1e6, fsdp_w3_MB=fsdp / 1e6, stem_over_fsdp=c["stem_total"] / fsdp,
                              replica_sync_MB=c["replica_sync"] / 1e6))
     return pd.DataFrame(rows).round(2)
-
-# %% ../nbs/07_distributed.ipynb #06d0a114
-def torchrun_command(config: str, overrides: Sequence[str] = (), nproc_per_node: int = 1, nnodes: int = 1,
-                     rdzv_endpoint: Optional[str] = None) -> list[str]:
-    "The torchrun command line for `stem-nb train CONFIG key=value ...` on N processes per node."
-    cmd = ["torchrun", f"--nproc-per-node={nproc_per_node}"]
-    if nnodes > 1: cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint or '$MASTER_ADDR:29500'}"]
-    else: cmd += ["--standalone"]
-    return cmd + ["-m", "stem_nb.train", str(config), *overrides]
-
-def _slurm_entry(config: str, overrides: list[str]):
-    "What each SLURM task runs: export RANK/WORLD_SIZE/MASTER_* from SLURM, then the training CLI."
-    import submitit, importlib
-    submitit.helpers.TorchDistributedEnvironment().export()
-    return importlib.import_module("stem_nb.train").cli([config, *overrides])
-
-def launch_slurm(config: str, overrides: Sequence[str] = (), nodes: int = 1, gpus_per_node: int = 8,
-                 partition: Optional[str] = None, time_min: int = 60, cpus_per_task: int = 8, folder: str = "slurm_logs",
-                 job_name: str = "stem-nb", dry_run: bool = True, **slurm_kwargs):
-    "Submit `stem-nb train CONFIG overrides` on `nodes` x `gpus_per_node` through submitit; dry_run prints the sbatch script."
-    import submitit
-    from submitit.slurm import slurm
-    params = dict(nodes=nodes, ntasks_per_node=gpus_per_node, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
-                  time=time_min, job_name=job_name, partition=partition, **slurm_kwargs)
-    if dry_run:
-        cmd = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(Path(folder).absolute()))}"
-        txt = slurm._make_sbatch_string(command=cmd, folder=str(Path(folder).absolute() / "%j"),
-                                        **{k: v for k, v in params.items() if v is not None})
-        txt += (f"\n# each task: submitit.helpers.TorchDistributedEnvironment().export(); "
-                f"stem_nb.train.cli({[str(config), *overrides]!r})  (world = {nodes * gpus_per_node})\n")
-        print(txt)
-        return txt
-    ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    ex.update_parameters(nodes=nodes, tasks_per_node=gpus_per_node, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
-                         timeout_min=time_min, name=job_name,
-                         **({"slurm_partition": partition} if partition else {}),
-                         **{f"slurm_{k}": v for k, v in slurm_kwargs.items()})
-    return ex.submit(_slurm_entry, str(config), list(overrides))

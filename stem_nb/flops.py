@@ -6,7 +6,7 @@ Docs: https://stem-nb.github.io/stem-nb/flops.html.md"""
 
 # %% ../nbs/05_flops.ipynb #d9b01886
 from __future__ import annotations
-import time
+import statistics, time
 from typing import Optional
 
 import torch
@@ -15,7 +15,7 @@ from .model import ModelArgs, Transformer, FFN_TYPES, TABLE_FFN_TYPES, preset
 
 # %% auto #0
 __all__ = ['QWEN25', 'PAPER_PARAMS', 'count_params', 'flops_per_token', 'estimate_mfu', 'table1_training_flops',
-           'table1_decode_reads', 'stem_flops_saving', 'table1', 'params_table', 'bench_fwd_bwd']
+           'table1_decode_reads', 'stem_decode_saving', 'stem_flops_saving', 'table1', 'params_table', 'bench_fwd_bwd']
 
 # %% ../nbs/05_flops.ipynb #c7aafee8
 def count_params(args: ModelArgs) -> dict:
@@ -23,10 +23,10 @@ def count_params(args: ModelArgs) -> dict:
     V, d, H, L = args.vocab_size, args.dim, args.hidden_dim, args.n_layers
     attn = 2 * d * d + 2 * d * args.kv_heads * args.head_dim          # wq, wo + wk, wv
     ffn_dense = 3 * d * H
-    special = set(args.special_layers)
+    replaced = set(args.replaced_layers)
     ffn_total = ffn_active = stem = 0
     for i in range(L):
-        kind = args.ffn_type if i in special else "dense"
+        kind = args.ffn_type if i in replaced else "dense"
         if kind == "dense": t = a = ffn_dense
         elif kind in ("stem", "stem_gate"): t = a = 2 * d * H; stem += V * H
         elif kind == "stem_add": t = a = ffn_dense; stem += V * H
@@ -58,8 +58,14 @@ def table1_training_flops(d: int, d_ff: int, seq_len: int, batch: int = 1, stem:
     return batch * (4 * L * d * d + 2 * L * L * d + (2 if stem else 3) * L * d * d_ff)
 
 def table1_decode_reads(d: int, d_ff: int, seq_len: int, batch: int = 1, stem: bool = False) -> int:
-    "Paper Table 1: parameters (and KV) read per decoded token of one layer, context `seq_len`."
-    return batch * (4 * d * d + 2 * seq_len * d + (2 if stem else 3) * d * d_ff)
+    "Values one layer reads for one decoding step of `batch` sequences at context `seq_len`: weights once, KV per sequence."
+    weights = 4 * d * d + (2 if stem else 3) * d * d_ff     # shared by the batch
+    return weights + batch * 2 * seq_len * d                 # + every sequence's keys and values
+
+def stem_decode_saving(d: int, d_ff: int, seq_len: int, batch: int = 1) -> float:
+    "Fraction of one layer's decoding reads STEM saves over dense (the `W3` it does not read)."
+    dense = table1_decode_reads(d, d_ff, seq_len, batch)
+    return (dense - table1_decode_reads(d, d_ff, seq_len, batch, stem=True)) / dense
 
 def stem_flops_saving(dim: int, ffn_dim: int, seq_len: int) -> float:
     "Fraction of per-layer training FLOPs STEM saves over dense (Table 1)."
@@ -80,7 +86,7 @@ def table1(seq_len: int = 4096, batch: int = 1) -> "pd.DataFrame":
                          train_saving=stem_flops_saving(d, ff, seq_len),
                          decode_reads_dense=table1_decode_reads(d, ff, seq_len, batch),
                          decode_reads_stem=table1_decode_reads(d, ff, seq_len, batch, stem=True),
-                         decode_saving=d * ff / table1_decode_reads(d, ff, seq_len, batch)))
+                         decode_saving=stem_decode_saving(d, ff, seq_len, batch)))
     return pd.DataFrame(rows)
 
 # %% ../nbs/05_flops.ipynb #b2936e92
@@ -101,32 +107,33 @@ def params_table(build: bool = True) -> "pd.DataFrame":
         if build:
             with torch.device("meta"): m = Transformer(a)
             assert sum(x.numel() for x in m.parameters()) == c["total"]
-        rows.append(dict(preset=p, ffn_type=ffn, stem_layers=spec, n_special=len(a.special_layers),
+        rows.append(dict(preset=p, ffn_type=ffn, stem_layers=spec, n_replaced=len(a.replaced_layers),
                          total_B=c["total"] / 1e9, active_B=c["active"] / 1e9, GFLOPs=2 * c["active"] / 1e9,
                          paper_total_B=pt, paper_active_B=pa))
     return pd.DataFrame(rows)
 
 # %% ../nbs/05_flops.ipynb #4de9ba64
 def bench_fwd_bwd(model_preset: str = "cpu", ffn_types=("dense", "stem"), stem_layers="all",
-                  batch: int = 8, seq_len: int = 256, steps: int = 10, warmup: int = 2, rounds: int = 3) -> list[dict]:
-    "Forward+backward tokens/s for each `ffn_type` at the same dims; one dict per variant (best of `rounds`)."
+                  batch: int = 8, seq_len: int = 256, rounds: int = 7, warmup: int = 2) -> list[dict]:
+    "Forward+backward tokens/s of each `ffn_type` at the same dims, interleaved; paired ratio vs `ffn_types[0]` (>1 faster)."
+    from stem_nb.config import time_interleaved, paired_speedup
     torch.manual_seed(0)
     models = {f: Transformer(preset(model_preset, ffn_type=f, stem_layers=stem_layers, max_seq_len=max(seq_len, 64)))
               for f in ffn_types}
     V = models[ffn_types[0]].args.vocab_size
     x = torch.randint(0, V, (batch, seq_len + 1))
-    best = {f: 0.0 for f in ffn_types}
-    for r in range(rounds):
-        for f, m in models.items():
-            for i in range(warmup + steps):
-                if i == warmup: t0 = time.perf_counter()
-                m.zero_grad(set_to_none=True)
-                m(x[:, :-1], x[:, 1:]).backward()
-            best[f] = max(best[f], batch * seq_len * steps / (time.perf_counter() - t0))
+    def run(m):
+        m.zero_grad(set_to_none=True)
+        m(x[:, :-1], x[:, 1:]).backward()
+    times = time_interleaved({f: (lambda m=m: run(m)) for f, m in models.items()}, rounds=rounds, warmup=warmup)
+    base = ffn_types[0]
     out = []
     for f in ffn_types:
         a = models[f].args
         out.append({"bench": "fwd_bwd_tokens_per_s", "preset": model_preset, "ffn_type": f, "stem_layers": str(stem_layers),
-                    "tokens_per_s": round(best[f], 1), "flops_per_token": flops_per_token(a, seq_len),
-                    "params_total": count_params(a)["total"], "threads": torch.get_num_threads()})
+                    "tokens_per_s": round(batch * seq_len / statistics.median(times[f]), 1),
+                    f"paired_ratio_vs_{base}": round(paired_speedup(times, f, base), 3),
+                    "flop_ratio_vs_" + base: round(flops_per_token(models[base].args, seq_len) / flops_per_token(a, seq_len), 3),
+                    "flops_per_token": flops_per_token(a, seq_len), "params_total": count_params(a)["total"],
+                    "rounds": rounds, "threads": torch.get_num_threads()})
     return out

@@ -7,16 +7,24 @@ Docs: https://stem-nb.github.io/stem-nb/generate.html.md"""
 
 # %% ../nbs/10_generate.ipynb #4737fce6
 from __future__ import annotations
-import time
+import contextlib, time
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .model import Transformer, preset
+from .model import Transformer, preset, resolve_stem_layers
 
 # %% auto #0
-__all__ = ['sample_next', 'generate_ids', 'generate', 'bench_decode']
+__all__ = ['output_at', 'sample_next', 'generate_ids', 'generate', 'hf_llama', 'bench_decode']
+
+# %% ../nbs/10_generate.ipynb #63ebc8ba
+@contextlib.contextmanager
+def output_at(model: Transformer, index: Callable[[torch.Tensor], torch.Tensor]):
+    "Inside the `with`, `model(...)` applies its output layer only to `index(h)` of the normed hidden states `h` (B, S, d)."
+    hook = model.output.register_forward_pre_hook(lambda mod, args: (index(args[0]),) + tuple(args[1:]))
+    try: yield model
+    finally: hook.remove()
 
 # %% ../nbs/10_generate.ipynb #9b7a5b58
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -41,7 +49,8 @@ def _decode_batch(model, x, max_new_tokens, temperature, top_p, generator, eos_i
     out = torch.empty(B, 0, dtype=torch.long, device=x.device)
     done = torch.zeros(B, dtype=torch.bool)
     cache = model.new_cache(B, P + max_new_tokens) if use_cache else None
-    logits = model(x, start_pos=0, cache=cache)[:, -1]                          # prefill: (B, V)
+    with output_at(model, lambda h: h[:, -1]):                                  # prefill: logits at the last position only
+        logits = model(x, start_pos=0, cache=cache)                             # (B, V)
     lens = [max_new_tokens] * B
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)                # (B,)
@@ -111,23 +120,33 @@ def generate(model: Transformer, tokenizer, prompts: Union[str, Sequence[str]], 
     return res[0] if single else res
 
 # %% ../nbs/10_generate.ipynb #f975c00f
-def bench_decode(model_preset: str = "cpu", prompt_len: int = 32, new_tokens: int = 128, batches: Sequence[int] = (1, 8),
+def hf_llama(args):
+    "A Hugging Face `LlamaForCausalLM` with the dimensions of `ModelArgs` `args` (dense), random weights: the benchmarks' peer."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
+                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
+                      max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+# %% ../nbs/10_generate.ipynb #c4bfb772
+def bench_decode(model_preset: str = "cpu", prompt_len: int = 32, new_tokens: int = 64, batches: Sequence[int] = (1, 8),
                  rounds: int = 3) -> list[dict]:
-    "Decode tokens/s (KV cache, greedy) of dense vs STEM-all at equal dims: one dict per (batch, model)."
-    models = {f: Transformer(preset(model_preset, ffn_type=f, stem_layers="all")).eval() for f in ("dense", "stem")}
-    V = next(iter(models.values())).args.vocab_size
+    "Greedy KV-cache decode tokens/s: STEM-all and dense vs HF `generate` on an equal-dims `LlamaForCausalLM`, interleaved."
+    from stem_nb.config import time_interleaved, bench_summary
+    models = {f: Transformer(preset(model_preset, ffn_type=f, stem_layers="all")).eval() for f in ("stem", "dense")}
+    args = models["dense"].args
+    hf = hf_llama(args)
     res = []
     for batch in batches:
-        x = torch.randint(0, V, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
-        best = {f: 0.0 for f in models}
-        for f, m in models.items(): generate_ids(m, x, 4)                       # warm-up
-        for _ in range(rounds):
-            for f, m in models.items():
-                t0 = time.perf_counter()
-                out = generate_ids(m, x, new_tokens, batch_size=batch)
-                dt = time.perf_counter() - t0
-                best[f] = max(best[f], sum(map(len, out)) / dt)
-        res += [dict(bench="decode", ffn_type=f, preset=model_preset, stem_layers=models[f].args.special_layers,
-                     batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, tok_per_s=round(best[f], 1),
-                     threads=torch.get_num_threads()) for f in models]
+        x = torch.randint(0, args.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+        fns = {f"stem_nb_{f}": (lambda m=m: generate_ids(m, x.tolist(), new_tokens, batch_size=batch)) for f, m in models.items()}
+        fns["hf_generate"] = lambda: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        with torch.no_grad(): times = time_interleaved(fns, rounds=rounds, warmup=1)
+        s = bench_summary(times, "stem_nb_dense", ["hf_generate"], per=batch * new_tokens, unit="tok/s")
+        s["paired_ratio"].update(bench_summary(times, "stem_nb_stem", ["hf_generate", "stem_nb_dense"])["paired_ratio"])
+        res.append(dict(bench="decode", preset=model_preset, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                        stem_layers=resolve_stem_layers("all", args.n_layers), threads=torch.get_num_threads(), **s))
     return res

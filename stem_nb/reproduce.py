@@ -1,4 +1,5 @@
-"""The papermill driver: one parameterised notebook per paper table or figure, run as a grid, skipped when done.
+"""The papermill driver: one parameterised notebook per paper
+table or figure, run as a grid, skipped when done.
 
 Docs: https://stem-nb.github.io/stem-nb/reproduce.html.md"""
 
@@ -6,364 +7,331 @@ Docs: https://stem-nb.github.io/stem-nb/reproduce.html.md"""
 
 # %% ../nbs/16_reproduce.ipynb #905653aa
 from __future__ import annotations
-import argparse, copy, json, os, shutil, sys, time
+import argparse, hashlib, json, os, re, shutil, sys, tempfile, threading, time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 import yaml
 
-from .config import config_hash, ConfigError, repo_root, write_atomic
+from .config import config_hash, ConfigError, repo_root, tmp_name, write_atomic
 
 # %% auto #0
-__all__ = ['README_START', 'README_END', 'README_ORDER', 'TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT',
-           'PAPER_LONGBENCH_BY_LEN', 'PAPER_NEEDLE', 'VARIANTS', 'OFFLINE_COLUMNS', 'load_presets', 'plan',
-           'figures_dir_for', 'run_dir_for', 'reproduce', 'results_markdown', 'update_readme', 'write_table',
-           'train_overrides', 'train_cached', 'eval_cached', 'load_metrics', 'task_metric', 'offline_task_dir',
-           'run_family', 'mean_pm', 'family_table', 'arith_eval', 'cli', 'print_plan']
+__all__ = ['DRIVER_PARAMS', 'README_START', 'README_END', 'notebook_code_hash', 'declared_parameters', 'load_presets', 'plan',
+           'figures_dir_for', 'run_dir_for', 'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute',
+           'reproduce', 'results_markdown', 'update_readme', 'cli', 'print_plan']
 
 # %% ../nbs/16_reproduce.ipynb #3926e2b0
+def notebook_code_hash(path: str | Path, n: int = 12) -> str:
+    "sha256 of a notebook's code cells, in order: edits to code re-run it; outputs, metadata and markdown do not."
+    nb = json.loads(Path(path).read_text())
+    src = ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+           for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    return hashlib.sha256("\n# <cell>\n".join(src).encode()).hexdigest()[:n]
+
+def declared_parameters(path: str | Path) -> list[str]:
+    "The names the notebook's `parameters` cell assigns at top level (what papermill can override), in order."
+    import ast
+    nb = json.loads(Path(path).read_text())
+    cells = [c for c in nb.get("cells", []) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells: return []
+    src = "".join(cells[0]["source"]) if isinstance(cells[0]["source"], list) else cells[0]["source"]
+    try: tree = ast.parse(src)
+    except SyntaxError as e: raise ConfigError(f"{path}: the parameters cell is not valid Python ({e.msg}, line {e.lineno})") from None
+    names = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
+    return names
+
+# %% ../nbs/16_reproduce.ipynb #ee5a75f6
+DRIVER_PARAMS = ("preset", "out_dir", "figures_dir", "runs_dir")   # what the driver itself supplies (when declared)
+
 def load_presets(path: str | Path | None = None) -> dict:
     "The presets file: `{preset: {description, params, experiments: {name: overrides}}}`."
     p = Path(path) if path else repo_root() / "experiments" / "presets.yaml"
+    if not p.is_file(): raise ConfigError(f"presets file not found: {p} (run from a stem-nb checkout or set STEM_NB_ROOT)")
     return yaml.safe_load(p.read_text())
 
-def plan(preset: str = "cpu", only: Sequence[str] | None = None, presets: dict | None = None) -> list[dict]:
-    "The resolved runs of a preset: one dict per experiment notebook with its parameters and hash."
-    presets = presets or load_presets()
+def _check_selection(preset: str, only, presets: dict) -> dict:
     if preset not in presets: raise ConfigError(f"unknown preset {preset!r}; known: {sorted(presets)}")
-    pr = presets[preset]
-    exps = pr["experiments"]
-    if only:
-        bad = [o for o in only if o not in exps]
-        if bad: raise ConfigError(f"unknown experiment {bad[0]!r} for preset {preset!r}; known: {list(exps)}")
+    exps = presets[preset].get("experiments") or {}
+    bad = [o for o in (only or []) if o not in exps]
+    if bad: raise ConfigError(f"unknown experiment {bad[0]!r} for preset {preset!r}; known: {list(exps)}")
+    return exps
+
+# %% ../nbs/16_reproduce.ipynb #ba0bb485
+def plan(preset: str = "cpu", only: Sequence[str] | None = None, presets: dict | None = None,
+         root: Path | None = None) -> list[dict]:
+    "The resolved runs of a preset: per experiment notebook, the declared parameters it gets and the skip key."
+    presets = presets or load_presets(root and Path(root) / "experiments" / "presets.yaml")
+    exps = _check_selection(preset, only, presets)
+    root = Path(root) if root else None
     out = []
     for name, over in exps.items():
         if only and name not in only: continue
-        params = {**pr.get("params", {}), **(over or {}), "preset": preset}
-        out.append(dict(name=name, notebook=f"experiments/{name}.ipynb", params=params, hash=config_hash(params)))
+        nb = f"experiments/{name}.ipynb"
+        resolved = {**presets[preset].get("params", {}), **(over or {}), "preset": preset}
+        path = (root or repo_root()) / nb
+        if path.is_file():
+            declared = declared_parameters(path)
+            params = {k: v for k, v in resolved.items() if k in declared}
+            code = notebook_code_hash(path)
+        else: declared, params, code = None, resolved, "missing"
+        out.append(dict(name=name, preset=preset, notebook=nb, params=params, declared=declared, code=code,
+                        hash=config_hash(dict(params=params, code=code))))
     return out
 
-# %% ../nbs/16_reproduce.ipynb #ee5a75f6
+# %% ../nbs/16_reproduce.ipynb #b2319c8e
 def figures_dir_for(preset: str, root: Path | None = None) -> Path:
     root = root or repo_root()
     return root / "figures" if preset == "cpu" else root / "runs" / preset / "figures"
 
 def run_dir_for(run: dict, root: Path | None = None) -> Path:
-    return (root or repo_root()) / "runs" / run["params"]["preset"] / run["name"] / run["hash"]
+    return (root or repo_root()) / "runs" / run["preset"] / run["name"] / run["hash"]
 
-def reproduce(preset: str = "cpu", only: Sequence[str] | None = None, force: bool = False,
-              root: Path | None = None, progress: bool = True, kernel_name: str = "python3") -> list[dict]:
-    "Run the experiment grid of `preset` through papermill; returns one status dict per experiment."
+def failed_dir_for(run: dict, root: Path | None = None) -> Path:
+    return (root or repo_root()) / "runs" / run["preset"] / "failed" / f"{run['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+# %% ../nbs/16_reproduce.ipynb #0673f168
+def _outputs(stage: Path) -> list[str]:
+    return sorted(str(p.relative_to(stage / "figures")) for p in (stage / "figures").rglob("*") if p.is_file())
+
+def promote(stage: Path, final: Path, figures_dir: Path) -> list[str]:
+    "Copy the tables/figures `stage` wrote into `figures_dir` (one atomic rename each), then make `stage` the run folder `final`."
+    outs = _outputs(stage)
+    for rel in outs:
+        dst = Path(figures_dir) / rel; dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_name(dst); shutil.copy2(stage / "figures" / rel, tmp); os.replace(tmp, dst)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}") if final.exists() else None
+    if old: os.replace(final, old)
+    os.replace(stage, final)
+    if old: shutil.rmtree(old, ignore_errors=True)
+    return outs
+
+def quarantine(stage: Path, dest: Path, error: str) -> Path:
+    "Move a failed run's staging folder (executed notebook, log, partial tables/figures) to `dest`, with the error."
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(stage), str(dest))
+    (dest / "ERROR.txt").write_text(error + "\n")
+    return dest
+
+# %% ../nbs/16_reproduce.ipynb #11dfee54
+class TrainWatch:
+    "Which training run (under `runs_dir/train/`) is advancing since `since`, its step, and an ETA."
+    def __init__(self, runs_dir: str | Path, since: float | None = None, clock: Callable[[], float] = time.time):
+        self.root, self.since, self.clock, self.seen = Path(runs_dir) / "train", since or time.time(), clock, {}
+
+    def poll(self) -> str | None:
+        cands = [p for p in self.root.glob("*/metrics.jsonl") if p.stat().st_mtime >= self.since - 1]
+        if not cands: return None
+        m = max(cands, key=lambda p: p.stat().st_mtime)
+        lines = [l for l in m.read_text().splitlines() if l.strip()]
+        if not lines: return None
+        try: step = json.loads(lines[-1])["step"]
+        except (json.JSONDecodeError, KeyError): return None
+        cfg = m.parent / "config.yaml"
+        total = (yaml.safe_load(cfg.read_text()) or {}).get("steps") if cfg.is_file() else None
+        now = self.clock()
+        t0, s0 = self.seen.setdefault(m.parent.name, (now, step))
+        eta = ""
+        if total and step > s0 and now > t0:
+            left = (total - step) * (now - t0) / (step - s0)
+            eta = f" ETA {int(left // 60)}m{int(left % 60):02d}s"
+        return f"train {m.parent.name[:8]} step {step}/{total or '?'}{eta}"
+
+# %% ../nbs/16_reproduce.ipynb #150817e0
+def _ipc_kernel_manager(sock_dir: str, log):
+    "A kernel manager on IPC sockets in `sock_dir` whose kernel process writes its own stdout/stderr to `log`."
+    from jupyter_client.manager import AsyncKernelManager
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.transport, self.ip = "ipc", str(Path(sock_dir) / "kernel")
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            return await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": log, "stderr": log})
+        _launch_kernel = _async_launch_kernel
+    return IPCKernelManager
+
+def _interrupted(e: BaseException) -> bool:
+    return isinstance(e, KeyboardInterrupt) or getattr(e, "ename", None) == "KeyboardInterrupt"
+
+def _error_line(e: BaseException) -> str:
+    ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
+    if ename: return f"{ename}: {evalue}"[:300]
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+
+# %% ../nbs/16_reproduce.ipynb #ac739cf1
+def execute(run: dict, root: Path, figures_dir: Path, kernel_name: str = "python3") -> dict:
+    "Run one planned notebook in a staging folder; promote its results on success, quarantine them on failure."
     import papermill as pm
-    from tqdm.auto import tqdm
-    root = Path(root or repo_root())
-    runs = plan(preset, only, load_presets(root / "experiments" / "presets.yaml"))
-    figs = figures_dir_for(preset, root); (figs / "tables").mkdir(parents=True, exist_ok=True)
-    status = []
-    bar = tqdm(runs, desc=f"reproduce[{preset}]", disable=not progress, unit="nb")
-    for run in bar:
-        bar.set_postfix_str(run["name"])
-        out = run_dir_for(run, root)
-        if (out / "DONE").exists() and not force:
-            status.append(dict(name=run["name"], status="skipped (complete)", hash=run["hash"], seconds=0.0)); continue
-        if out.exists(): shutil.rmtree(out)
-        out.mkdir(parents=True)
-        params = {**run["params"], "out_dir": str(out), "figures_dir": str(figs), "runs_dir": str(root / "runs")}
-        (out / "params.json").write_text(json.dumps(params, indent=1))
-        t0 = time.time()
-        try:
-            pm.execute_notebook(str(root / run["notebook"]), str(out / "executed.ipynb"), parameters=params,
-                                cwd=str(root), progress_bar=False, kernel_name=kernel_name, language="python")
-        except Exception as e:
-            status.append(dict(name=run["name"], status=f"FAILED: {type(e).__name__}: {str(e).splitlines()[-1][:300] if str(e) else ''}",
-                               hash=run["hash"], seconds=round(time.time() - t0, 1)))
-            continue
-        (out / "DONE").write_text(json.dumps(dict(seconds=round(time.time() - t0, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"))))
-        status.append(dict(name=run["name"], status="done", hash=run["hash"], seconds=round(time.time() - t0, 1)))
-    (root / "runs" / preset).mkdir(parents=True, exist_ok=True)
-    sf = root / "runs" / preset / "status.json"             # merged by name: a partial run (--only) keeps the rest
+    final = run_dir_for(run, root)
+    stage = final.parent / f".stage-{run['hash']}-{os.getpid()}"
+    if stage.exists(): shutil.rmtree(stage)
+    (stage / "figures" / "tables").mkdir(parents=True)
+    given = dict(preset=run["preset"], out_dir=str(stage), figures_dir=str(stage / "figures"), runs_dir=str(root / "runs"))
+    params = {**run["params"], **{k: v for k, v in given.items() if k in (run["declared"] or [])}}
+    write_atomic(stage / "params.json", json.dumps(params, indent=1))
+    t0, status = time.time(), dict(name=run["name"], hash=run["hash"])
+    try:
+        with open(stage / "log.txt", "w") as log, tempfile.TemporaryDirectory(prefix="stem-nb-kernel-") as socks:
+            pm.execute_notebook(str(root / run["notebook"]), str(stage / "executed.ipynb"), parameters=params,
+                                cwd=str(root), progress_bar=False, kernel_name=kernel_name, language="python",
+                                stdout_file=log, stderr_file=log, kernel_manager_class=_ipc_kernel_manager(socks, log))
+    except BaseException as e:
+        if _interrupted(e):
+            shutil.rmtree(stage, ignore_errors=True)
+            raise KeyboardInterrupt from None
+        if not isinstance(e, Exception): raise
+        q = quarantine(stage, failed_dir_for(run, root), _error_line(e) + "\n" + re.sub(r"\x1b\[[0-9;]*m", "", str(e)))
+        return dict(status, status=f"FAILED: {_error_line(e)}", seconds=round(time.time() - t0, 1),
+                    finished=time.strftime("%Y-%m-%d %H:%M"), quarantined=str(q.relative_to(root)))
+    seconds = round(time.time() - t0, 1)
+    done = dict(seconds=seconds, finished=time.strftime("%Y-%m-%d %H:%M"), code=run["code"], outputs=_outputs(stage))
+    write_atomic(stage / "DONE", json.dumps(done, indent=1))
+    promote(stage, final, figures_dir)
+    return dict(status, status="done", **done)
+
+# %% ../nbs/16_reproduce.ipynb #f9682686
+def _merge_status(sf: Path, status: list[dict], order: Sequence[str]) -> list[dict]:
     prev = {s["name"]: s for s in (json.loads(sf.read_text()) if sf.exists() else [])}
     for s in status:
-        if not s["status"].startswith("skipped") or s["name"] not in prev: prev[s["name"]] = s
-    merged = [prev[r["name"]] for r in plan(preset, presets=load_presets(root / "experiments" / "presets.yaml")) if r["name"] in prev]
-    sf.write_text(json.dumps(merged, indent=1))
-    if preset == "cpu" and (root / "README.md").exists(): update_readme(root / "README.md", figs, merged)
+        p = prev.get(s["name"], {})
+        if s["status"].startswith("skipped"): s = dict(s, status="done")     # the run that completed it, from its DONE
+        if s["status"] == "done": s = dict(s, last_success=s["finished"])
+        elif p.get("last_success"): s = dict(s, last_success=p["last_success"], outputs=p.get("outputs", []))
+        prev[s["name"]] = s
+    merged = [prev[n] for n in order if n in prev]
+    write_atomic(sf, json.dumps(merged, indent=1))
+    return merged
+
+# %% ../nbs/16_reproduce.ipynb #08e414c7
+def _watch(bar, name: str, runs_dir: Path, stop: threading.Event, every: float = 2.0):
+    w = TrainWatch(runs_dir)
+    while not stop.wait(every):
+        msg = w.poll()
+        if msg: bar.set_postfix_str(f"{name} | {msg}")
+
+def _run_one(bar, run: dict, root: Path, figs: Path, force: bool, kernel_name: str, progress: bool) -> dict:
+    "Skip a complete run (reporting the run that completed it), or execute it while a thread shows its training progress."
+    bar.set_postfix_str(run["name"])
+    done = run_dir_for(run, root) / "DONE"
+    if done.exists() and not force:
+        return dict(name=run["name"], status="skipped (complete)", hash=run["hash"], **json.loads(done.read_text()))
+    stop = threading.Event()
+    th = threading.Thread(target=_watch, args=(bar, run["name"], root / "runs", stop), daemon=True)
+    if progress: th.start()
+    try: s = execute(run, root, figs, kernel_name)
+    finally:
+        stop.set()
+        if th.is_alive(): th.join()
+    bar.set_postfix_str(run["name"])
+    if s["status"] != "done": bar.write(f"{run['name']}: {s['status']} (log: {s['quarantined']}/log.txt)")
+    return s
+
+# %% ../nbs/16_reproduce.ipynb #3ad2431f
+def reproduce(preset: str = "cpu", only: Sequence[str] | None = None, force: bool = False,
+              root: Path | None = None, progress: bool = True, kernel_name: str = "python3") -> list[dict]:
+    "Run the experiment grid of `preset` through papermill; returns one status dict per experiment (recorded even on Ctrl-C)."
+    from tqdm.auto import tqdm
+    root = Path(root or repo_root())
+    presets = load_presets(root / "experiments" / "presets.yaml")
+    runs = plan(preset, only, presets, root)
+    missing = [r["notebook"] for r in runs if r["code"] == "missing"]
+    if missing: raise ConfigError(f"experiment notebook not found: {root / missing[0]} (listed in presets.yaml, preset {preset!r})")
+    figs = figures_dir_for(preset, root); (figs / "tables").mkdir(parents=True, exist_ok=True)
+    status = []
+    try:
+        for run in (bar := tqdm(runs, desc=f"reproduce[{preset}]", disable=not progress, unit="nb", dynamic_ncols=True)):
+            status.append(_run_one(bar, run, root, figs, force, kernel_name, progress))
+    finally:                                         # what finished is recorded, even when a Ctrl-C stops the rest
+        all_names = [r["name"] for r in plan(preset, presets=presets, root=root)]
+        merged = _merge_status(root / "runs" / preset / "status.json", status, all_names)
+        if preset == "cpu" and (root / "README.md").exists(): update_readme(root / "README.md", figs, merged)
     return status
 
-# %% ../nbs/16_reproduce.ipynb #b2319c8e
+# %% ../nbs/16_reproduce.ipynb #52cb6d77
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
-README_ORDER = ["table1_efficiency", "table_350m", "fig2_loss_spikes", "table_1b", "table_midtrain", "table_contextual",
-                "table_needle", "fig4_angular_spread", "fig5_upproj_vs_stem", "fig6_ff_similarity", "fig7_knowledge_editing",
-                "fig7_injection_demo"]
 
-def results_markdown(figures_dir: Path, status: Sequence[dict] = (), rel: str = "figures") -> str:
-    "The results section: run status, every table (Markdown) and every figure of `figures_dir`."
+def _status_cell(s: dict) -> str:
+    if s["status"].startswith("FAILED"):
+        kept = f"; tables/figures shown are from {s['last_success']}" if s.get("last_success") else "; no results shown"
+        return f"**failed** ({s['status'][len('FAILED: '):]}){kept}; log: `{s.get('quarantined', '?')}`"
+    return s["status"]
+
+def results_markdown(figures_dir: Path, status: Sequence[dict] = (), rel: str = "figures", preset: str = "cpu") -> str:
+    "The results section: per-experiment status, date and seconds, then each experiment's tables and figures."
     figures_dir = Path(figures_dir)
-    out = [README_START, "", f"_Regenerated by `stem-nb reproduce --preset cpu` on {time.strftime('%Y-%m-%d')}; "
-           "run times below are wall-clock seconds on this 2-core machine._", ""]
+    out = [README_START, "", f"_Written by `stem-nb reproduce --preset {preset}` on {time.strftime('%Y-%m-%d %H:%M')}; "
+           f"seconds are wall-clock on this machine ({os.cpu_count()} CPUs)._", ""]
     if status:
-        out += ["| experiment | status | seconds |", "|---|---|---|"]
-        out += [f"| {s['name']} | {s['status']} | {s['seconds']} |" for s in status]
-        out += [f"| **total** | | {sum(s['seconds'] for s in status):.0f} s = {sum(s['seconds'] for s in status) / 60:.1f} min |", ""]
-    tables = sorted((figures_dir / "tables").glob("*.md"), key=lambda p: (README_ORDER.index(p.stem) if p.stem in README_ORDER else 99, p.stem))
-    for t in tables: out += [t.read_text().replace("### ", "#### ", 1), ""]
-    for f in sorted(figures_dir.glob("*.png")): out += [f"![{f.stem}]({rel}/{f.name})", ""]
+        out += ["| experiment | status | finished | seconds |", "|---|---|---|---|"]
+        out += [f"| {s['name']} | {_status_cell(s)} | {s.get('finished', '')} | {s['seconds']} |" for s in status]
+        tot = sum(s["seconds"] for s in status)
+        out += [f"| **total** | {sum(s['status'] == 'done' for s in status)}/{len(status)} done | | {tot:.0f} s = {tot / 60:.1f} min |", ""]
+    listed = [o for s in status for o in s.get("outputs", [])]
+    rest = sorted(str(p.relative_to(figures_dir)) for p in [*figures_dir.glob("tables/*.md"), *figures_dir.rglob("*.png")])
+    for o in dict.fromkeys(listed + rest):
+        p = figures_dir / o
+        if p.suffix == ".md" and p.is_file(): out += [p.read_text().rstrip().replace("### ", "#### ", 1), ""]
+        elif p.suffix == ".png" and p.is_file(): out += [f"![{p.stem}]({rel}/{o})", ""]
     return "\n".join(out + [README_END])
 
 def update_readme(readme: Path, figures_dir: Path, status: Sequence[dict] = ()):
-    "Replace the README's results section (between the markers) with `results_markdown`."
+    "Replace the README's results section (between the markers, markers included) with `results_markdown`."
     txt = Path(readme).read_text()
     if README_START not in txt or README_END not in txt: return
     head, rest = txt.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
-    Path(readme).write_text(head + results_markdown(figures_dir, status) + tail)
-
-# %% ../nbs/16_reproduce.ipynb #8a78e3c2
-def write_table(df, name: str, figures_dir: str | Path, title: str, notes: Sequence[str] = ()) -> Path:
-    "Write `df` as `figures_dir/tables/name.{md,csv}` with a title and notes; returns the .md path."
-    d = Path(figures_dir) / "tables"; d.mkdir(parents=True, exist_ok=True)
-    df.to_csv(d / f"{name}.csv", index=False)
-    md = [f"### {title}", ""] + [f"- {n}" for n in notes] + ([""] if notes else []) + [df.to_markdown(index=False), ""]
-    (d / f"{name}.md").write_text("\n".join(md))
-    return d / f"{name}.md"
-
-# %% ../nbs/16_reproduce.ipynb #90a38d98
-TASKS8 = ["arc_easy", "arc_challenge", "boolq", "piqa", "social_iqa", "hellaswag", "openbookqa", "winogrande"]
-PAPER_350M = {  # total/active (B), 8 tasks, Avg, GFLOPs, ROI
-    "Baseline": dict(total=0.37, active=0.37, acc=[57.66, 30.55, 58.20, 69.42, 41.10, 49.68, 34.80, 56.35], avg=49.72, gflops=0.74, roi=1.00),
-    "STEM 1/3": dict(total=1.14, active=0.35, acc=[63.01, 32.68, 60.31, 70.18, 39.76, 52.38, 33.00, 55.88], avg=50.90, gflops=0.70, roi=1.08),
-    "STEM 1/2": dict(total=1.85, active=0.34, acc=[62.95, 40.00, 62.02, 70.94, 43.70, 51.49, 46.68, 55.78], avg=54.20, gflops=0.67, roi=1.20),
-    "STEM all": dict(total=3.25, active=0.30, acc=[62.21, 39.61, 61.99, 70.73, 43.60, 48.44, 44.53, 56.33], avg=53.43, gflops=0.60, roi=1.33),
-    "Hash-MoE": dict(total=1.22, active=0.37, acc=None, avg=50.58, gflops=None, roi=1.02),
-    "STEM-gate": dict(total=None, active=None, acc=None, avg=49.10, gflops=None, roi=None),
-    "STEM-dagger": dict(total=None, active=None, acc=None, avg=50.65, gflops=None, roi=None),  # reported as ~50.6-50.7
-}
-PAPER_1B = {
-    "Baseline": dict(total=1.50, active=1.50, acc=[66.98, 41.88, 64.21, 73.44, 44.09, 59.65, 39.84, 56.48], avg=55.82, gflops=3.00, roi=1.00),
-    "STEM 1/3": dict(total=6.75, active=1.41, acc=[65.95, 42.03, 61.66, 75.00, 44.78, 60.37, 45.90, 57.34], avg=56.63, gflops=2.83, roi=1.08),
-}
-PAPER_MIDTRAIN = {  # 8 tasks, Avg, GSM8K, MMLU
-    "Baseline": dict(acc=[70.78, 42.11, 65.84, 72.95, 47.13, 60.39, 42.97, 57.81], avg=57.50, gsm8k=44.2, mmlu=29.92),
-    "STEM 1/3": dict(acc=[69.78, 44.22, 68.54, 74.69, 45.65, 61.90, 45.70, 57.42], avg=58.49, gsm8k=46.4, mmlu=32.38),
-}
-PAPER_CONTEXT = {  # BBH, MuSR, LongBench multi-hop <4k/4-8k/>=8k, code <4k/4-8k/>=8k
-    "Baseline": [24.87, 35.85, 5.72, 6.20, 6.19, 45.37, 44.64, 41.30],
-    "STEM 1/3": [27.55, 36.38, 10.20, 8.63, 7.82, 52.68, 52.53, 49.60],
-}
-PAPER_LONGBENCH_BY_LEN = {"Baseline": [24.0, 23.8, 22.1, 22.3, 21.9, 21.1, 23.5], "STEM 1/3": [27.6, 27.6, 24.4, 22.7, 23.0, 21.7, 24.2]}
-PAPER_NEEDLE = "STEM's lead over dense grows from 8.4% (8k) to 13% (32k); absolute values unpublished"
-
-# %% ../nbs/16_reproduce.ipynb #45e4f137
-VARIANTS = {  # the paper's 350M-family rows -> ModelArgs overrides
-    "Baseline":    dict(ffn_type="dense", stem_layers="none"),
-    "STEM 1/3":    dict(ffn_type="stem", stem_layers="1/3"),
-    "STEM 1/2":    dict(ffn_type="stem", stem_layers="1/2"),
-    "STEM all":    dict(ffn_type="stem", stem_layers="all"),
-    "Hash-MoE":    dict(ffn_type="hash_moe", stem_layers="1/3", n_experts=16),
-    "STEM-gate":   dict(ffn_type="stem_gate", stem_layers="1/3"),
-    "STEM-dagger": dict(ffn_type="stem_add", stem_layers="1/3"),
-}
-
-def _dotlist(prefix: str, d: dict) -> list[str]:
-    out = []
-    for k, v in (d or {}).items():
-        if isinstance(v, dict) and k not in ("sources", "source_kwargs"): out += _dotlist(f"{prefix}{k}.", v)
-        else: out.append(f"{prefix}{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    return out
-
-def train_overrides(train: dict, variant: str | None = None, seed: int = 0, **extra) -> list[str]:
-    "Dotted `TrainArgs` overrides from a preset's `train` block, a variant of `VARIANTS` and a seed (model init and torch RNG; the data order and split stay `data.seed`, so every seed is scored on the same held-out text)."
-    train = copy.deepcopy(train)                  # never mutate the caller's (the preset's) dicts
-    model = {**train.get("model", {}), **(VARIANTS[variant] if variant else {}), "seed": seed}
-    cfg = {**{k: v for k, v in train.items() if k != "model"}, "seed": seed, "model": model}
-    for k, v in extra.items():
-        node = cfg
-        *path, leaf = k.split(".")
-        for p_ in path: node = node.setdefault(p_, {})
-        node[leaf] = v
-    return _dotlist("", cfg)
-
-def train_cached(overrides: Sequence[str], runs_dir: str | Path, log=print) -> dict:
-    "Train the run the overrides describe, or return the summary of the identical run already finished."
-    from stem_nb.train import TrainArgs, train
-    from stem_nb.config import load_config, to_dict
-    args = load_config(TrainArgs, None, list(overrides))
-    d = to_dict(args); d.pop("dump_dir"); d.pop("progress", None)
-    key = config_hash(d)
-    dump = Path(runs_dir) / "train" / key
-    done = dump / "summary.json"
-    if done.exists(): return json.loads(done.read_text())
-    args.dump_dir, args.progress = str(dump), "lines"
-    t0 = time.time()
-    s = train(args)
-    s["key"] = key
-    write_atomic(done, json.dumps(s, indent=1))
-    log(f"trained {key} ({args.model.ffn_type}, layers {args.model.stem_layers}, seed {args.seed}) in {time.time()-t0:.0f}s: "
-        f"loss {s['loss']:.3f}, val {s['val_loss']}")
-    return s
-
-def eval_cached(dump_dir: str | Path, tasks: Sequence[str], limit=None, task_dir: str | Path | None = None,
-                batch_size: int = 32) -> dict:
-    "lm-eval `tasks` on the finished run in `dump_dir` (its newest checkpoint), cached beside it."
-    from stem_nb.eval import evaluate, StemLM
-    key = config_hash(dict(tasks=list(tasks), limit=limit, task_dir=str(task_dir)))
-    out = Path(dump_dir) / f"eval-{key}.json"
-    if out.exists(): return json.loads(out.read_text())
-    lm = StemLM.from_checkpoint(dump_dir, batch_size=batch_size)
-    res = evaluate(lm, tasks=list(tasks), limit=limit, include_path=task_dir)
-    slim = {k: res.get(k) for k in ("results", "groups", "task_status", "n-samples", "configs") if k in res}
-    write_atomic(out, json.dumps(slim, indent=1, default=str))
-    return slim
-
-def load_metrics(dump_dir: str | Path) -> "pd.DataFrame":
-    "metrics.jsonl of a training run as a DataFrame."
-    import pandas as pd
-    from stem_nb.train import read_metrics
-    return pd.DataFrame(read_metrics(dump_dir))
-
-def task_metric(res: dict, task: str, metric: str | None = None):
-    "A task's headline value from lm-eval results (acc for multiple choice, exact_match, bits_per_byte), or its n/a status."
-    for s in res.get("task_status", []):
-        if s["task"] == task and s["status"] != "ok": return s["status"]
-    r = {**res.get("results", {}), **(res.get("groups") or {})}.get(task)
-    if r is None: return "n/a: not run"
-    for m in ([metric] if metric else ["acc_norm", "acc", "exact_match", "bits_per_byte"]):
-        for k, v in r.items():
-            if k.split(",")[0] == m and "stderr" not in k and isinstance(v, (int, float)): return float(v)
-    return "n/a: metric missing"
-
-# %% ../nbs/16_reproduce.ipynb #c9b194b7
-def offline_task_dir(runs_dir: str | Path, train: dict, needle_lengths: Sequence[int] = (), n_docs: int = 200) -> Path:
-    "Build (once) the offline tasks matching the `train` block's data; returns the lm-eval include path."
-    from stem_nb.eval import build_offline_tasks
-    from stem_nb import data as D
-    data = train.get("data", {})
-    bios_kw = data.get("source_kwargs", {}).get("bios", {})
-    val_fraction, seed = data.get("val_fraction", 0.05), data.get("seed", 0)
-    spec = dict(bios=bios_kw, val_fraction=val_fraction, seed=seed, needles=list(needle_lengths), n_docs=n_docs,
-                tokenizer=data.get("tokenizer", "bpe4096"), v=2)
-    d = Path(runs_dir) / "tasks" / config_hash(spec)
-    if (d / "DONE").exists(): return d.resolve()
-    facts = D.bios_facts(**bios_kw)
-    text = D.heldout_text("shakespeare", val_fraction, seed)
-    needles = None
-    if needle_lengths:
-        from stem_nb.tokenizer import get_tokenizer
-        tok = get_tokenizer(spec["tokenizer"])
-        needles = {L: [dict(query=x["text"], answer=x["answer"]) for x in
-                       D.needle_haystack([L], max(1, n_docs // 10), seed=10_000 + seed, tokenizer=tok)] for L in needle_lengths}
-    build_offline_tasks(d, facts=facts, text=text, needles=needles, n_docs=n_docs, seed=seed)
-    (d / "DONE").write_text(json.dumps(spec))
-    return d.resolve()
-
-OFFLINE_COLUMNS = {"stem_bios_mc": "Bios recall MC", "stem_shakespeare_next": "Next-line MC", "stem_heldout_ppl": "bits/byte"}
-
-def run_family(train: dict, variants: Sequence[str], seeds: Sequence[int], eval_tasks: Sequence[str], runs_dir: str | Path,
-               task_dir: str | Path, eval_limit=None, log=print) -> "pd.DataFrame":
-    "Train (cached) and evaluate each variant x seed; one row per run with params, FLOPs, losses and task metrics."
-    import pandas as pd
-    from stem_nb.flops import count_params, flops_per_token
-    from stem_nb.model import ModelArgs
-    from stem_nb.eval import expand_tasks
-    rows = []
-    for v in variants:
-        for sd in seeds:
-            s = train_cached(train_overrides(train, v, sd), runs_dir, log=log)
-            res = eval_cached(s["dump_dir"], eval_tasks, eval_limit, task_dir)
-            margs = ModelArgs(**{**train.get("model", {}), **VARIANTS[v]})
-            c = count_params(margs)
-            row = dict(variant=v, seed=sd, total_M=c["total"] / 1e6, active_M=c["active"] / 1e6,
-                       MFLOPs=2 * c["active"] / 1e6, train_flops=s["flops"], tokens=s["tokens"],
-                       loss=s["loss"], val_loss=s["val_loss"], tokens_per_s=s["tokens_per_s"], dump_dir=s["dump_dir"])
-            for t in expand_tasks(eval_tasks): row[t] = task_metric(res, t)
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-def mean_pm(x) -> str:
-    "mean ± std over seeds of numeric cells; an n/a reason passes through."
-    import numpy as np
-    vals = list(x)
-    if any(isinstance(v, str) for v in vals): return next(v for v in vals if isinstance(v, str))
-    vals = [float(v) for v in vals if v is not None]
-    if not vals: return "n/a"
-    return f"{np.mean(vals):.3f}" + (f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else "")
-
-def family_table(df: "pd.DataFrame", paper: dict, offline_tasks: Sequence[str], hub_tasks: Sequence[str] = TASKS8,
-                 baseline: str = "Baseline") -> "pd.DataFrame":
-    "Ours (mean ± std over seeds) beside the paper: params, FLOPs, per-task accuracy, Avg, ROI, validation loss."
-    import numpy as np, pandas as pd
-    acc_tasks = [t for t in offline_tasks if t != "stem_heldout_ppl"]
-    g = df.groupby("variant", sort=False)
-    base_avg = base_fl = None
-    out = []
-    for v, d in g:
-        avg_seeds = [np.mean([r[t] for t in acc_tasks]) if all(isinstance(r[t], float) for t in acc_tasks) else None
-                     for _, r in d.iterrows()]
-        avg = float(np.mean(avg_seeds)) if all(a is not None for a in avg_seeds) else None
-        fl = float(d.MFLOPs.iloc[0])
-        if v == baseline: base_avg, base_fl = avg, fl
-        row = {"model": v, "seeds": len(d), "total/active (M)": f"{d.total_M.iloc[0]:.2f}/{d.active_M.iloc[0]:.2f}",
-               "MFLOPs/token (2x active)": round(fl, 2), "val loss": mean_pm(d.val_loss)}
-        p = paper.get(v, {})
-        pacc = dict(zip(TASKS8, p["acc"])) if p.get("acc") else {}
-        for t in hub_tasks:                       # ours, with the paper's value beside it in the same cell
-            ours = mean_pm(d[t]) if t in d else "n/a: not run"
-            row[t] = f"{ours} (paper {pacc[t]})" if t in pacc else ours
-        for t in offline_tasks: row[OFFLINE_COLUMNS.get(t, t)] = mean_pm(d[t]) if t in d else "n/a: not run"
-        row["Avg (offline MC)"] = mean_pm(avg_seeds) if avg is not None else "n/a"
-        row["_avg"], row["_fl"] = avg, fl
-        row["paper total/active (B)"] = f"{p.get('total')}/{p.get('active')}" if p.get("total") else "not reported"
-        row["paper Avg"] = p.get("avg", "not reported")
-        row["paper ROI"] = p.get("roi") if p.get("roi") is not None else "not reported"
-        out.append(row)
-    for row in out:
-        ok = None not in (row["_avg"], base_avg) and base_avg > 0
-        row["ROI (ours)"] = round((row["_avg"] / row["_fl"]) / (base_avg / base_fl), 3) if ok else "n/a"
-        del row["_avg"], row["_fl"]
-    return pd.DataFrame(out)
-
-# %% ../nbs/16_reproduce.ipynb #e4cfb1ec
-def arith_eval(model, tokenizer, n: int = 100, seed: int = 12345, max_new_tokens: int = 16) -> dict:
-    "Exact-match accuracy of greedy answers to `n` held-out arithmetic word problems (GSM8K stand-in)."
-    from stem_nb.data import make_math_code
-    from stem_nb.generate import generate
-    probs = [d for d in make_math_code(n * 4, seed=seed, code_fraction=0.0) if d["text"].count("Question:") == 1][:n]
-    prompts = [d["text"].rsplit("The answer is", 1)[0] + "The answer is" for d in probs]
-    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=["\n", "."])
-    hits = [o.strip().rstrip(".") == d["answer"] for o, d in zip(outs, probs)]
-    return dict(exact_match=sum(hits) / max(1, len(hits)), n=len(hits),
-                examples=[dict(prompt=p[-80:], answer=d["answer"], output=o) for p, d, o in list(zip(prompts, probs, outs))[:3]])
+    write_atomic(readme, head + results_markdown(figures_dir, status) + tail)
 
 # %% ../nbs/16_reproduce.ipynb #251588a8
 def cli(argv: Sequence[str] = ()) -> int:
     p = argparse.ArgumentParser(prog="stem-nb reproduce", description="Regenerate the paper's tables and figures through papermill.")
     p.add_argument("--preset", default="cpu", help="smoke | cpu | paper-350m | paper-1b (default: cpu)")
     p.add_argument("--only", nargs="*", default=None, help="run only these experiments")
-    p.add_argument("--force", action="store_true", help="re-run experiments already complete")
+    p.add_argument("--force", action="store_true", help="re-run experiments already complete (the previous results stay until the new run succeeds)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (params, hashes, launch commands) and exit")
     a = p.parse_args(argv)
-    presets = load_presets()
-    runs = plan(a.preset, a.only, presets)
+    try:
+        presets = load_presets()
+        runs = plan(a.preset, a.only, presets)
+    except ConfigError as e:
+        print(f"stem-nb reproduce: {e}", file=sys.stderr); return 2
     dry = a.dry_run or presets[a.preset].get("dry_run_only", False) and not _has_gpu()
     if dry:
         print_plan(a.preset, runs, presets)
         return 0
+    if presets[a.preset].get("world_size"):
+        from stem_nb.paper import check_recipe_inputs
+        try: check_recipe_inputs(presets[a.preset], a.preset)
+        except ConfigError as e: print(f"stem-nb reproduce: {e}", file=sys.stderr); return 2
     status = reproduce(a.preset, a.only, a.force)
-    for s in status: print(f"{s['name']:28s} {s['status']:40s} {s['seconds']:8.1f}s")
-    return 1 if any(s["status"].startswith("FAILED") for s in status) else 0
+    for s in status:
+        secs = "(earlier run)" if s["status"].startswith("skipped") else f"{s['seconds']:.1f} s"
+        print(f"{s['name']:28s} {s['status'][:70]:70s} {secs}")
+    failed = [s for s in status if s["status"].startswith("FAILED")]
+    for s in failed: print(f"stem-nb reproduce: {s['name']} failed; its outputs are in {s['quarantined']} (log.txt), "
+                           "the previous results are unchanged", file=sys.stderr)
+    return 1 if failed else 0
 
 def _has_gpu() -> bool:
     import torch
     return torch.cuda.is_available()
 
-def print_plan(preset: str, runs: list[dict], presets: dict | None = None):
-    "What a preset would run: experiments, parameters, and for paper presets the parameter/FLOP table and launch commands."
+# %% ../nbs/16_reproduce.ipynb #a6b70415
+def print_plan(preset: str, runs: list[dict], presets: dict | None = None, root: Path | None = None):
+    "What a preset would run: experiments and keys, parameters, and for paper presets the recipe, inputs, parameter/FLOP table and launch commands."
+    from stem_nb.paper import paper_recipe, format_recipe, check_recipe_inputs
     presets = presets or load_presets()
     pr = presets[preset]
     print(f"# preset {preset}: {pr.get('description', '')}")
-    for r in runs: print(f"- {r['name']:24s} hash={r['hash']}  notebook={r['notebook']}")
+    for r in runs: print(f"- {r['name']:24s} key={r['hash']}  code={r['code']}  notebook={r['notebook']}")
     print("\n# parameters\n" + yaml.safe_dump(pr.get("params", {}), sort_keys=False))
-    if "model_preset" in pr.get("params", {}) and pr["params"]["model_preset"].startswith("paper"):
+    if pr.get("world_size"):
+        print(format_recipe(paper_recipe(pr, preset)))
+        try: print(f"# inputs: all present ({', '.join(check_recipe_inputs(pr, preset, root))})")
+        except ConfigError as e: print("# inputs:\n" + "\n".join(f"#   {part}" for part in str(e).split("; ")))
+    if str(pr.get("params", {}).get("model_preset", "")).startswith("paper"):
         from stem_nb.flops import params_table
         t = params_table(build=True)
         print("# parameter / FLOP table (meta device)\n" + t[t.preset == pr["params"]["model_preset"]].round(3).to_string(index=False))

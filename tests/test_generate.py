@@ -80,4 +80,16 @@ def test_each_new_token_reads_its_stem_row():
 
 def test_bench_decode_small():
     r = bench_decode("debug", prompt_len=8, new_tokens=4, batches=(1, 2), rounds=1)
-    assert [d["ffn_type"] for d in r] == ["dense", "stem"] * 2 and all(d["tok_per_s"] > 0 for d in r)
+    assert [d["batch"] for d in r] == [1, 2]
+    for d in r:
+        assert set(d["median_tok/s"]) == {"stem_nb_stem", "stem_nb_dense", "hf_generate"}
+        assert set(d["paired_ratio"]) == {"stem_nb_dense_vs_hf_generate", "stem_nb_stem_vs_hf_generate", "stem_nb_stem_vs_stem_nb_dense"}
+
+
+def test_prefill_logits_only_at_the_last_position_change_nothing(model):
+    from stem_nb.generate import output_at
+    x = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(1))
+    full = model(x)
+    with output_at(model, lambda h: h[:, -1]): last = model(x)
+    assert last.shape == (3, model.args.vocab_size) and torch.allclose(last, full[:, -1], atol=1e-5)
+    assert model(x).shape == full.shape                       # the hook is removed

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stem_nb.model import ModelArgs, Transformer
-from stem_nb.offload import LFUCache, OffloadedTables, offload, lfu_hit_rates, bench_offload
+from stem_nb.offload import LFUCache, OffloadedTables, offload, lfu_hit_rates, bench_offload, lfu_reference
 
 
 def tiny(seed=0, **kw):
@@ -29,7 +29,8 @@ def test_forward_and_sparse_grads_identical(prefetch, cap):
     for k in ref.stem_tables:
         g, gr = m.stem_tables[k].weight.grad, ref.stem_tables[k].weight.grad
         assert g.is_sparse and gr.is_sparse
-        assert torch.equal(g._indices(), gr._indices()) and torch.equal(g._values(), gr._values())   # same uncoalesced COO
+        assert g.is_coalesced() and gr.is_coalesced()                                             # compact: one row per id
+        assert torch.equal(g.indices(), gr.indices()) and torch.equal(g.values(), gr.values())
     for k, p in ref.named_parameters():
         if not k.startswith("stem_tables") and p.grad is not None:
             assert torch.equal(dict(m.named_parameters())[k].grad, p.grad), k
@@ -95,8 +96,12 @@ def test_lfu_keeps_frequent_rows_and_hit_curve_is_monotone():
     r = lfu_hit_rates(toks, 500, fracs=(0.01, 0.05, 0.2), max_eval_tokens=400)
     rates = [x["hit_rate"] for x in r]
     assert rates == sorted(rates)
-    rp = lfu_hit_rates(toks, 500, fracs=(0.05,), mode="prefill", batch=2, seq=16)
-    assert rp[0]["mode"] == "prefill" and 0 < rp[0]["hit_rate"] <= 1
+    rp = lfu_hit_rates(toks, 500, fracs=(0.05,), mode="prefill", batch=2, seq=16, warm=False)
+    held = toks[int(len(toks) * 0.9):]
+    chunks = [list(held[i:i + 32]) for i in range(0, len(held) - 31, 32)]
+    hits, misses, _ = lfu_reference(chunks, 500, 25)                       # the plain-Python LFU, same steps
+    assert rp[0]["mode"] == "prefill" and rp[0]["rows_requested"] == hits + misses
+    assert rp[0]["hit_rate"] == pytest.approx(hits / (hits + misses), abs=1e-12)
     with pytest.raises(ValueError, match="mode"): lfu_hit_rates(toks, 500, mode="train")
 
 

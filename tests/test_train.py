@@ -45,6 +45,17 @@ def test_reference_run_records(reference):
     cks = sorted(p.name for p in (reference / "checkpoints").iterdir())
     assert cks == ["0000000030", "0000000040"]                       # keep=2
     assert (reference / "config.yaml").is_file() and (reference / "train.log").is_file()
+    rec = json.loads((reference / "data.json").read_text())                # what eval needs: the run's split and tokenizer
+    assert rec["tokenizer"]["n_vocab"] == 4096 and rec["tokenizer"]["fingerprint"]
+    assert {"shakespeare", "bios"} <= set(rec["sources"])
+
+
+def test_progress_lines_parse(reference):
+    from stem_nb.train import parse_progress
+    got = [p for p in map(parse_progress, (reference / "train.log").read_text().splitlines()) if p]
+    assert [p["step"] for p in got] == [10, 20, 30, 40] and {p["steps"] for p in got} == {40}
+    assert got[-1]["eta_s"] == 0 and got[0]["eta_s"] is not None and got[0]["tokens_per_s"] > 0
+    assert got[-1]["loss"] == round(losses(reference)[40], 4)
 
 
 def test_sigkill_resume_is_bit_identical(reference, tmp_path):
@@ -90,9 +101,15 @@ def test_nan_stops_and_keeps_checkpoint(reference, tmp_path):
     d = tmp_path / "nan"; shutil.copytree(reference, d)
     r = run(d, "steps=50", "optim.lr=1e30", "optim.weight_decay=0", "optim.warmup=0", "optim.clip=0", check=False)
     assert r.returncode == 1, r.stderr[-3000:]
-    assert "not finite" in r.stderr and "0000000040" in r.stderr
+    assert "not finite" in r.stderr and "0000000040" in r.stderr and "were checked together" in r.stderr
     assert "not finite" in (d / "train.log").read_text()
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["0000000030", "0000000040"]
+    import torch
+    from stem_nb.checkpoint import load_model
+    m = load_model(d)                                                 # the newest checkpoint is the last finite one
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    bad = [r for r in metrics(d) if not math.isfinite(r["loss"])]
+    assert bad == [] and max(r["step"] for r in metrics(d)) < 50      # no NaN row, and the run stopped before step 50
 
 
 def test_bad_key_is_named(tmp_path, capsys):

@@ -6,12 +6,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from stem_nb.model import Transformer, preset
-from torch.distributed.tensor import DTensor
-import stem_nb.distributed as D
+from stem_nb.model import Transformer, preset, is_table_key
 from stem_nb.distributed import (DistributedArgs, init_distributed, parallelize, unwrap, sync_table_grads, stem_norm_hook,
-                                 save_distributed, load_distributed, destroy_distributed)
-from stem_nb.optim import OptimArgs, build_optimizers, clip_grad_norm_
+                                 backbone_norm_hook, job_tokens, destroy_distributed)
+from stem_nb.checkpoint import save_checkpoint, load_checkpoint, ckpt_name
+from stem_nb.optim import OptimArgs, ModelOptimizer
 
 GB, S, STEPS, MAX_NORM = 8, 16, 3, 0.5        # global batch, seq len, steps before save, clip (active: norms are ~1-3)
 
@@ -28,16 +27,9 @@ def batch(step):
 OPTIM = OptimArgs(lr=1e-2, weight_decay=0.1, warmup=0, schedule="constant", clip=MAX_NORM)
 
 
-def optimizers(model):
-    "The project's optimizers: AdamW (backbone), SparseAdamW (row-sparse tables, lazy weight decay)."
-    m = unwrap(model)
-    return build_optimizers(m, m.stem_tables, OPTIM)
-
-
-def clip(model, layout):
-    "DDP / one process: stem_nb.optim's clip with the STEM-group hook (what train uses); FSDP2: stem_nb.distributed's."
-    if isinstance(unwrap(model).output.weight, DTensor): return D.clip_grad_norm_(model, layout, MAX_NORM)
-    return clip_grad_norm_(unwrap(model), unwrap(model).stem_tables, MAX_NORM, table_sq_hook=stem_norm_hook(layout))
+def optimizer(model):
+    "The project's one optimizer: AdamW (backbone) + the row-sparse table optimizer, over this rank's slices."
+    return ModelOptimizer(unwrap(model), OPTIM, total_steps=STEPS + 2)
 
 
 def global_mean(t):
@@ -46,19 +38,16 @@ def global_mean(t):
     return t.item()
 
 
-def train_step(model, layout, opts, step, rank, world):
+def train_step(model, layout, opt, step, rank, world):
     x, y = batch(step); n = GB // world
     x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
-    opts[1].apply_pending_decay_(x.reshape(-1) if os.environ.get("LOCAL_SETTLE") else D.job_tokens(x))     # lazy weight decay: settle every row any rank reads (as train does)
+    opt.settle(job_tokens(x))           # every row any rank reads this step (as train does)
     loss = model(x, y)
     loss.backward()
     sync_table_grads(model, layout)
-    norm = clip(model, layout)
-    for o in opts: o.step(); o.zero_grad(set_to_none=True)
+    norm = opt.clip_grad_norm_(MAX_NORM, backbone_sq_hook=backbone_norm_hook(model), table_sq_hook=stem_norm_hook(layout))
+    opt.step(); opt.zero_grad()
     return global_mean(loss), float(norm)
-
-
-
 
 
 def setup(P, backbone):
@@ -71,8 +60,8 @@ def setup(P, backbone):
 def reference(steps=STEPS + 2):
     "Single process, full tables, the whole global batch: (losses, grad norms) per step."
     model, layout, rank, world = setup(1, "none")
-    opts = optimizers(model)
-    out = [train_step(model, layout, opts, s, 0, 1) for s in range(steps)]
+    opt = optimizer(model)
+    out = [train_step(model, layout, opt, s, 0, 1) for s in range(steps)]
     return [l for l, _ in out], [n for _, n in out]
 
 
@@ -107,36 +96,38 @@ def main():
             g = p.grad
             if hasattr(g, "full_tensor"): g = g.full_tensor()
             if g.is_sparse: g = g.to_dense()
-            if name.startswith("stem_tables.") and layout.stem_group is not None: g = gather_cat(g, layout.stem_group, 1)
+            if is_table_key(name) and layout.stem_group is not None: g = gather_cat(g, layout.stem_group, 1)
             grads[name] = g
         if rank == world - 1: torch.save(grads, out / "grads.pt")
     elif case in ("train", "save"):
-        opts = optimizers(model)
+        opt = optimizer(model)
         res["losses"], res["norms"] = [], []
         for s in range(STEPS):
-            l, nrm = train_step(model, layout, opts, s, rank, world)
+            l, nrm = train_step(model, layout, opt, s, rank, world)
             res["losses"].append(l); res["norms"].append(nrm)
         # every replica of a slice, every backbone copy: identical, bitwise
         m = unwrap(model)
-        for name, e in m.stem_tables.items():
+        for name, e in m.table_parameters():
             if layout.replica_group is not None:
-                w = gather_cat(e.weight.detach()[None], layout.replica_group, 0)
+                w = gather_cat(e.detach()[None], layout.replica_group, 0)
                 res.setdefault("replica_maxdiff", 0.0)
                 res["replica_maxdiff"] = max(res["replica_maxdiff"], (w - w[0]).abs().max().item())
-                for k in ("exp_avg", "exp_avg_sq", "step", "decay_at"):
-                    st = gather_cat(opts[1].state[e.weight][k][None], layout.replica_group, 0)
+                for k, v in opt.tables.state[e].items():
+                    if not torch.is_tensor(v): continue
+                    st = gather_cat(v.float()[None], layout.replica_group, 0)
                     res["replica_maxdiff"] = max(res["replica_maxdiff"], (st - st[0]).abs().max().item())
         if backbone == "ddp":
             flat = torch.cat([p.detach().flatten() for _, p in m.backbone_parameters()])
             allw = gather_cat(flat[None], dist.group.WORLD, 0)
             res["backbone_maxdiff"] = (allw - allw[0]).abs().max().item()
         if case == "save":
-            save_distributed(ckpt, model, layout, opts[0], opts[1])
-            res["next_losses"] = [train_step(model, layout, opts, s, rank, world)[0] for s in (STEPS, STEPS + 1)]
+            save_checkpoint(ckpt, STEPS, model, opt, train_state={"case": "save"}, layout=layout)
+            res["next_losses"] = [train_step(model, layout, opt, s, rank, world)[0] for s in (STEPS, STEPS + 1)]
     elif case == "resume":
-        opts = optimizers(model)
-        load_distributed(ckpt, model, layout, opts[0], opts[1])
-        res["next_losses"] = [train_step(model, layout, opts, s, rank, world)[0] for s in (STEPS, STEPS + 1)]
+        opt = optimizer(model)
+        st = load_checkpoint(Path(ckpt) / ckpt_name(STEPS), model, opt, layout)
+        assert st == {"step": STEPS, "case": "save"}, st
+        res["next_losses"] = [train_step(model, layout, opt, s, rank, world)[0] for s in (STEPS, STEPS + 1)]
     if rank == 0: (out / f"{case}.json").write_text(json.dumps(res))
     destroy_distributed()
 
