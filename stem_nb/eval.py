@@ -18,6 +18,7 @@ from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .config import time_interleaved, bench_summary, write_atomic
+from .checkpoint import CheckpointError
 from .corpora import hub_unreachable
 from .data import load_tokenizer
 from .model import Transformer, preset
@@ -425,7 +426,9 @@ def cli(argv: Sequence[str] = ()) -> int:
     except EvalError as e:
         print(f"stem-nb eval: error: {e}", file=sys.stderr); return 2
     print(f"scoring {info['checkpoint']} (step {info['step']})", flush=True)
-    lm = StemLM.from_checkpoint(info["checkpoint"], tok, batch_size=a.batch_size, progress=True)
+    try: lm = StemLM.from_checkpoint(info["checkpoint"], tok, batch_size=a.batch_size, progress=True)
+    except CheckpointError as e:                          # a corrupt or crafted file: one clear line, nothing written
+        print(f"stem-nb eval: error: {e}", file=sys.stderr); return 2
     limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
     ck = Path(a.ckpt)
     out = Path(a.out or ((ck if ck.is_dir() else ck.parent) / "eval_results.json"))

@@ -1,4 +1,5 @@
-"""Analytic and allocation-free: count what the paper's tables count, check it against `numel`.
+"""Analytic and allocation-free: count what the paper's
+tables count, check it against `numel`.
 
 Docs: https://stem-nb.github.io/stem-nb/flops.html.md"""
 

