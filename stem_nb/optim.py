@@ -607,13 +607,16 @@ def _bench_contenders(V, H, toks, vals, which) -> dict:
     if "adamw_fused" in which:
         wd = nn.Parameter(torch.randn(V, H) * 0.02); wd.grad = grads[0].to_dense()
         fns["adamw_fused"] = torch.optim.AdamW([wd], fused=True, **kw).step
+    if "adamw" in which:            # torch's default implementation: what the reference's `torch.optim.AdamW(...)` runs
+        wr = nn.Parameter(torch.randn(V, H) * 0.02); wr.grad = grads[0].to_dense()
+        fns["adamw"] = torch.optim.AdamW([wr], **kw).step
     if "sparse_adam" in which:
         ws = nn.Parameter(torch.randn(V, H) * 0.02)
         fns["sparse_adam"] = cycling(ws, torch.optim.SparseAdam([ws], lr=1e-3, betas=(0.9, 0.95)))
     return fns
 
 def bench_optim(V: int = 100_000, H: int = 1024, n_tokens: int = 8192, rounds: int = 5, seed: int = 0, batches: int = 4,
-                which=("exact", "exact_compiled", "row_local", "adamw_fused", "sparse_adam"), threads: Optional[int] = None) -> dict:
+                which=("exact", "exact_compiled", "row_local", "adamw_fused", "adamw", "sparse_adam"), threads: Optional[int] = None) -> dict:
     "Interleaved medians (ms) of one table step per contender, paired ratios vs `exact` (> 1: exact faster), bytes and the bandwidth limit."
     prev = torch.get_num_threads()
     if threads is not None: torch.set_num_threads(threads)

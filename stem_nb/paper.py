@@ -18,7 +18,7 @@ __all__ = ['TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT'
            'NO_OFFLINE_SOURCE', 'STAND_INS', 'FAMILY_EVAL_TASKS', 'VARIANTS', 'HEADLINE_METRICS', 'PAPER_TOKENS',
            'PAPER_GLOBAL_BATCH', 'PAPER_SEQ_LEN', 'write_table', 'experiment_params', 'train_overrides', 'train_key',
            'train_cached', 'load_metrics', 'val_loss_source', 'subsample_size', 'eval_cached', 'task_stats',
-           'task_metric', 'task_source', 'task_columns', 'run_family', 'mean_pm', 'acc_cell', 'compare_gain',
+           'task_metric', 'recorded_source', 'task_columns', 'run_family', 'mean_pm', 'acc_cell', 'compare_gain',
            'family_table', 'family_gains', 'arith_eval', 'midtrain_block', 'paper_recipe', 'format_recipe',
            'check_recipe_inputs']
 
@@ -216,7 +216,7 @@ def task_metric(res: dict, task: str, metric: str | None = None):
     return st if isinstance(st, str) else st["value"]
 
 # %% ../nbs/15_paper.ipynb #d7aee828
-def task_source(res: dict, task: str) -> str | None:
+def recorded_source(res: dict, task: str) -> str | None:
     "The data source and split `evaluate` recorded for `task` (a group: its first subtask's, with the count)."
     src = res.get("sources") or {}
     if task in src: return src[task]
@@ -230,7 +230,7 @@ def task_columns(res: dict, tasks: Sequence[str]) -> dict:
         st = task_stats(res, t)
         if isinstance(st, str): row[f"acc:{t}"] = st; continue
         row.update({f"acc:{t}": st["value"], f"se:{t}": st["stderr"], f"n:{t}": st["n"], f"metric:{t}": st["metric"],
-                    f"src:{t}": task_source(res, t)})
+                    f"src:{t}": recorded_source(res, t)})
         b = task_stats(res, t, "bpb")
         if not isinstance(b, str): row[f"bpb:{t}"] = b["value"]
     return row
@@ -288,8 +288,10 @@ def compare_gain(name: str, paper_gain: float, ours_gain: float | None, ours_se:
     "One sentence: does our gain over the baseline agree with the paper's? Both numbers, `disagrees` when it does not."
     if ours_gain is None or ours_se is None: return f"{name}: paper {paper_gain:+.2f}{unit}; ours not measured"
     both = f"paper {paper_gain:+.2f}{unit}, ours {ours_gain:+.2f} ± {ours_se:.2f}{unit}"
-    if abs(ours_gain) <= 2 * ours_se:
-        return f"{name}: disagrees ({both}: no measurable difference at our scale)" if abs(paper_gain) > 0 else f"{name}: agrees ({both})"
+    if abs(ours_gain) <= 2 * ours_se:                   # ours cannot be told from 0
+        if abs(ours_gain - paper_gain) <= 2 * ours_se:  # ... nor from the paper's gain: the run cannot decide
+            return f"{name}: not resolved at our scale ({both}: within 2 s.e. of both 0 and the paper's gain)"
+        return f"{name}: disagrees ({both}: no measurable difference at our scale, the paper's gain is outside 2 s.e.)"
     if (ours_gain > 0) == (paper_gain > 0): return f"{name}: agrees in sign ({both})"
     return f"{name}: disagrees ({both}: opposite sign)"
 
