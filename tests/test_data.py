@@ -17,7 +17,7 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.setenv("STEM_NB_DATA", str(tmp_path / "data"))     # never the repo's data dir, never the network
-    monkeypatch.setattr(corpora, "_pip_download", lambda dest: pytest.fail("network: pip download called"))
+    monkeypatch.setattr(corpora, "fetch_package", lambda *a, **k: pytest.fail("network: pip download called"))
 
 
 def _args(tmp_path, **kw):
