@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/offload.html.md"""
 
 # %% ../nbs/13_offload.ipynb #6dbabc39
 from __future__ import annotations
-import math, time
+import math, statistics, time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import paired_speedup, time_interleaved
 from .model import Transformer, ModelArgs, preset, compact_row_grad
 
 # %% auto #0
@@ -349,18 +350,16 @@ def bench_offload(fracs: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1), max_e
     B, S = cost_prefill_shape
     pre = held[: B * S].view(B, S) if len(held) >= B * S else held[:S].repeat(B, 1)
     tabs = {"cache_10pct": OffloadedTables(model, cache_frac=0.1).warm(tokens[:cut]), "no_cache": OffloadedTables(model, capacity_rows=0)}
-    t_dec = {k: math.inf for k in ["in_memory", *tabs]}; t_pre = dict(t_dec); st = {}
-    for rnd in range(rounds):                                 # interleaved rounds, best time: the 2 cores are shared
-        for name in t_dec:
-            tab = tabs.get(name)
-            model.set_stem_lookup(tab)
-            if tab is not None: tab.reset_counters()
-            t_dec[name] = min(t_dec[name], _time_decode(model, dec))
-            sd = tab.stats() if tab is not None else None
-            if tab is not None: tab.reset_counters()
-            t_pre[name] = min(t_pre[name], _time_prefill(model, pre, rounds=1))
-            if tab is not None and rnd == 0: st[name] = (sd, tab.stats())   # counters of the first pass over the text
+    st = {}
+    for name, tab in tabs.items():                            # counters of one pass over the text, before any timing
+        model.set_stem_lookup(tab); tab.reset_counters(); _time_decode(model, dec); sd = tab.stats()
+        tab.reset_counters(); _time_prefill(model, pre, rounds=1); st[name] = (sd, tab.stats())
+    def under(tab, fn): return lambda: (model.set_stem_lookup(tab), fn())
+    names = ["in_memory", *tabs]                              # interleaved rounds, medians and paired ratios (config)
+    t_dec = time_interleaved({n: under(tabs.get(n), lambda: _time_decode(model, dec)) for n in names}, rounds=rounds, warmup=0)
+    t_pre = time_interleaved({n: under(tabs.get(n), lambda: _time_prefill(model, pre, rounds=1)) for n in names}, rounds=rounds, warmup=0)
     model.set_stem_lookup(None)
+    med = statistics.median
     for name, tab in tabs.items():
         tab.remove()
         sd, sp = st[name]
@@ -372,10 +371,10 @@ def bench_offload(fracs: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1), max_e
                          prefill_hit_rate=round(sp["hit_rate"], 4), prefill_bytes_per_token=round(sp["bytes_per_token"], 1),
                          prefill_bytes_per_token_dedup_only=round(sp["bytes_per_token_dedup_only"], 1),
                          prefill_bytes_per_token_naive=sp["bytes_per_token_naive"],
-                         decode_tok_s_in_memory=round(len(dec) / t_dec["in_memory"], 1), decode_tok_s_offloaded=round(len(dec) / t_dec[name], 1),
-                         decode_throughput_ratio=round(t_dec["in_memory"] / t_dec[name], 3),
-                         prefill_tok_s_in_memory=round(B * S / t_pre["in_memory"], 1), prefill_tok_s_offloaded=round(B * S / t_pre[name], 1),
-                         prefill_throughput_ratio=round(t_pre["in_memory"] / t_pre[name], 3), device="cpu (emulated device buffer)",
+                         decode_tok_s_in_memory=round(len(dec) / med(t_dec["in_memory"]), 1), decode_tok_s_offloaded=round(len(dec) / med(t_dec[name]), 1),
+                         decode_throughput_ratio=round(paired_speedup(t_dec, name, "in_memory"), 3),
+                         prefill_tok_s_in_memory=round(B * S / med(t_pre["in_memory"]), 1), prefill_tok_s_offloaded=round(B * S / med(t_pre[name]), 1),
+                         prefill_throughput_ratio=round(paired_speedup(t_pre, name, "in_memory"), 3), device="cpu (emulated device buffer)",
                          rounds=rounds, threads=torch.get_num_threads()))
     p = preset("paper-1b", ffn_type="stem", stem_layers="all")
     n_s, Vp, Hp = len(p.table_layers), p.vocab_size, p.hidden_dim
