@@ -8,6 +8,7 @@ Docs: https://stem-nb.github.io/stem-nb/optim.html.md"""
 # %% ../nbs/06_optim.ipynb #cb57ff07
 from __future__ import annotations
 import math
+import numpy as np
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -18,9 +19,10 @@ from torch import nn, Tensor
 from .config import ConfigError, time_interleaved, paired_speedup
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'TABLE_OPTIMIZERS', 'ParamsLike', 'ROW_THREADS', 'OptimArgs', 'lr_factor', 'lr_at', 'named_params',
-           'param_groups', 'exact_window', 'cpu_threads', 'compact_rows', 'coalesced', 'TableAdamW', 'grad_sq_norm',
-           'clip_grad_norm_', 'ModelOptimizer', 'zipf_tokens', 'copy_bandwidth', 'bench_optim']
+__all__ = ['SCHEDULES', 'TABLE_OPTIMIZERS', 'ParamsLike', 'ROW_THREADS', 'TABLE_KERNELS', 'OptimArgs', 'lr_factor', 'lr_at',
+           'named_params', 'param_groups', 'exact_window', 'cpu_threads', 'compact_rows', 'coalesced', 'TableAdamW',
+           'distinct_rows', 'row_segments', 'grad_sq_norm', 'clip_grad_norm_', 'ModelOptimizer', 'zipf_tokens',
+           'copy_bandwidth', 'bench_optim']
 
 # %% ../nbs/06_optim.ipynb #c7686ba2
 SCHEDULES = ("cosine", "constant")
@@ -118,10 +120,13 @@ def cpu_threads(n: Optional[int], device) -> Iterator[None]:
 
 ROW_THREADS = 1   # CPU threads for the row-sized ops (see below)
 
-def compact_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
-    "(sorted unique rows [U], their summed values [U, H]) of a row-sparse COO gradient, duplicates allowed (`unique` + `index_add_`, no coalesce)."
+def _check_row_sparse(grad: Tensor) -> None:
     if grad.sparse_dim() != 1 or grad.dense_dim() != 1:
         raise ValueError(f"TableAdamW: expected a row-sparse [V, H] gradient (sparse_dim 1), got sparse_dim {grad.sparse_dim()}")
+
+def compact_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    "(sorted unique rows [U], their summed values [U, H]) of a row-sparse COO gradient, duplicates allowed (`unique` + `index_add_`, no coalesce)."
+    _check_row_sparse(grad)
     if grad.is_coalesced(): return grad.indices()[0], grad.values()
     idx, vals = grad._indices()[0], grad._values()
     with cpu_threads(ROW_THREADS, vals.device):
@@ -226,15 +231,17 @@ def _exact_trim(st: dict, spare: int = 1024) -> None:
 class TableAdamW(torch.optim.Optimizer):
     "AdamW for `[V, H]` tables with row-sparse grads. mode 'exact' (dense AdamW's result), 'row_local' or 'dense' (see above)."
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, mode: str = "exact", compile: bool = False):
+                 weight_decay: float = 1e-2, mode: str = "exact", kernel: str = "auto"):
         if not lr >= 0: raise ValueError(f"TableAdamW: invalid lr {lr}")
         if not eps > 0: raise ValueError(f"TableAdamW: invalid eps {eps}")
         if not all(0 <= b < 1 for b in betas): raise ValueError(f"TableAdamW: invalid betas {betas}")
         if not weight_decay >= 0: raise ValueError(f"TableAdamW: invalid weight_decay {weight_decay}")
         if mode not in TABLE_OPTIMIZERS: raise ValueError(f"TableAdamW: mode {mode!r} is not one of {TABLE_OPTIMIZERS}")
+        if kernel not in TABLE_KERNELS: raise ValueError(f"TableAdamW: kernel {kernel!r} is not one of {TABLE_KERNELS}")
+        if kernel == "numba" and numba is None: raise ValueError("TableAdamW: kernel 'numba' needs the numba package (pip install numba)")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode))
         self._cache, self._ws = {}, {}                    # param -> (step, history, window) of the exact mode; workspaces
-        self.compile = compile                            # exact mode: the compiled row path (see below)
+        self.kernel = kernel                              # exact mode on the CPU: the numba row kernel or the torch path (see below)
         for i, g in enumerate(self.param_groups):
             if g["mode"] == "exact": exact_window(*g["betas"])
             for p in g["params"]:
@@ -270,12 +277,12 @@ class TableAdamW(torch.optim.Optimizer):
             if lr * wd >= 1: raise ValueError(f"TableAdamW: group {gi}: lr*weight_decay = {lr * wd} must be < 1")
             for p in group["params"]:
                 if p.grad is None: continue
-                g, st = p.grad, self._state(p, group["mode"])
-                if group["mode"] == "dense" and g.is_sparse: g = g.to_dense()
+                g, st, mode = p.grad, self._state(p, group["mode"]), group["mode"]
+                if mode == "exact": self._step_exact(p, st, g, group); continue
+                if mode == "dense" and g.is_sparse: g = g.to_dense()
                 with cpu_threads(ROW_THREADS if g.is_sparse else None, p.device):
                     rows, g = compact_rows(g) if g.is_sparse else (None, g)
-                    if rows is not None and rows.numel() == 0 and group["mode"] != "exact": continue
-                    getattr(self, f"_step_{group['mode']}")(p, st, rows, g, group)
+                    if rows is None or rows.numel(): getattr(self, f"_step_{mode}")(p, st, rows, g, group)
         return loss
 
 # %% ../nbs/06_optim.ipynb #cc95e630
@@ -320,20 +327,25 @@ def _gather(self, p, st, rows, cdt):
 def _scatter(p, st, rows, wmv) -> None:
     for x, y in zip((p, st["exp_avg"], st["exp_avg_sq"]), wmv): _put_rows(x, rows, y)
 
-def _step_exact(self, p, st, rows, g, group):
+def _step_exact(self, p, st, g, group):
+    "Settle the rows of gradient `g` (sparse: its rows; dense: every row) and take the AdamW step on them: the numba kernel or the torch path."
     (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
     W, t = exact_window(b1, b2), int(st["step"])
-    cdt = torch.float32 if _low(p.dtype) else p.dtype
-    t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
-    if self.compile and rows is not None:
-        S = [lr, b1, b2, wd, eps, 1 - b1 ** (t + 1), math.sqrt(1 - b2 ** (t + 1))]
-        _compiled_rows(p, st, rows, g, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), S, cdt)
+    coefs = lambda t0: _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W))
+    if g.is_sparse and _kernel_ok(self, p):
+        seg = row_segments(g); rows = seg[0]
+        t0 = st["row_step"].index_select(0, rows); late = t0 < t
+        _kernel_rows(p, st, rows, late, coefs(t0) if bool(late.any()) else None, seg,
+                     [1 - lr * wd, b1, 1 - b1, b2, 1 - b2, lr / (1 - b1 ** (t + 1)), math.sqrt(1 - b2 ** (t + 1)), eps])
     else:
-        wmv = _gather(self, p, st, rows, cdt)
-        if _needs_settle(t0, t):
-            _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), cdt)
-        _adamw_(*wmv, g.to(cdt), lr, b1, b2, wd, eps, t + 1)
-        _scatter(p, st, rows, wmv)
+        with cpu_threads(ROW_THREADS if g.is_sparse else None, p.device):
+            rows, g = compact_rows(g) if g.is_sparse else (None, g)
+            cdt = torch.float32 if _low(p.dtype) else p.dtype
+            t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
+            wmv = _gather(self, p, st, rows, cdt)
+            if _needs_settle(t0, t): _settle_rows_(*wmv, coefs(t0), cdt)
+            _adamw_(*wmv, g.to(cdt), lr, b1, b2, wd, eps, t + 1)
+            _scatter(p, st, rows, wmv)
     if rows is None: st["row_step"].fill_(t + 1)
     else: st["row_step"].index_fill_(0, rows, t + 1)
     window = _exact_record(st, lr, wd, b1, b2, W)
@@ -364,28 +376,102 @@ def _step_row_local(self, p, st, rows, g, group):
 TableAdamW._step_exact, TableAdamW._step_dense, TableAdamW._step_row_local = _step_exact, _step_dense, _step_row_local
 
 # %% ../nbs/06_optim.ipynb #c21352a0
-def _rows_fn(P, M, Vv, rows, g, C, S):
-    "Settle then (given `g`) AdamW on rows `rows` of P, M, Vv in place. C [U, 5]: dec, dec*S1, eps_r, b1^k, b2^k; S: lr, b1, b2, wd, eps, bc1, sqrt(bc2)."
-    w, m, v = P[rows].to(C.dtype), M[rows].to(C.dtype), Vv[rows].to(C.dtype)
-    w = C[:, 0:1] * w - C[:, 1:2] * (m / (v.sqrt() + C[:, 2:3]))
-    m, v = C[:, 3:4] * m, C[:, 4:5] * v
-    if g is not None:
-        lr, b1, b2, wd, eps, bc1, sbc2 = S.unbind()
-        w = w * (1 - lr * wd)
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        w = w - (lr / bc1) * m / (v.sqrt() / sbc2 + eps)
-    P.index_put_((rows,), w.to(P.dtype)); M.index_put_((rows,), m.to(M.dtype)); Vv.index_put_((rows,), v.to(Vv.dtype))
+try: import numba                         # the CPU row kernel; without it the torch path serves
+except ImportError: numba = None
 
-_COMPILED = {}
+TABLE_KERNELS = ("auto", "numba", "torch")
 
-def _compiled_rows(p, st, rows, g, coefs, S, cdt) -> None:
-    "`_rows_fn` compiled once per process (dynamic shapes) on the table and its moments; scalars `S` as a tensor (no recompiles)."
-    fn = _COMPILED.get("rows")
-    if fn is None: fn = _COMPILED["rows"] = torch.compile(_rows_fn, dynamic=True)
-    C = torch.stack([c.to(cdt) for c in coefs], 1)
-    S = None if S is None else torch.tensor(S, dtype=cdt, device=p.device)
-    fn(p.detach(), st["exp_avg"], st["exp_avg_sq"], rows, None if g is None else g.to(cdt), C, S)
+def _np(t: Tensor): return t.detach().contiguous().numpy()
+
+def _rows_kernel_py(P, M, Vv, rows, late, C, vals, perm, crow, S, adam, nchunks):
+    "In place on rows `rows` of P, M, Vv (see above). C [U, 5]: dec, dec*S1, eps_r, b1^k, b2^k of the `late` rows; S: 1-lr*wd, b1, 1-b1, b2, 1-b2, lr/bc1, sqrt(bc2), eps."
+    U, H = rows.shape[0], P.shape[1]
+    cost = np.empty(U + 1, np.int64)                  # balanced chunks: a row costs its gradient rows plus 3 (w, m, v)
+    for i in range(U + 1): cost[i] = (crow[i] if adam else 0) + 3 * i
+    bounds = np.searchsorted(cost, np.arange(nchunks + 1) * cost[U] // nchunks)
+    bounds[nchunks] = U
+    decay, b1, ob1, b2, ob2, step, sbc2, eps = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7]
+    for c in prange(nchunks):
+        g = np.empty(H, P.dtype)
+        for i in range(bounds[c], bounds[c + 1]):
+            r = rows[i]
+            w, m, v = P[r], M[r], Vv[r]
+            if late[i]:
+                dec, decs, eps_r, mb, vb = C[i, 0], C[i, 1], C[i, 2], C[i, 3], C[i, 4]
+                for j in range(H):
+                    w[j] = dec * w[j] - decs * (m[j] / (np.sqrt(v[j]) + eps_r))
+                    m[j] = mb * m[j]
+                    v[j] = vb * v[j]
+            if adam:
+                a, b = crow[i], crow[i + 1]
+                src = vals[perm[a] if perm.shape[0] else a]
+                for j in range(H): g[j] = src[j]
+                for k in range(a + 1, b):
+                    src = vals[perm[k] if perm.shape[0] else k]
+                    for j in range(H): g[j] += src[j]
+                for j in range(H):
+                    mj = b1 * m[j] + ob1 * g[j]
+                    vj = b2 * v[j] + ob2 * (g[j] * g[j])
+                    m[j] = mj
+                    v[j] = vj
+                    w[j] = w[j] * decay - step * (mj / (np.sqrt(vj) / sbc2 + eps))
+
+def _segments_py(idx, V, segments):
+    "(distinct values of `idx` in first-occurrence order, perm, crow): positions `perm[crow[i]:crow[i+1]]` (ascending) hold `rows[i]` (perm only if `segments`)."
+    N = idx.shape[0]
+    mark = np.full(V, -1, np.int64)
+    rows, cnt, U = np.empty(N, np.int64), np.zeros(N + 1, np.int64), 0
+    for k in range(N):
+        r = idx[k]
+        if r < 0 or r >= V: raise IndexError("TableAdamW: a row index is outside the table")
+        if mark[r] < 0:
+            mark[r] = U; rows[U] = r; U += 1
+        cnt[mark[r] + 1] += 1
+    crow = np.cumsum(cnt[:U + 1])
+    perm = np.empty(N if segments else 0, np.int64)
+    if segments:
+        fill = crow[:U].copy()
+        for k in range(N):
+            u = mark[idx[k]]; perm[fill[u]] = k; fill[u] += 1
+    return rows[:U], perm, crow
+
+if numba is not None:
+    prange = numba.prange
+    _rows_kernel = numba.njit(parallel=True, cache=True)(_rows_kernel_py)
+    _segments = numba.njit(cache=True)(_segments_py)
+
+def distinct_rows(idx: Tensor, V: int) -> Tensor:
+    "The distinct values of the CPU int tensor `idx` (any shape) in [0, V), in first-occurrence order: one O(n) pass (numba), no sort."
+    return torch.from_numpy(_segments(_np(idx.reshape(-1).long()), V, False)[0])
+
+def row_segments(grad: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    "(rows [U] distinct, perm [N] or None, crow [U+1], vals [N, H]) of a row-sparse COO CPU gradient: row `rows[i]`'s gradient is the sum of `vals[perm[crow[i]:crow[i+1]]]` (perm None: the identity). One O(N) pass (numba), nothing summed, no sort."
+    _check_row_sparse(grad)
+    if grad.is_coalesced():
+        rows = grad.indices()[0]
+        return rows, None, torch.arange(rows.numel() + 1), grad.values()
+    rows, perm, crow = (torch.from_numpy(x) for x in _segments(_np(grad._indices()[0]), grad.shape[0], True))
+    return rows, perm, crow, grad._values()
+
+def _kernel_ok(self, p) -> bool:
+    "Does the numba row kernel serve table `p`? (kernel not 'torch', numba importable, a contiguous float32/float64 table on the CPU)"
+    return (self.kernel != "torch" and numba is not None and p.device.type == "cpu"
+            and p.dtype in (torch.float32, torch.float64) and p.is_contiguous())
+
+def _kernel_rows(p, st, rows, late, coefs, seg=None, S=None) -> None:
+    "`_rows_kernel` on table `p` and its moments: settle the `late` rows of `rows` (float64 `coefs`, see `_exact_coefs`), then, given `seg` (`row_segments` of the gradient) and `S`, the AdamW step."
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    dt, H = p.dtype, p.shape[1]
+    C = torch.stack(coefs, 1).to(dt) if coefs is not None else p.new_empty(0, 5)
+    empty = torch.empty(0, dtype=_I64)
+    perm, crow, vals = (empty, empty, p.new_empty(0, H)) if seg is None else (
+        seg[1] if seg[1] is not None else empty, seg[2], seg[3].to(dt))
+    S = np.zeros(8, _np(p).dtype) if S is None else np.asarray(S, dtype=_np(p).dtype)
+    nchunks = max(1, min(8 * threads, rows.numel() // 16))
+    with numba.parallel_chunksize(1):
+        _rows_kernel(_np(p), _np(st["exp_avg"]), _np(st["exp_avg_sq"]), _np(rows), _np(late), _np(C), _np(vals),
+                     _np(perm), _np(crow), S, seg is not None, nchunks)
 
 # %% ../nbs/06_optim.ipynb #2c966beb
 _BOOKKEEPING = ("step", "origin", "row_step", "history", "decay_at", "decay_log")
@@ -393,32 +479,36 @@ _BOOKKEEPING = ("step", "origin", "row_step", "history", "decay_at", "decay_log"
 @torch.no_grad()
 def _settle(self, tokens: Optional[Tensor] = None) -> None:
     "Bring rows `tokens` (every row if None) of every table up to the last completed step, before they are read."
-    if tokens is None: return _settle_rows(self, None)
-    with cpu_threads(ROW_THREADS, tokens.device): _settle_rows(self, tokens)
+    _settle_rows(self, tokens)
 
 def _settle_rows(self, tokens: Optional[Tensor]) -> None:
+    thr = None if tokens is None else ROW_THREADS                        # the torch path's row-sized ops: pinned (see above)
     for group in self.param_groups:
         (b1, b2), eps, mode = group["betas"], group["eps"], group["mode"]
         for p in group["params"]:
             st = self.state.get(p)
             if not st or mode == "dense": continue
-            rows = None if tokens is None else tokens.reshape(-1).to(p.device).unique()
+            kern = _kernel_ok(self, p)
+            rows = None if tokens is None else (distinct_rows(tokens, p.shape[0]) if kern and tokens.device.type == "cpu"
+                                                else tokens.reshape(-1).to(p.device).unique())
             if mode == "row_local":
-                at = st["decay_at"] if rows is None else st["decay_at"].index_select(0, rows)
-                w = _rows_of(p, rows, p.dtype)
-                w.mul_(_col((st["decay_log"] - at).exp_(), p.dtype)); _put_rows(p, rows, w)
-                (st["decay_at"].fill_(st["decay_log"]) if rows is None else st["decay_at"].index_fill_(0, rows, st["decay_log"]))
+                with cpu_threads(thr, p.device):
+                    at = st["decay_at"] if rows is None else st["decay_at"].index_select(0, rows)
+                    w = _rows_of(p, rows, p.dtype)
+                    w.mul_(_col((st["decay_log"] - at).exp_(), p.dtype)); _put_rows(p, rows, w)
+                    (st["decay_at"].fill_(st["decay_log"]) if rows is None else st["decay_at"].index_fill_(0, rows, st["decay_log"]))
                 continue
             W, cdt, t = exact_window(b1, b2), (torch.float32 if _low(p.dtype) else p.dtype), int(st["step"])
             t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
             if rows is not None and rows.device.type == "cpu":           # only the rows that missed steps (host check: free)
                 late = t0 < t; rows, t0 = rows[late], t0[late]
-            if rows is not None and rows.numel() and self.compile:
-                _compiled_rows(p, st, rows, None, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), None, cdt)
+            if rows is not None and rows.numel() and kern:
+                _kernel_rows(p, st, rows, torch.ones_like(rows, dtype=torch.bool), _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)))
             elif rows is None or rows.numel():
-                wmv = _gather(self, p, st, rows, cdt)
-                _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), cdt)
-                _scatter(p, st, rows, wmv)
+                with cpu_threads(thr, p.device):
+                    wmv = _gather(self, p, st, rows, cdt)
+                    _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), cdt)
+                    _scatter(p, st, rows, wmv)
             if rows is None: st["row_step"].fill_(int(st["step"])); _exact_trim(st); self._cache.pop(p, None)
             elif rows.numel(): st["row_step"].index_fill_(0, rows, t)
 
@@ -600,10 +690,10 @@ def _bench_contenders(V, H, toks, vals, which) -> dict:
             if settle: o.settle(toks[k])
             o.step()
         return fn
-    for name in ("exact", "exact_compiled", "row_local"):
+    for name, mode, kernel in (("exact", "exact", "auto"), ("exact_torch", "exact", "torch"), ("row_local", "row_local", "auto")):
         if name in which:
-            w, mode = nn.Parameter(torch.randn(V, H) * 0.02), name.split("_")[0] if name != "row_local" else name
-            fns[name] = cycling(w, TableAdamW([w], mode=mode, compile=name == "exact_compiled", **kw), settle=mode == "exact")
+            w = nn.Parameter(torch.randn(V, H) * 0.02)
+            fns[name] = cycling(w, TableAdamW([w], mode=mode, kernel=kernel, **kw), settle=mode == "exact")
     if "adamw_fused" in which:
         wd = nn.Parameter(torch.randn(V, H) * 0.02); wd.grad = grads[0].to_dense()
         fns["adamw_fused"] = torch.optim.AdamW([wd], fused=True, **kw).step
@@ -616,7 +706,7 @@ def _bench_contenders(V, H, toks, vals, which) -> dict:
     return fns
 
 def bench_optim(V: int = 100_000, H: int = 1024, n_tokens: int = 8192, rounds: int = 5, seed: int = 0, batches: int = 4,
-                which=("exact", "exact_compiled", "row_local", "adamw_fused", "adamw", "sparse_adam"), threads: Optional[int] = None) -> dict:
+                which=("exact", "exact_torch", "row_local", "adamw_fused", "adamw", "sparse_adam"), threads: Optional[int] = None) -> dict:
     "Interleaved medians (ms) of one table step per contender, paired ratios vs `exact` (> 1: exact faster), bytes and the bandwidth limit."
     prev = torch.get_num_threads()
     if threads is not None: torch.set_num_threads(threads)

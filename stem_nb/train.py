@@ -603,16 +603,17 @@ def hf_llama_step_fn(margs: ModelArgs, batch_size: int, seq_len: int, optim: Opt
 def _variant_fn(name: str, margs: ModelArgs, batch_size: int, seq_len: int):
     return hf_llama_step_fn(margs, batch_size, seq_len) if name == "hf_llama" else stem_step_fn(margs, batch_size, seq_len)
 
-def _variant_margs(model_preset: str, name: str, seq_len: int) -> ModelArgs:
+def _variant_margs(model_preset: str, name: str, seq_len: int, model: Optional[dict] = None) -> ModelArgs:
+    "The `ModelArgs` of bench variant `name`: preset `model_preset` with the `model` overrides (e.g. `{'dim': 384}`)."
     ffn, layers = BENCH_VARIANTS.get(name, ("dense", "none"))
-    return ModelArgs(**{**PRESETS[model_preset], "ffn_type": ffn, "stem_layers": layers,
-                        "max_seq_len": max(seq_len, PRESETS[model_preset].get("max_seq_len", seq_len))})
+    base = {**PRESETS[model_preset], **(model or {})}
+    return ModelArgs(**{**base, "ffn_type": ffn, "stem_layers": layers, "max_seq_len": max(seq_len, base.get("max_seq_len", seq_len))})
 
 def variant_peak_rss_mb(model_preset: str, name: str, batch_size: int, seq_len: int, steps: int = 3,
-                        timeout: int = 600) -> Optional[float]:
+                        timeout: int = 600, model: Optional[dict] = None) -> Optional[float]:
     "Peak RSS (MB) of `steps` training steps of variant `name` in a fresh process."
     code = ("import json, sys; from stem_nb.config import peak_rss_mb; from stem_nb.train import _variant_fn, _variant_margs\n"
-            f"fn = _variant_fn({name!r}, _variant_margs({model_preset!r}, {name!r}, {seq_len}), {batch_size}, {seq_len})\n"
+            f"fn = _variant_fn({name!r}, _variant_margs({model_preset!r}, {name!r}, {seq_len}, {model!r}), {batch_size}, {seq_len})\n"
             f"print(json.dumps(peak_rss_mb(lambda: [fn() for _ in range({steps})])))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if r.returncode: raise RuntimeError(f"peak RSS of {name} failed: {r.stderr[-2000:]}")
@@ -620,27 +621,28 @@ def variant_peak_rss_mb(model_preset: str, name: str, batch_size: int, seq_len: 
 
 # %% ../nbs/09_train.ipynb #c42ccaf2
 def bench_train(model_preset: str = "cpu", batch_size: int = 8, seq_len: int = 128, rounds: int = 5, warmup: int = 1,
-                peer: bool = True, memory: bool = True) -> list[dict]:
-    "Training tokens/s (full steps, optimizer included) of stem-nb dense / STEM 1/3 / STEM all and HF Llama + AdamW, interleaved."
+                peer: bool = True, memory: bool = True, model: Optional[dict] = None) -> list[dict]:
+    "Training tokens/s (full steps, optimizer included) of stem-nb dense / STEM 1/3 / STEM all and HF Llama + AdamW, interleaved; `model`: overrides of the preset's dims."
     names = list(BENCH_VARIANTS)
-    fns = {n: _variant_fn(n, _variant_margs(model_preset, n, seq_len), batch_size, seq_len) for n in names}
+    fns = {n: _variant_fn(n, _variant_margs(model_preset, n, seq_len, model), batch_size, seq_len) for n in names}
     skipped = None
     if peer:
-        try: fns["hf_llama"] = _variant_fn("hf_llama", _variant_margs(model_preset, "dense", seq_len), batch_size, seq_len)
+        try: fns["hf_llama"] = _variant_fn("hf_llama", _variant_margs(model_preset, "dense", seq_len, model), batch_size, seq_len)
         except ImportError as e: skipped = f"transformers unavailable: {e}"
     times = time_interleaved(fns, rounds, warmup)
     tok = batch_size * seq_len
-    fpt = {n: flops_per_token(_variant_margs(model_preset, n, seq_len), seq_len) for n in names}
+    fpt = {n: flops_per_token(_variant_margs(model_preset, n, seq_len, model), seq_len) for n in names}
     out = []
     for n in fns:
-        r = {"bench": "train_step", "variant": n, "preset": model_preset, "batch_size": batch_size, "seq_len": seq_len,
+        r = {"bench": "train_step", "variant": n, "preset": model_preset, **({"model": model} if model else {}),
+             "batch_size": batch_size, "seq_len": seq_len,
              "rounds": rounds, "threads": torch.get_num_threads(),
              "tokens_per_s": round(tok / float(np.median(times[n])), 1)}
         if n in fpt:
             r["flop_ratio_vs_dense"] = round(fpt["dense"] / fpt[n], 4)          # > 1: fewer FLOPs than dense
             r["speed_ratio_vs_dense"] = round(paired_speedup(times, n, "dense"), 3)
             if "hf_llama" in fns: r["speed_ratio_vs_hf_llama"] = round(paired_speedup(times, n, "hf_llama"), 3)
-        if memory: r["peak_rss_mb"] = variant_peak_rss_mb(model_preset, n, batch_size, seq_len)
+        if memory: r["peak_rss_mb"] = variant_peak_rss_mb(model_preset, n, batch_size, seq_len, model=model)
         out.append(r)
     if skipped: out.append({"bench": "train_step", "variant": "hf_llama", "skipped": skipped})
     return out
