@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #475a9e8f
 from __future__ import annotations
-import dataclasses, hashlib, json, os, statistics, time, uuid
+import dataclasses, hashlib, json, os, random, statistics, time, uuid
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
@@ -120,14 +120,15 @@ def time_interleaved(contenders: Mapping[str, Callable[[], Any]],  # name -> a c
                      rounds: int = 5,                                  # timed rounds (each runs every contender once)
                      warmup: int = 1,                                  # untimed rounds first (allocation, compilation)
                     ) -> dict[str, list[float]]:
-    "Seconds per round of each contender, run round by round in a rotating order; returns {name: [seconds per round]}."
+    "Seconds per round of each contender, run round by round (first: contender `r mod n`, then a seeded shuffle); returns {name: [seconds per round]}."
     names = list(contenders)
     if not names: raise ValueError("time_interleaved: no contenders")
     if rounds < 1: raise ValueError(f"time_interleaved: rounds must be >= 1, got {rounds}")
     times = {n: [] for n in names}
     for r in range(warmup + rounds):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:              # rotate: nobody always runs first (cold caches) or last
+        first = names[r % len(names)]
+        rest = [n for n in names if n != first]; random.Random(r).shuffle(rest)
+        for n in [first] + rest:                     # nobody always runs first, nobody always follows the same one
             t0 = time.perf_counter(); contenders[n](); dt = time.perf_counter() - t0
             if r >= warmup: times[n].append(dt)
     return times

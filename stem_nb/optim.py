@@ -682,11 +682,12 @@ def _bench_contenders(V, H, toks, vals, which) -> dict:
     "One step per call, cycling through the batches `toks` (so the exact mode has rows to settle, as in training)."
     grads = [torch.sparse_coo_tensor(t[None], vals, (V, H), check_invariants=False) for t in toks]   # uncoalesced, as nn.Embedding(sparse=True)
     kw, fns, n = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1), {}, len(toks)
-    def cycling(w, o, settle=False):
+    compact = [coalesced(g) for g in grads] if "exact_compact" in which else None   # what the model's `TableRows` backward hands over
+    def cycling(w, o, settle=False, gs=grads):
         i = [0]
         def fn():
             k = i[0] % n; i[0] += 1
-            w.grad = grads[k]
+            w.grad = gs[k]
             if settle: o.settle(toks[k])
             o.step()
         return fn
@@ -694,6 +695,9 @@ def _bench_contenders(V, H, toks, vals, which) -> dict:
         if name in which:
             w = nn.Parameter(torch.randn(V, H) * 0.02)
             fns[name] = cycling(w, TableAdamW([w], mode=mode, kernel=kernel, **kw), settle=mode == "exact")
+    if compact is not None:
+        w = nn.Parameter(torch.randn(V, H) * 0.02)
+        fns["exact_compact"] = cycling(w, TableAdamW([w], **kw), settle=True, gs=compact)
     if "adamw_fused" in which:
         wd = nn.Parameter(torch.randn(V, H) * 0.02); wd.grad = grads[0].to_dense()
         fns["adamw_fused"] = torch.optim.AdamW([wd], fused=True, **kw).step
@@ -705,8 +709,8 @@ def _bench_contenders(V, H, toks, vals, which) -> dict:
         fns["sparse_adam"] = cycling(ws, torch.optim.SparseAdam([ws], lr=1e-3, betas=(0.9, 0.95)))
     return fns
 
-def bench_optim(V: int = 100_000, H: int = 1024, n_tokens: int = 8192, rounds: int = 5, seed: int = 0, batches: int = 4,
-                which=("exact", "exact_torch", "row_local", "adamw_fused", "adamw", "sparse_adam"), threads: Optional[int] = None) -> dict:
+def bench_optim(V: int = 100_000, H: int = 1024, n_tokens: int = 8192, rounds: int = 9, seed: int = 0, batches: int = 4,
+                which=("exact", "exact_compact", "exact_torch", "row_local", "adamw_fused", "adamw", "sparse_adam"), threads: Optional[int] = None) -> dict:
     "Interleaved medians (ms) of one table step per contender, paired ratios vs `exact` (> 1: exact faster), bytes and the bandwidth limit."
     prev = torch.get_num_threads()
     if threads is not None: torch.set_num_threads(threads)
@@ -725,4 +729,7 @@ def bench_optim(V: int = 100_000, H: int = 1024, n_tokens: int = 8192, rounds: i
            "sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes, "copy_GBps": round(bw / 1e9, 2),
            "bw_limit_ms": round(sparse_bytes / bw * 1e3, 3), "dense_bw_limit_ms": round(dense_bytes / bw * 1e3, 3)}
     if "exact" in med: out["exact_vs_bw_limit"] = round(med["exact"] / out["bw_limit_ms"], 2)
+    if "exact_compact" in times:                      # the optimizer as training feeds it (compact gradient)
+        out["paired_ratio"].update({f"exact_compact_vs_{k}": round(paired_speedup(times, "exact_compact", k), 3)
+                                    for k in ("adamw_fused", "adamw", "sparse_adam") if k in times})
     return out
