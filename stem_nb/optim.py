@@ -383,6 +383,11 @@ TABLE_KERNELS = ("auto", "numba", "torch")
 
 def _np(t: Tensor): return t.detach().contiguous().numpy()
 
+def _np_inplace(t: Tensor):
+    "A numpy view of `t` that the kernel writes through (never a copy)."
+    if not t.is_contiguous(): raise ValueError("TableAdamW: the row kernel writes in place and needs contiguous tensors")
+    return t.detach().numpy()
+
 def _rows_kernel_py(P, M, Vv, rows, late, C, vals, perm, crow, S, adam, nchunks):
     "In place on rows `rows` of P, M, Vv (see above). C [U, 5]: dec, dec*S1, eps_r, b1^k, b2^k of the `late` rows; S: 1-lr*wd, b1, 1-b1, b2, 1-b2, lr/bc1, sqrt(bc2), eps."
     U, H = rows.shape[0], P.shape[1]
@@ -454,9 +459,10 @@ def row_segments(grad: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor
     return rows, perm, crow, grad._values()
 
 def _kernel_ok(self, p) -> bool:
-    "Does the numba row kernel serve table `p`? (kernel not 'torch', numba importable, a contiguous float32/float64 table on the CPU)"
-    return (self.kernel != "torch" and numba is not None and p.device.type == "cpu"
-            and p.dtype in (torch.float32, torch.float64) and p.is_contiguous())
+    "Does the numba row kernel serve table `p`? (kernel not 'torch', numba importable, a contiguous float32/float64 table and moments on the CPU)"
+    st = self.state.get(p) or {}
+    return (self.kernel != "torch" and numba is not None and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
+            and all(x.is_contiguous() and x.dtype == p.dtype for x in (p, *(st[k] for k in ("exp_avg", "exp_avg_sq") if k in st))))
 
 def _kernel_rows(p, st, rows, late, coefs, seg=None, S=None) -> None:
     "`_rows_kernel` on table `p` and its moments: settle the `late` rows of `rows` (float64 `coefs`, see `_exact_coefs`), then, given `seg` (`row_segments` of the gradient) and `S`, the AdamW step."
@@ -470,7 +476,7 @@ def _kernel_rows(p, st, rows, late, coefs, seg=None, S=None) -> None:
     S = np.zeros(8, _np(p).dtype) if S is None else np.asarray(S, dtype=_np(p).dtype)
     nchunks = max(1, min(8 * threads, rows.numel() // 16))
     with numba.parallel_chunksize(1):
-        _rows_kernel(_np(p), _np(st["exp_avg"]), _np(st["exp_avg_sq"]), _np(rows), _np(late), _np(C), _np(vals),
+        _rows_kernel(_np_inplace(p), _np_inplace(st["exp_avg"]), _np_inplace(st["exp_avg_sq"]), _np(rows), _np(late), _np(C), _np(vals),
                      _np(perm), _np(crow), S, seg is not None, nchunks)
 
 # %% ../nbs/06_optim.ipynb #2c966beb
