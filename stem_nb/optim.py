@@ -468,15 +468,15 @@ def _kernel_rows(p, st, rows, late, coefs, seg=None, S=None) -> None:
     "`_rows_kernel` on table `p` and its moments: settle the `late` rows of `rows` (float64 `coefs`, see `_exact_coefs`), then, given `seg` (`row_segments` of the gradient) and `S`, the AdamW step."
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
-    dt, H = p.dtype, p.shape[1]
+    dt, H, P = p.dtype, p.shape[1], _np_inplace(p)
     C = torch.stack(coefs, 1).to(dt) if coefs is not None else p.new_empty(0, 5)
     empty = torch.empty(0, dtype=_I64)
     perm, crow, vals = (empty, empty, p.new_empty(0, H)) if seg is None else (
         seg[1] if seg[1] is not None else empty, seg[2], seg[3].to(dt))
-    S = np.zeros(8, _np(p).dtype) if S is None else np.asarray(S, dtype=_np(p).dtype)
+    S = np.zeros(8, P.dtype) if S is None else np.asarray(S, dtype=P.dtype)
     nchunks = max(1, min(8 * threads, rows.numel() // 16))
     with numba.parallel_chunksize(1):
-        _rows_kernel(_np_inplace(p), _np_inplace(st["exp_avg"]), _np_inplace(st["exp_avg_sq"]), _np(rows), _np(late), _np(C), _np(vals),
+        _rows_kernel(P, _np_inplace(st["exp_avg"]), _np_inplace(st["exp_avg_sq"]), _np(rows), _np(late), _np(C), _np(vals),
                      _np(perm), _np(crow), S, seg is not None, nchunks)
 
 # %% ../nbs/06_optim.ipynb #2c966beb
@@ -485,9 +485,6 @@ _BOOKKEEPING = ("step", "origin", "row_step", "history", "decay_at", "decay_log"
 @torch.no_grad()
 def _settle(self, tokens: Optional[Tensor] = None) -> None:
     "Bring rows `tokens` (every row if None) of every table up to the last completed step, before they are read."
-    _settle_rows(self, tokens)
-
-def _settle_rows(self, tokens: Optional[Tensor]) -> None:
     thr = None if tokens is None else ROW_THREADS                        # the torch path's row-sized ops: pinned (see above)
     for group in self.param_groups:
         (b1, b2), eps, mode = group["betas"], group["eps"], group["mode"]
@@ -508,13 +505,14 @@ def _settle_rows(self, tokens: Optional[Tensor]) -> None:
             t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
             if rows is not None and rows.device.type == "cpu":           # only the rows that missed steps (host check: free)
                 late = t0 < t; rows, t0 = rows[late], t0[late]
-            if rows is not None and rows.numel() and kern:
-                _kernel_rows(p, st, rows, torch.ones_like(rows, dtype=torch.bool), _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)))
-            elif rows is None or rows.numel():
-                with cpu_threads(thr, p.device):
-                    wmv = _gather(self, p, st, rows, cdt)
-                    _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), cdt)
-                    _scatter(p, st, rows, wmv)
+            if rows is None or rows.numel():
+                coefs = _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W))
+                if rows is not None and kern: _kernel_rows(p, st, rows, torch.ones_like(rows, dtype=torch.bool), coefs)
+                else:
+                    with cpu_threads(thr, p.device):
+                        wmv = _gather(self, p, st, rows, cdt)
+                        _settle_rows_(*wmv, coefs, cdt)
+                        _scatter(p, st, rows, wmv)
             if rows is None: st["row_step"].fill_(int(st["step"])); _exact_trim(st); self._cache.pop(p, None)
             elif rows.numel(): st["row_step"].index_fill_(0, rows, t)
 
