@@ -185,9 +185,10 @@ def _suffix(st: dict, b1: float, b2: float, W: int) -> tuple[int, Tensor, Tensor
     "(r, e_r [2], B [n+1, 2]): window start `r = max(t - W, origin)`, its two log-weights, and the suffix sums `B[j - r - 1]`, j in (r, t+1]."
     t, o = int(st["step"]), int(st["origin"])
     r, h = max(t - W, o), st["history"]
-    i = torch.arange(r - o, t - o + 1, device=h.device)                           # rows of steps r..t
-    e = i.to(_F64)[:, None] * _log_ratios(b1, b2, h.device) - h[i, _L][:, None]   # [n+1, 2] log-weights
-    u = (e[1:] - e[0]).exp_() * h[i[1:]][:, [_C, _CE]]
+    hw = h[r - o:t - o + 1]                                                       # rows of steps r..t (a view)
+    i = torch.arange(r - o, t - o + 1, dtype=_F64, device=h.device)
+    e = i[:, None] * _log_ratios(b1, b2, h.device) - hw[:, _L:_L + 1]             # [n+1, 2] log-weights
+    u = (e[1:] - e[0]).exp_() * hw[1:, _C:_CE + 1]                                # columns c_s, c_s sqrt(1 - b2^s)
     B = torch.cat([u.flip(0).cumsum(0).flip(0), u.new_zeros(1, 2)])
     return r, e[0], B
 
@@ -331,11 +332,9 @@ def _step_exact(self, p, st, g, group):
     "Settle the rows of gradient `g` (sparse: its rows; dense: every row) and take the AdamW step on them: the numba kernel or the torch path."
     (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
     W, t = exact_window(b1, b2), int(st["step"])
-    coefs = lambda t0: _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W))
-    if g.is_sparse and _kernel_ok(self, p):
-        seg = row_segments(g); rows = seg[0]
-        t0 = st["row_step"].index_select(0, rows); late = t0 < t
-        _kernel_rows(p, st, rows, late, coefs(t0) if bool(late.any()) else None, seg,
+    window = self._window(p, st, b1, b2, W)
+    if g.is_sparse and _kernel_ok(self, p):                # settle, step and row_step, in one pass over the rows
+        _kernel_rows(p, st, window, (b1, b2, eps), row_segments(g),
                      [1 - lr * wd, b1, 1 - b1, b2, 1 - b2, lr / (1 - b1 ** (t + 1)), math.sqrt(1 - b2 ** (t + 1)), eps])
     else:
         with cpu_threads(ROW_THREADS if g.is_sparse else None, p.device):
@@ -343,13 +342,12 @@ def _step_exact(self, p, st, g, group):
             cdt = torch.float32 if _low(p.dtype) else p.dtype
             t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
             wmv = _gather(self, p, st, rows, cdt)
-            if _needs_settle(t0, t): _settle_rows_(*wmv, coefs(t0), cdt)
+            if _needs_settle(t0, t): _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, window), cdt)
             _adamw_(*wmv, g.to(cdt), lr, b1, b2, wd, eps, t + 1)
             _scatter(p, st, rows, wmv)
-    if rows is None: st["row_step"].fill_(t + 1)
-    else: st["row_step"].index_fill_(0, rows, t + 1)
-    window = _exact_record(st, lr, wd, b1, b2, W)
-    self._cache[p] = (t + 1, st["history"], window)
+        if rows is None: st["row_step"].fill_(t + 1)
+        else: st["row_step"].index_fill_(0, rows, t + 1)
+    self._cache[p] = (t + 1, st["history"], _exact_record(st, lr, wd, b1, b2, W))
 
 def _step_dense(self, p, st, rows, g, group):
     (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
@@ -388,21 +386,35 @@ def _np_inplace(t: Tensor):
     if not t.is_contiguous(): raise ValueError("TableAdamW: the row kernel writes in place and needs contiguous tensors")
     return t.detach().numpy()
 
-def _rows_kernel_py(P, M, Vv, rows, late, C, vals, perm, crow, S, adam, nchunks):
-    "In place on rows `rows` of P, M, Vv (see above). C [U, 5]: dec, dec*S1, eps_r, b1^k, b2^k of the `late` rows; S: 1-lr*wd, b1, 1-b1, b2, 1-b2, lr/bc1, sqrt(bc2), eps."
+def _rows_kernel_py(P, M, Vv, RS, rows, hist, B, K, It, vals, perm, crow, S, adam, nchunks):
+    "In place on rows `rows` (distinct) of P, M, Vv and row_step RS (see above)."
     U, H = rows.shape[0], P.shape[1]
     cost = np.empty(U + 1, np.int64)                  # balanced chunks: a row costs its gradient rows plus 3 (w, m, v)
     for i in range(U + 1): cost[i] = (crow[i] if adam else 0) + 3 * i
     bounds = np.searchsorted(cost, np.arange(nchunks + 1) * cost[U] // nchunks)
     bounds[nchunks] = U
+    t, o, r0 = It[0], It[1], It[2]                     # the table's step, the history's origin, the window's start
+    eps64, b164, b264, la, lb, ea, eb = K[0], K[1], K[2], K[3], K[4], K[5], K[6]
+    Lt = hist[t - o, _L]
     decay, b1, ob1, b2, ob2, step, sbc2, eps = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7]
     for c in prange(nchunks):
-        g = np.empty(H, P.dtype)
+        g, cf = np.empty(H, P.dtype), np.empty(5, P.dtype)
         for i in range(bounds[c], bounds[c + 1]):
             r = rows[i]
             w, m, v = P[r], M[r], Vv[r]
-            if late[i]:
-                dec, decs, eps_r, mb, vb = C[i, 0], C[i, 1], C[i, 2], C[i, 3], C[i, 4]
+            t0 = RS[r]
+            if t0 < t:                                 # missed steps t0+1..t: `_exact_coefs`, this row, float64
+                i0 = t0 - o
+                L0 = hist[i0, _L]
+                if t0 >= r0:
+                    j = min(t0 - r0, B.shape[0] - 1)
+                    S1 = np.exp(min(ea - (i0 * la - L0), 700.0)) * B[j, 0]
+                    S2 = np.exp(min(eb - (i0 * lb - L0), 700.0)) * B[j, 1]
+                else: S1, S2 = hist[i0, _F], hist[i0, _FE]
+                dec = np.exp(Lt - L0)
+                cf[0], cf[1], cf[2] = dec, dec * S1, (eps64 * S2 / S1 if S1 > 0 else eps64)
+                cf[3], cf[4] = b164 ** np.float64(t - t0), b264 ** np.float64(t - t0)
+                dec, decs, eps_r, mb, vb = cf[0], cf[1], cf[2], cf[3], cf[4]
                 for j in range(H):
                     w[j] = dec * w[j] - decs * (m[j] / (np.sqrt(v[j]) + eps_r))
                     m[j] = mb * m[j]
@@ -420,6 +432,8 @@ def _rows_kernel_py(P, M, Vv, rows, late, C, vals, perm, crow, S, adam, nchunks)
                     m[j] = mj
                     v[j] = vj
                     w[j] = w[j] * decay - step * (mj / (np.sqrt(vj) / sbc2 + eps))
+                RS[r] = t + 1
+            elif t0 < t: RS[r] = t
 
 def _segments_py(idx, V, segments):
     "(distinct values of `idx` in first-occurrence order, perm, crow): positions `perm[crow[i]:crow[i+1]]` (ascending) hold `rows[i]` (perm only if `segments`)."
@@ -464,20 +478,23 @@ def _kernel_ok(self, p) -> bool:
     return (self.kernel != "torch" and numba is not None and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
             and all(x.is_contiguous() and x.dtype == p.dtype for x in (p, *(st[k] for k in ("exp_avg", "exp_avg_sq") if k in st))))
 
-def _kernel_rows(p, st, rows, late, coefs, seg=None, S=None) -> None:
-    "`_rows_kernel` on table `p` and its moments: settle the `late` rows of `rows` (float64 `coefs`, see `_exact_coefs`), then, given `seg` (`row_segments` of the gradient) and `S`, the AdamW step."
+def _kernel_rows(p, st, window, consts, seg, S=None) -> None:
+    """`_rows_kernel` on table `p`, its moments and `row_step`. `seg`: `row_segments` of the gradient (then `S`: the
+    AdamW step's scalars) or `(rows,)`: settle only. `window`: `_suffix`; `consts`: b1, b2, eps."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
+    (b1, b2, eps), (r, e_r, B), (rows, *grad) = consts, window, seg
     dt, H, P = p.dtype, p.shape[1], _np_inplace(p)
-    C = torch.stack(coefs, 1).to(dt) if coefs is not None else p.new_empty(0, 5)
+    K = np.array([eps, b1, b2, *_log_ratios(b1, b2, "cpu").tolist(), *e_r.tolist()], np.float64)
+    It = np.array([int(st["step"]), int(st["origin"]), r], np.int64)
     empty = torch.empty(0, dtype=_I64)
-    perm, crow, vals = (empty, empty, p.new_empty(0, H)) if seg is None else (
-        seg[1] if seg[1] is not None else empty, seg[2], seg[3].to(dt))
+    perm, crow, vals = (empty, empty, p.new_empty(0, H)) if not grad else (
+        grad[0] if grad[0] is not None else empty, grad[1], grad[2].to(dt))
     S = np.zeros(8, P.dtype) if S is None else np.asarray(S, dtype=P.dtype)
     nchunks = max(1, min(8 * threads, rows.numel() // 16))
     with numba.parallel_chunksize(1):
-        _rows_kernel(P, _np_inplace(st["exp_avg"]), _np_inplace(st["exp_avg_sq"]), _np(rows), _np(late), _np(C), _np(vals),
-                     _np(perm), _np(crow), S, seg is not None, nchunks)
+        _rows_kernel(P, _np_inplace(st["exp_avg"]), _np_inplace(st["exp_avg_sq"]), _np_inplace(st["row_step"]), _np(rows),
+                     _np(st["history"]), _np(B), K, It, _np(vals), _np(perm), _np(crow), S, bool(grad), nchunks)
 
 # %% ../nbs/06_optim.ipynb #2c966beb
 _BOOKKEEPING = ("step", "origin", "row_step", "history", "decay_at", "decay_log")
@@ -502,17 +519,16 @@ def _settle(self, tokens: Optional[Tensor] = None) -> None:
                     (st["decay_at"].fill_(st["decay_log"]) if rows is None else st["decay_at"].index_fill_(0, rows, st["decay_log"]))
                 continue
             W, cdt, t = exact_window(b1, b2), (torch.float32 if _low(p.dtype) else p.dtype), int(st["step"])
+            if rows is not None and kern:                                 # the kernel settles the rows that missed steps
+                _kernel_rows(p, st, self._window(p, st, b1, b2, W), (b1, b2, eps), (rows,)); continue
             t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
             if rows is not None and rows.device.type == "cpu":           # only the rows that missed steps (host check: free)
                 late = t0 < t; rows, t0 = rows[late], t0[late]
             if rows is None or rows.numel():
-                coefs = _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W))
-                if rows is not None and kern: _kernel_rows(p, st, rows, torch.ones_like(rows, dtype=torch.bool), coefs)
-                else:
-                    with cpu_threads(thr, p.device):
-                        wmv = _gather(self, p, st, rows, cdt)
-                        _settle_rows_(*wmv, coefs, cdt)
-                        _scatter(p, st, rows, wmv)
+                with cpu_threads(thr, p.device):
+                    wmv = _gather(self, p, st, rows, cdt)
+                    _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), cdt)
+                    _scatter(p, st, rows, wmv)
             if rows is None: st["row_step"].fill_(int(st["step"])); _exact_trim(st); self._cache.pop(p, None)
             elif rows.numel(): st["row_step"].index_fill_(0, rows, t)
 
