@@ -711,13 +711,11 @@ def _bench_contenders(V, H, toks, vals, which) -> dict:
             if settle: o.settle(toks[k])
             o.step()
         return fn
-    for name, mode, kernel in (("exact", "exact", "auto"), ("exact_torch", "exact", "torch"), ("row_local", "row_local", "auto")):
+    for name, mode, kernel, gs in (("exact", "exact", "auto", grads), ("exact_torch", "exact", "torch", grads),
+                                   ("row_local", "row_local", "auto", grads), ("exact_compact", "exact", "auto", compact)):
         if name in which:
             w = nn.Parameter(torch.randn(V, H) * 0.02)
-            fns[name] = cycling(w, TableAdamW([w], mode=mode, kernel=kernel, **kw), settle=mode == "exact")
-    if compact is not None:
-        w = nn.Parameter(torch.randn(V, H) * 0.02)
-        fns["exact_compact"] = cycling(w, TableAdamW([w], **kw), settle=True, gs=compact)
+            fns[name] = cycling(w, TableAdamW([w], mode=mode, kernel=kernel, **kw), settle=mode == "exact", gs=gs)
     if "adamw_fused" in which:
         wd = nn.Parameter(torch.randn(V, H) * 0.02); wd.grad = grads[0].to_dense()
         fns["adamw_fused"] = torch.optim.AdamW([wd], fused=True, **kw).step

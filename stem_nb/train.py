@@ -624,14 +624,15 @@ def bench_train(model_preset: str = "cpu", batch_size: int = 8, seq_len: int = 1
                 peer: bool = True, memory: bool = True, model: Optional[dict] = None) -> list[dict]:
     "Training tokens/s (full steps, optimizer included) of stem-nb dense / STEM 1/3 / STEM all and HF Llama + AdamW, interleaved; `model`: overrides of the preset's dims."
     names = list(BENCH_VARIANTS)
-    fns = {n: _variant_fn(n, _variant_margs(model_preset, n, seq_len, model), batch_size, seq_len) for n in names}
+    margs = {n: _variant_margs(model_preset, n, seq_len, model) for n in names}
+    fns = {n: _variant_fn(n, margs[n], batch_size, seq_len) for n in names}
     skipped = None
     if peer:
-        try: fns["hf_llama"] = _variant_fn("hf_llama", _variant_margs(model_preset, "dense", seq_len, model), batch_size, seq_len)
+        try: fns["hf_llama"] = _variant_fn("hf_llama", margs["dense"], batch_size, seq_len)
         except ImportError as e: skipped = f"transformers unavailable: {e}"
     times = time_interleaved(fns, rounds, warmup)
     tok = batch_size * seq_len
-    fpt = {n: flops_per_token(_variant_margs(model_preset, n, seq_len, model), seq_len) for n in names}
+    fpt = {n: flops_per_token(margs[n], seq_len) for n in names}
     out = []
     for n in fns:
         r = {"bench": "train_step", "variant": n, "preset": model_preset, **({"model": model} if model else {}),
