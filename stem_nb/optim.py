@@ -177,9 +177,11 @@ def _exact_state(p: Tensor, capacity: int = 1024) -> dict:
                 row_step=torch.zeros(p.shape[0], dtype=_I64, device=p.device),
                 history=torch.zeros(capacity, 5, dtype=_F64, device=p.device))
 
-def _log_ratios(b1: float, b2: float, device) -> Tensor:
+def _log_ratio_floats(b1: float, b2: float) -> tuple[float, float]:
     "log of the two series' ratios: b1 / sqrt(b2) (movement) and b1 / b2 (eps term)."
-    return torch.tensor([math.log(b1) - 0.5 * math.log(b2), math.log(b1) - math.log(b2)], dtype=_F64, device=device)
+    return math.log(b1) - 0.5 * math.log(b2), math.log(b1) - math.log(b2)
+
+def _log_ratios(b1: float, b2: float, device) -> Tensor: return torch.tensor(_log_ratio_floats(b1, b2), dtype=_F64, device=device)
 
 def _suffix(st: dict, b1: float, b2: float, W: int) -> tuple[int, Tensor, Tensor]:
     "(r, e_r [2], B [n+1, 2]): window start `r = max(t - W, origin)`, its two log-weights, and the suffix sums `B[j - r - 1]`, j in (r, t+1]."
@@ -208,11 +210,15 @@ def _exact_coefs(st: dict, t0: Tensor, b1: float, b2: float, eps: float, W: int,
     k = (t - t0).to(_F64)
     return dec, dec * S1, eps_r, torch.pow(b1, k), torch.pow(b2, k)
 
+def _history_room(st: dict, t: int) -> Tensor:
+    "The history, grown (doubling) to hold step `t`."
+    if t - int(st["origin"]) >= st["history"].shape[0]: st["history"] = torch.cat([st["history"], torch.zeros_like(st["history"])])
+    return st["history"]
+
 def _exact_record(st: dict, lr: float, wd: float, b1: float, b2: float, W: int) -> tuple:
     "Record completed step t+1 (lr `lr`), and the tail sums F of the step that just left the window; returns the new window."
     t, o = int(st["step"]) + 1, int(st["origin"])
-    if t - o >= st["history"].shape[0]: st["history"] = torch.cat([st["history"], torch.zeros_like(st["history"])])
-    h = st["history"]
+    h = _history_room(st, t)
     c = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
     h[t - o, _L] = h[t - o - 1, _L] + math.log1p(-lr * wd)
     h[t - o, _C], h[t - o, _CE] = c, c * math.sqrt(1 - b2 ** t)
@@ -332,21 +338,22 @@ def _step_exact(self, p, st, g, group):
     "Settle the rows of gradient `g` (sparse: its rows; dense: every row) and take the AdamW step on them: the numba kernel or the torch path."
     (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
     W, t = exact_window(b1, b2), int(st["step"])
+    if g.is_sparse and _kernel_ok(self, p):                # settle, step, row_step and the history's step t+1: one kernel call
+        _history_room(st, t + 1)
+        _kernel_rows(self, p, st, group, row_segments(g, _mark(self, p)))
+        st["step"].fill_(t + 1); self._cache.pop(p, None)
+        return
     window = self._window(p, st, b1, b2, W)
-    if g.is_sparse and _kernel_ok(self, p):                # settle, step and row_step, in one pass over the rows
-        _kernel_rows(p, st, window, (b1, b2, eps), row_segments(g),
-                     [1 - lr * wd, b1, 1 - b1, b2, 1 - b2, lr / (1 - b1 ** (t + 1)), math.sqrt(1 - b2 ** (t + 1)), eps])
-    else:
-        with cpu_threads(ROW_THREADS if g.is_sparse else None, p.device):
-            rows, g = compact_rows(g) if g.is_sparse else (None, g)
-            cdt = torch.float32 if _low(p.dtype) else p.dtype
-            t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
-            wmv = _gather(self, p, st, rows, cdt)
-            if _needs_settle(t0, t): _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, window), cdt)
-            _adamw_(*wmv, g.to(cdt), lr, b1, b2, wd, eps, t + 1)
-            _scatter(p, st, rows, wmv)
-        if rows is None: st["row_step"].fill_(t + 1)
-        else: st["row_step"].index_fill_(0, rows, t + 1)
+    with cpu_threads(ROW_THREADS if g.is_sparse else None, p.device):
+        rows, g = compact_rows(g) if g.is_sparse else (None, g)
+        cdt = torch.float32 if _low(p.dtype) else p.dtype
+        t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
+        wmv = _gather(self, p, st, rows, cdt)
+        if _needs_settle(t0, t): _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, window), cdt)
+        _adamw_(*wmv, g.to(cdt), lr, b1, b2, wd, eps, t + 1)
+        _scatter(p, st, rows, wmv)
+    if rows is None: st["row_step"].fill_(t + 1)
+    else: st["row_step"].index_fill_(0, rows, t + 1)
     self._cache[p] = (t + 1, st["history"], _exact_record(st, lr, wd, b1, b2, W))
 
 def _step_dense(self, p, st, rows, g, group):
@@ -386,30 +393,55 @@ def _np_inplace(t: Tensor):
     if not t.is_contiguous(): raise ValueError("TableAdamW: the row kernel writes in place and needs contiguous tensors")
     return t.detach().numpy()
 
-def _rows_kernel_py(P, M, Vv, RS, rows, hist, B, K, It, vals, perm, crow, S, adam, nchunks):
-    "In place on rows `rows` (distinct) of P, M, Vv and row_step RS (see above)."
-    U, H = rows.shape[0], P.shape[1]
+def _suffix_kernel_py(hist, t, o, W, la, lb, B):
+    "`_suffix` in the kernel: fills `B[:t - r + 1]`, returns (r, e_r movement, e_r eps). Same terms, same summation order."
+    r = max(t - W, o)
+    n = t - r
+    ea, eb = (r - o) * la - hist[r - o, _L], (r - o) * lb - hist[r - o, _L]
+    s1, s2 = 0.0, 0.0
+    B[n, 0], B[n, 1] = 0.0, 0.0
+    for k in range(n - 1, -1, -1):
+        i = r - o + 1 + k
+        s1 += np.exp((i * la - hist[i, _L]) - ea) * hist[i, _C]
+        s2 += np.exp((i * lb - hist[i, _L]) - eb) * hist[i, _CE]
+        B[k, 0], B[k, 1] = s1, s2
+    return r, ea, eb
+
+def _rows_kernel_py(P, M, Vv, RS, rows, hist, K, It, vals, perm, crow, S, adam, nchunks):
+    """In place on P, M, Vv, row_step RS and the history (see above). `adam`: settle the distinct `rows`, take the
+    AdamW step on them and record step t+1 in the history; else settle the ids `rows` (duplicates allowed)."""
+    H, N = P.shape[1], rows.shape[0]
+    t, o, W = It[0], It[1], It[2]                      # the table's step, the history's origin, the window
+    eps64, b164, b264, la, lb, lr, wd = K[0], K[1], K[2], K[3], K[4], K[5], K[6]
+    for k in range(N):
+        if rows[k] < 0 or rows[k] >= P.shape[0]: raise IndexError("TableAdamW: a row index is outside the table")
+    ids, T0, U = np.empty(N, np.int64), np.empty(N, np.int64), 0
+    for k in range(N):                                 # settle: each late row once (RS marks it), so threads never share a row
+        r = rows[k]
+        if adam or RS[r] < t:
+            ids[U], T0[U] = r, RS[r]
+            if not adam: RS[r] = t
+            U += 1
     cost = np.empty(U + 1, np.int64)                  # balanced chunks: a row costs its gradient rows plus 3 (w, m, v)
     for i in range(U + 1): cost[i] = (crow[i] if adam else 0) + 3 * i
-    bounds = np.searchsorted(cost, np.arange(nchunks + 1) * cost[U] // nchunks)
-    bounds[nchunks] = U
-    t, o, r0 = It[0], It[1], It[2]                     # the table's step, the history's origin, the window's start
-    eps64, b164, b264, la, lb, ea, eb = K[0], K[1], K[2], K[3], K[4], K[5], K[6]
+    nch = max(1, min(nchunks, U // 16))
+    bounds = np.searchsorted(cost, np.arange(nch + 1) * cost[U] // nch)
+    bounds[nch] = U
+    B = np.empty((W + 2, 2))
+    r0, ea, eb = _suffix_kernel(hist, t, o, W, la, lb, B)
     Lt = hist[t - o, _L]
     decay, b1, ob1, b2, ob2, step, sbc2, eps = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7]
-    for c in prange(nchunks):
+    for c in prange(nch):
         g, cf = np.empty(H, P.dtype), np.empty(5, P.dtype)
         for i in range(bounds[c], bounds[c + 1]):
-            r = rows[i]
+            r, t0 = ids[i], T0[i]
             w, m, v = P[r], M[r], Vv[r]
-            t0 = RS[r]
             if t0 < t:                                 # missed steps t0+1..t: `_exact_coefs`, this row, float64
                 i0 = t0 - o
                 L0 = hist[i0, _L]
                 if t0 >= r0:
-                    j = min(t0 - r0, B.shape[0] - 1)
-                    S1 = np.exp(min(ea - (i0 * la - L0), 700.0)) * B[j, 0]
-                    S2 = np.exp(min(eb - (i0 * lb - L0), 700.0)) * B[j, 1]
+                    S1 = np.exp(min(ea - (i0 * la - L0), 700.0)) * B[t0 - r0, 0]
+                    S2 = np.exp(min(eb - (i0 * lb - L0), 700.0)) * B[t0 - r0, 1]
                 else: S1, S2 = hist[i0, _F], hist[i0, _FE]
                 dec = np.exp(Lt - L0)
                 cf[0], cf[1], cf[2] = dec, dec * S1, (eps64 * S2 / S1 if S1 > 0 else eps64)
@@ -433,16 +465,23 @@ def _rows_kernel_py(P, M, Vv, RS, rows, hist, B, K, It, vals, perm, crow, S, ada
                     v[j] = vj
                     w[j] = w[j] * decay - step * (mj / (np.sqrt(vj) / sbc2 + eps))
                 RS[r] = t + 1
-            elif t0 < t: RS[r] = t
+    if adam:                                           # `_exact_record`: step t+1, then the tail sums of the step leaving the window
+        t1 = t + 1
+        c1 = lr * math.sqrt(1 - math.pow(b264, np.float64(t1))) / (1 - math.pow(b164, np.float64(t1)))
+        hist[t1 - o, _L] = hist[t1 - o - 1, _L] + math.log1p(-lr * wd)
+        hist[t1 - o, _C], hist[t1 - o, _CE] = c1, c1 * math.sqrt(1 - math.pow(b264, np.float64(t1)))
+        _suffix_kernel(hist, t1, o, W, la, lb, B)
+        if t1 - W >= o: hist[t1 - W - o, _F], hist[t1 - W - o, _FE] = B[0, 0], B[0, 1]
 
-def _segments_py(idx, V, segments):
-    "(distinct values of `idx` in first-occurrence order, perm, crow): positions `perm[crow[i]:crow[i+1]]` (ascending) hold `rows[i]` (perm only if `segments`)."
-    N = idx.shape[0]
-    mark = np.full(V, -1, np.int64)
+def _segments_py(idx, mark, segments):
+    """(distinct values of `idx` in first-occurrence order, perm, crow): positions `perm[crow[i]:crow[i+1]]` (ascending)
+    hold `rows[i]` (perm only if `segments`). `mark` [V]: all -1, a scratch left as it was found."""
+    N, V = idx.shape[0], mark.shape[0]
+    for k in range(N):
+        if idx[k] < 0 or idx[k] >= V: raise IndexError("TableAdamW: a row index is outside the table")
     rows, cnt, U = np.empty(N, np.int64), np.zeros(N + 1, np.int64), 0
     for k in range(N):
         r = idx[k]
-        if r < 0 or r >= V: raise IndexError("TableAdamW: a row index is outside the table")
         if mark[r] < 0:
             mark[r] = U; rows[U] = r; U += 1
         cnt[mark[r] + 1] += 1
@@ -452,25 +491,36 @@ def _segments_py(idx, V, segments):
         fill = crow[:U].copy()
         for k in range(N):
             u = mark[idx[k]]; perm[fill[u]] = k; fill[u] += 1
+    for i in range(U): mark[rows[i]] = -1
     return rows[:U], perm, crow
 
 if numba is not None:
     prange = numba.prange
+    _suffix_kernel = numba.njit(cache=True)(_suffix_kernel_py)
     _rows_kernel = numba.njit(parallel=True, cache=True)(_rows_kernel_py)
     _segments = numba.njit(cache=True)(_segments_py)
 
 def distinct_rows(idx: Tensor, V: int) -> Tensor:
     "The distinct values of the CPU int tensor `idx` (any shape) in [0, V), in first-occurrence order: one O(n) pass (numba), no sort."
-    return torch.from_numpy(_segments(_np(idx.reshape(-1).long()), V, False)[0])
+    return torch.from_numpy(_segments(_np(idx.reshape(-1).long()), np.full(V, -1, np.int64), False)[0])
 
-def row_segments(grad: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-    "(rows [U] distinct, perm [N] or None, crow [U+1], vals [N, H]) of a row-sparse COO CPU gradient: row `rows[i]`'s gradient is the sum of `vals[perm[crow[i]:crow[i+1]]]` (perm None: the identity). One O(N) pass (numba), nothing summed, no sort."
+def row_segments(grad: Tensor, mark: Optional[np.ndarray] = None) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """(rows [U] distinct, perm [N] or None, crow [U+1], vals [N, H]) of a row-sparse COO CPU gradient: row `rows[i]`'s
+    gradient is the sum of `vals[perm[crow[i]:crow[i+1]]]` (perm None: the identity). One O(N) pass (numba), nothing
+    summed, no sort. `mark`: a reused [V] scratch of -1s (else one is made)."""
     _check_row_sparse(grad)
     if grad.is_coalesced():
         rows = grad.indices()[0]
         return rows, None, torch.arange(rows.numel() + 1), grad.values()
-    rows, perm, crow = (torch.from_numpy(x) for x in _segments(_np(grad._indices()[0]), grad.shape[0], True))
+    mark = np.full(grad.shape[0], -1, np.int64) if mark is None else mark
+    rows, perm, crow = (torch.from_numpy(x) for x in _segments(_np(grad._indices()[0]), mark, True))
     return rows, perm, crow, grad._values()
+
+def _mark(self, p) -> np.ndarray:
+    "The optimizer's [V] scratch of -1s for `row_segments` of table `p`."
+    key = ("mark", p.shape[0])
+    if key not in self._ws: self._ws[key] = np.full(p.shape[0], -1, np.int64)
+    return self._ws[key]
 
 def _kernel_ok(self, p) -> bool:
     "Does the numba row kernel serve table `p`? (kernel not 'torch', numba importable, a contiguous float32/float64 table and moments on the CPU)"
@@ -478,23 +528,25 @@ def _kernel_ok(self, p) -> bool:
     return (self.kernel != "torch" and numba is not None and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
             and all(x.is_contiguous() and x.dtype == p.dtype for x in (p, *(st[k] for k in ("exp_avg", "exp_avg_sq") if k in st))))
 
-def _kernel_rows(p, st, window, consts, seg, S=None) -> None:
-    """`_rows_kernel` on table `p`, its moments and `row_step`. `seg`: `row_segments` of the gradient (then `S`: the
-    AdamW step's scalars) or `(rows,)`: settle only. `window`: `_suffix`; `consts`: b1, b2, eps."""
+_EMPTY = torch.empty(0, dtype=_I64)
+
+def _kernel_rows(self, p, st, group, seg) -> None:
+    """`_rows_kernel` on table `p`, its moments, `row_step` and history. `seg`: `row_segments` of the gradient (settle,
+    step, record step t+1: the caller makes room in the history and advances `step`) or `(ids,)`: settle the ids."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
-    (b1, b2, eps), (r, e_r, B), (rows, *grad) = consts, window, seg
-    dt, H, P = p.dtype, p.shape[1], _np_inplace(p)
-    K = np.array([eps, b1, b2, *_log_ratios(b1, b2, "cpu").tolist(), *e_r.tolist()], np.float64)
-    It = np.array([int(st["step"]), int(st["origin"]), r], np.int64)
-    empty = torch.empty(0, dtype=_I64)
-    perm, crow, vals = (empty, empty, p.new_empty(0, H)) if not grad else (
-        grad[0] if grad[0] is not None else empty, grad[1], grad[2].to(dt))
-    S = np.zeros(8, P.dtype) if S is None else np.asarray(S, dtype=P.dtype)
-    nchunks = max(1, min(8 * threads, rows.numel() // 16))
+    (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+    (rows, *grad), t, dt, H = seg, int(st["step"]), p.dtype, p.shape[1]
+    K = np.array([eps, b1, b2, *_log_ratio_floats(b1, b2), lr, wd], np.float64)
+    It = np.array([t, int(st["origin"]), exact_window(b1, b2)], np.int64)
+    perm, crow, vals = (_EMPTY, _EMPTY, p.new_empty(0, H)) if not grad else (
+        grad[0] if grad[0] is not None else _EMPTY, grad[1], grad[2].to(dt))
+    S = np.asarray([1 - lr * wd, b1, 1 - b1, b2, 1 - b2, lr / (1 - b1 ** (t + 1)), math.sqrt(1 - b2 ** (t + 1)), eps] if grad
+                   else [0.0] * 8, dtype=np.float64 if dt == torch.float64 else np.float32)
     with numba.parallel_chunksize(1):
-        _rows_kernel(P, _np_inplace(st["exp_avg"]), _np_inplace(st["exp_avg_sq"]), _np_inplace(st["row_step"]), _np(rows),
-                     _np(st["history"]), _np(B), K, It, _np(vals), _np(perm), _np(crow), S, bool(grad), nchunks)
+        _rows_kernel(_np_inplace(p), _np_inplace(st["exp_avg"]), _np_inplace(st["exp_avg_sq"]), _np_inplace(st["row_step"]),
+                     _np(rows.reshape(-1).long()), _np_inplace(st["history"]), K, It, _np(vals), _np(perm), _np(crow), S,
+                     bool(grad), 8 * threads)
 
 # %% ../nbs/06_optim.ipynb #2c966beb
 _BOOKKEEPING = ("step", "origin", "row_step", "history", "decay_at", "decay_log")
@@ -508,8 +560,9 @@ def _settle(self, tokens: Optional[Tensor] = None) -> None:
         for p in group["params"]:
             st = self.state.get(p)
             if not st or mode == "dense": continue
-            kern = _kernel_ok(self, p)
-            rows = None if tokens is None else (distinct_rows(tokens, p.shape[0]) if kern and tokens.device.type == "cpu"
+            if tokens is not None and mode == "exact" and _kernel_ok(self, p):   # the kernel settles the late ones among the ids
+                _kernel_rows(self, p, st, group, (tokens.cpu(),)); continue
+            rows = None if tokens is None else (distinct_rows(tokens, p.shape[0]) if _kernel_ok(self, p) and tokens.device.type == "cpu"
                                                 else tokens.reshape(-1).to(p.device).unique())
             if mode == "row_local":
                 with cpu_threads(thr, p.device):
@@ -519,8 +572,6 @@ def _settle(self, tokens: Optional[Tensor] = None) -> None:
                     (st["decay_at"].fill_(st["decay_log"]) if rows is None else st["decay_at"].index_fill_(0, rows, st["decay_log"]))
                 continue
             W, cdt, t = exact_window(b1, b2), (torch.float32 if _low(p.dtype) else p.dtype), int(st["step"])
-            if rows is not None and kern:                                 # the kernel settles the rows that missed steps
-                _kernel_rows(p, st, self._window(p, st, b1, b2, W), (b1, b2, eps), (rows,)); continue
             t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
             if rows is not None and rows.device.type == "cpu":           # only the rows that missed steps (host check: free)
                 late = t0 < t; rows, t0 = rows[late], t0[late]
