@@ -620,7 +620,7 @@ def variant_peak_rss_mb(model_preset: str, name: str, batch_size: int, seq_len: 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 # %% ../nbs/09_train.ipynb #c42ccaf2
-def bench_train(model_preset: str = "cpu", batch_size: int = 8, seq_len: int = 128, rounds: int = 5, warmup: int = 1,
+def bench_train(model_preset: str = "cpu", batch_size: int = 8, seq_len: int = 128, rounds: int = 15, warmup: int = 1,
                 peer: bool = True, memory: bool = True, model: Optional[dict] = None) -> list[dict]:
     "Training tokens/s (full steps, optimizer included) of stem-nb dense / STEM 1/3 / STEM all and HF Llama + AdamW, interleaved; `model`: overrides of the preset's dims."
     names = list(BENCH_VARIANTS)
