@@ -467,9 +467,10 @@ def _rows_kernel_py(P, M, Vv, RS, rows, hist, K, It, vals, perm, crow, S, adam, 
                 RS[r] = t + 1
     if adam:                                           # `_exact_record`: step t+1, then the tail sums of the step leaving the window
         t1 = t + 1
-        c1 = lr * math.sqrt(1 - math.pow(b264, np.float64(t1))) / (1 - math.pow(b164, np.float64(t1)))
+        sbc = math.sqrt(1 - math.pow(b264, np.float64(t1)))
+        c1 = lr * sbc / (1 - math.pow(b164, np.float64(t1)))
         hist[t1 - o, _L] = hist[t1 - o - 1, _L] + math.log1p(-lr * wd)
-        hist[t1 - o, _C], hist[t1 - o, _CE] = c1, c1 * math.sqrt(1 - math.pow(b264, np.float64(t1)))
+        hist[t1 - o, _C], hist[t1 - o, _CE] = c1, c1 * sbc
         _suffix_kernel(hist, t1, o, W, la, lb, B)
         if t1 - W >= o: hist[t1 - W - o, _F], hist[t1 - W - o, _FE] = B[0, 0], B[0, 1]
 
@@ -560,9 +561,10 @@ def _settle(self, tokens: Optional[Tensor] = None) -> None:
         for p in group["params"]:
             st = self.state.get(p)
             if not st or mode == "dense": continue
-            if tokens is not None and mode == "exact" and _kernel_ok(self, p):   # the kernel settles the late ones among the ids
+            kern = _kernel_ok(self, p)
+            if tokens is not None and mode == "exact" and kern:                # the kernel settles the late ones among the ids
                 _kernel_rows(self, p, st, group, (tokens.cpu(),)); continue
-            rows = None if tokens is None else (distinct_rows(tokens, p.shape[0]) if _kernel_ok(self, p) and tokens.device.type == "cpu"
+            rows = None if tokens is None else (distinct_rows(tokens, p.shape[0]) if kern and tokens.device.type == "cpu"
                                                 else tokens.reshape(-1).to(p.device).unique())
             if mode == "row_local":
                 with cpu_threads(thr, p.device):
