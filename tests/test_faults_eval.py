@@ -1,12 +1,12 @@
 "Faults of `stem-nb eval`, driven from the command line as a user would: each asserts the message, the exit code, and that nothing changed."
 import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1"); os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import hashlib, json, subprocess, sys
+import hashlib, json, re, subprocess, sys
 from pathlib import Path
 
 import pytest, torch
 
-from stem_nb.checkpoint import save_checkpoint
+from stem_nb.checkpoint import MANIFEST, TABLE_DIR, save_checkpoint, write_manifest
 from stem_nb.corpora import needle_haystack
 from stem_nb.data import load_tokenizer
 from stem_nb.model import Transformer, preset
@@ -15,9 +15,9 @@ from stem_nb.tasks import build_offline_tasks
 ENTRY = "import sys; from stem_nb.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def stem_nb_eval(*args, timeout=600):
-    "Run `stem-nb eval ARGS` in a fresh process; (exit code, stdout, stderr)."
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+def stem_nb_eval(*args, timeout=600, env=None):
+    "Run `stem-nb eval ARGS` in a fresh process (`env`: extra variables); (exit code, stdout, stderr)."
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     r = subprocess.run([sys.executable, "-c", ENTRY, "eval", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
     return r.returncode, r.stdout, r.stderr
 
@@ -37,6 +37,8 @@ def run_dir(tmp_path_factory):
     (d / "config.yaml").write_text(cfg)
     tok = load_tokenizer("byte")
     (d / "data.json").write_text(json.dumps({"tokenizer": {"name": "byte", "fingerprint": tok.fingerprint, "n_vocab": tok.n_vocab}}))
+    (d / "metrics.jsonl").write_text('{"step": 1, "loss": 5.5}\n{"step": 2, "loss": 5.4}\n')
+    (d / "train.log").write_text("step 1 loss 5.5\nstep 2 loss 5.4\n")
     return d
 
 
@@ -121,3 +123,144 @@ def test_split_comes_from_split_seed_not_seed():
     assert spec["split_seed"] == 0 and spec["split_from"] == "config data.split_seed"
     train, val = source_splits("shakespeare", spec["val_fraction"], spec["split_seed"])
     assert val and not set(val) & set(train)
+
+
+# -- where the results go -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target, message", [
+    ("checkpoints/0000000001/model_args.json", "which holds checkpoints"),     # overwritten, it blocked resume
+    ("checkpoints/0000000001/eval_results.json", "which holds checkpoints"),   # a new file inside a checkpoint
+    ("metrics.jsonl", "is not an earlier evaluation result"),                  # the run's own files
+    ("config.yaml", "is not an earlier evaluation result")])
+def test_out_over_a_run_is_refused(run_dir, target, message):
+    before = tree_sums(run_dir)
+    rc, out, err = stem_nb_eval(run_dir, "--tasks", "stem_bios_mc", "--limit", "1", "--out", run_dir / target)
+    assert rc == 2 and message in err and "(or --force)" in err and "Traceback" not in err, err[-2000:]
+    assert "scoring" not in out                                             # refused before the model was loaded
+    assert tree_sums(run_dir) == before
+
+
+def test_default_out_is_beside_the_run_not_in_the_checkpoint(tmp_path, task_dir):
+    "Scoring a checkpoint folder writes `eval_results.json` in its dump dir, atomically; the checkpoint is untouched."
+    torch.manual_seed(0)
+    ck = save_checkpoint(tmp_path / "checkpoints", 1, Transformer(preset("debug", ffn_type="stem", stem_layers="all", vocab_size=258)),
+                         config_yaml="data:\n  tokenizer: byte\n")
+    before = tree_sums(ck)
+    rc, out, err = stem_nb_eval(ck, "--tasks", "stem_bios_mc", "--limit", "1", "--task-dir", task_dir)
+    assert rc == 0, err[-3000:]
+    res = json.loads((tmp_path / "eval_results.json").read_text())
+    assert res["step"] == 1 and res["n-samples"]["stem_bios_mc"]["effective"] == 1
+    assert f"wrote {(tmp_path / 'eval_results.json').resolve()}" in out
+    assert tree_sums(ck) == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "eval_results.json"]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    "An empty read-only tmpfs, when this machine lets us mount one (root, CAP_SYS_ADMIN); else the test is skipped."
+    mnt = tmp_path / "ro"; mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0: pytest.skip(f"cannot mount a read-only tmpfs here ({(r.stderr or r.stdout).strip() or 'mount failed'})")
+    try: yield mnt
+    finally: subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("where, message", [("folder", "is a folder: give the path of a .json file"),
+                                            ("proc", "cannot be written: creating a file in /proc fails"),
+                                            ("read-only", "cannot be written: creating a file in"),
+                                            ("under a file", "metrics.jsonl is a file, not a folder")])
+def test_out_that_cannot_be_written_is_refused_before_the_model(run_dir, tmp_path, request, where, message):
+    out_path = {"folder": lambda: tmp_path, "proc": lambda: Path("/proc/stem-nb-eval.json"),
+                "read-only": lambda: request.getfixturevalue("read_only_dir") / "res.json",
+                "under a file": lambda: run_dir / "metrics.jsonl" / "res.json"}[where]()
+    before = tree_sums(run_dir)
+    rc, out, err = stem_nb_eval(run_dir, "--tasks", "stem_bios_mc", "--limit", "1", "--out", out_path)
+    assert rc == 2 and message in err and "Traceback" not in err, err[-2000:]
+    if where == "read-only": assert "Read-only file system" in err
+    assert "scoring" not in out                                             # nothing was loaded, nothing scored
+    assert tree_sums(run_dir) == before
+
+
+# -- the numbers ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value", [("--limit", "0"), ("--limit", "-5"), ("--subsample", "0"), ("--subsample", "-2")])
+def test_bad_counts_are_refused_before_anything_loads(run_dir, flag, value):
+    before = tree_sums(run_dir)
+    rc, out, err = stem_nb_eval(run_dir, "--tasks", "stem_bios_mc", flag, value)
+    assert rc == 2 and f"argument {flag}: '{value}': give a whole number" in err and "Traceback" not in err, err[-2000:]
+    assert "scoring" not in out and err.count("error:") == 1
+    assert tree_sums(run_dir) == before
+
+
+# -- the held-out text -----------------------------------------------------------------------------------------------
+
+def test_heldout_source_kwargs_are_recorded_and_printed(tmp_path):
+    """Two runs whose data.json differ only in the held-out source's kwargs (and so in the split sha256 each recorded):
+    the results name the source with its kwargs, on screen too, and hash different scored text."""
+    from stem_nb.corpora import data_dir, shakespeare
+    from stem_nb.data import docs_hash, source_splits
+    works = shakespeare()                                                  # the cached corpus (fetched once if missing)
+    data = tmp_path / "data"; data.mkdir(); (data / "shakespeare").symlink_to(data_dir() / "shakespeare")
+    alt = tmp_path / "elsewhere"; alt.mkdir()                              # the same works, other text: what kwargs can point to
+    (alt / "works-v1.jsonl").write_text("".join(json.dumps({**w, "text": w["text"].upper()}) + "\n" for w in works))
+    tok = load_tokenizer("byte")
+    torch.manual_seed(0)
+    m = Transformer(preset("debug", ffn_type="stem", stem_layers="all", vocab_size=258)).eval()
+
+    def run(name, kwargs, split_of):
+        d = tmp_path / name
+        save_checkpoint(d / "checkpoints", 1, m, config_yaml="data:\n  tokenizer: byte\n")
+        val = source_splits("shakespeare", 0.05, 0, **split_of)[1]
+        src = dict(weight=1.0, val_fraction=0.05, split_seed=0, text_field="text", source_kwargs=kwargs, val_sha256=docs_hash(val))
+        (d / "data.json").write_text(json.dumps({"version": 1, "tokenizer": {"name": "byte", "fingerprint": tok.fingerprint,
+                                                 "n_vocab": tok.n_vocab}, "sources": {"shakespeare": src}}))
+        return d
+
+    env = {"STEM_NB_DATA": str(data)}
+    # kwargs that no longer rebuild the recorded split: refused before the model loads
+    bad = run("bad", {"cache_dir": str(alt)}, {})
+    before = tree_sums(bad)
+    rc, out, err = stem_nb_eval(bad, "--tasks", "stem_heldout_ppl", "--limit", "1", "--out", tmp_path / "bad.json", env=env)
+    assert rc == 2 and "the tasks' data cannot be prepared" in err and "differ from the run's" in err and "Traceback" not in err, err[-2000:]
+    assert "scoring" not in out and tree_sums(bad) == before
+
+    res, shown = {}, {}
+    for name, kwargs in (("a", {}), ("b", {"cache_dir": str(alt)})):
+        d = run(name, kwargs, kwargs)
+        before = tree_sums(d)
+        rc, out, err = stem_nb_eval(d, "--tasks", "stem_heldout_ppl", "--limit", "1", "--out", tmp_path / f"{name}.json", env=env)
+        assert rc == 0, err[-3000:]
+        res[name], shown[name] = json.loads((tmp_path / f"{name}.json").read_text()), out
+        assert tree_sums(d) == before
+    a, b = res["a"]["heldout"], res["b"]["heldout"]
+    assert (a["source"], a["source_kwargs"], b["source"], b["source_kwargs"]) == ("shakespeare", {}, "shakespeare", {"cache_dir": str(alt)})
+    assert a["val_sha256"] != b["val_sha256"]
+    sa, sb = a["scored"]["stem_heldout_ppl"], b["scored"]["stem_heldout_ppl"]
+    assert sa["docs"] == sb["docs"] == 1 and sa["sha256"] != sb["sha256"]
+    assert res["a"]["scored"]["stem_heldout_ppl"] == sa
+    kw = json.dumps({"cache_dir": str(alt)})
+    assert res["b"]["sources"]["stem_heldout_ppl"].startswith(f"held-out shakespeare {kw}, val_fraction 0.05, split_seed 0 (run record")
+    assert res["a"]["sources"]["stem_heldout_ppl"].startswith("held-out shakespeare, val_fraction 0.05")
+    assert kw in shown["b"] and "cache_dir" not in shown["a"]                   # the printed table names the source
+    assert f"stem_heldout_ppl 1 ({sa['sha256'][:12]})" in shown["a"] and f"stem_heldout_ppl 1 ({sb['sha256'][:12]})" in shown["b"]
+
+
+# -- tables that must not load -----------------------------------------------------------------------------------------
+
+def test_nan_table_row_is_refused_naming_the_file(tmp_path, task_dir):
+    "A table with a NaN row (its manifest rewritten to match) is refused at load: one message naming the file, no score."
+    dump = tmp_path / "run"
+    torch.manual_seed(0)
+    ck = save_checkpoint(dump / "checkpoints", 1, Transformer(preset("debug", ffn_type="stem", stem_layers="all", vocab_size=258)),
+                         config_yaml="data:\n  tokenizer: byte\n")
+    sl = ck / TABLE_DIR / "slice-000-of-001.pt"
+    obj = torch.load(sl, weights_only=True)
+    layer = next(iter(obj["tables"]))
+    obj["tables"][layer][7] = float("nan")
+    torch.save(obj, sl)
+    man = json.loads((ck / MANIFEST).read_text())
+    write_manifest(ck, **{k: v for k, v in man.items() if k not in ("format", "created", "files")})
+    before = tree_sums(dump)
+    rc, out, err = stem_nb_eval(ck, "--tasks", "stem_bios_mc", "--limit", "1", "--task-dir", task_dir, "--out", tmp_path / "res.json")
+    assert rc == 2, (rc, out[-2000:], err[-2000:])
+    assert "slice-000-of-001.pt" in err and re.search(r"nan|finite", err, re.I) and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "res.json").exists() and tree_sums(dump) == before
