@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #9e271858
 from __future__ import annotations
-import contextlib, dataclasses, fcntl, json, math, os, random, re, resource, subprocess, sys, tempfile, time
+import contextlib, dataclasses, fcntl, json, math, os, random, re, resource, shutil, subprocess, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -16,22 +16,24 @@ import numpy as np
 import torch
 
 from .config import (ConfigError, load_config, dump_config, config_hash, write_atomic, time_interleaved,
-                            paired_speedup, bench_summary)
+                            paired_speedup, bench_summary, repo_root)
 from .model import ModelArgs, Transformer, PRESETS
 from .flops import flops_per_token, estimate_mfu
 from .data import DataArgs, DataError
 from .optim import OptimArgs, ModelOptimizer
 from .distributed import (DistributedArgs, StemLayout, barrier, init_distributed, world_info, unwrap, parallelize,
                                  sync_table_grads, stem_norm_hook, backbone_norm_hook, job_tokens, no_backbone_sync)
-from .checkpoint import (CKPT_DIR, CheckpointError, save_checkpoint, load_latest, prune_checkpoints, list_checkpoints,
-                                rng_state, set_rng_state)
+from .checkpoint import (CKPT_DIR, MANIFEST, MODEL_ARGS, CheckpointError, save_checkpoint, load_checkpoint, verify_checkpoint,
+                                prune_checkpoints, list_checkpoints, rng_state, set_rng_state)
+from torch.distributed.checkpoint.api import CheckpointException
 
 # %% auto #0
-__all__ = ['LOCK_FILE', 'BENCH_VARIANTS', 'CheckpointArgs', 'TrainArgs', 'resolve_device', 'autocast_ctx', 'build_model',
-           'peak_flops', 'to_device', 'build_data', 'clip_hooks', 'train_step', 'validation_loss', 'DivergedError',
-           'truncate_metrics', 'read_metrics', 'progress_line', 'parse_progress', 'DumpLock', 'has_run', 'move_aside',
-           'Run', 'setup_run', 'resume_run', 'flush_rows', 'save_run', 'run_loop', 'run_summary', 'TrainInterrupted',
-           'train', 'cli', 'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb', 'bench_train']
+__all__ = ['LOCK_FILE', 'BENCH_VARIANTS', 'CheckpointArgs', 'TrainArgs', 'resolve_device', 'autocast_ctx', 'load_init_from',
+           'build_model', 'peak_flops', 'to_device', 'build_data', 'clip_hooks', 'train_step', 'validation_loss',
+           'DivergedError', 'truncate_metrics', 'read_metrics', 'progress_line', 'parse_progress', 'DumpDirError',
+           'DumpLock', 'check_writable', 'has_run', 'protected_dir', 'refuse_moving', 'move_aside', 'Run', 'setup_run',
+           'resume_run', 'flush_rows', 'save_run', 'run_loop', 'run_summary', 'TrainInterrupted', 'train', 'cli',
+           'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb', 'bench_train']
 
 # %% ../nbs/09_train.ipynb #d74883fa
 @dataclass
@@ -88,15 +90,31 @@ def autocast_ctx(args: TrainArgs, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 # %% ../nbs/09_train.ipynb #3411587b
-def build_model(args: TrainArgs, device: torch.device) -> Transformer:
-    "The `Transformer` of `args.model` (seeded by `model.seed`) on `device`; fp32 weights."
+def _model_diff(old: dict, margs: ModelArgs) -> Optional[str]:
+    "`model.K=new differs from old` for the first key (but `seed`) where the saved model args `old` differ from `margs`; else None."
+    new = json.loads(json.dumps(dataclasses.asdict(margs)))
+    k = next((k for k in new if k != "seed" and old.get(k) != new[k]), None)
+    return None if k is None else f"model.{k}={new[k]!r} differs from {old.get(k)!r}"
+
+def load_init_from(args: TrainArgs) -> Transformer:
+    "The model `checkpoint.init_from` holds, on the CPU, with the model args of `args.model`; any failure names the path."
+    from stem_nb.checkpoint import load_model
+    src = args.checkpoint.init_from
+    try: m = load_model(src)
+    except CheckpointError as e: raise CheckpointError(f"checkpoint.init_from={src}: {e}") from None
+    except Exception as e:                      # e.g. a consolidated .pt whose weights do not fit its model args
+        msg = (str(e).splitlines() or [""])[0][:300]
+        raise CheckpointError(f"checkpoint.init_from={src} could not be loaded ({type(e).__name__}: {msg}); "
+                              "it is not a stem-nb checkpoint, dump dir or consolidated .pt, or it is corrupted") from None
+    diff = _model_diff(json.loads(json.dumps(dataclasses.asdict(m.args))), args.model)
+    if diff: raise ConfigError(f"checkpoint.init_from={src} holds another model: {diff} in it; set model.* to its model args")
+    return m
+
+def build_model(args: TrainArgs, device: torch.device, init: Optional[Transformer] = None) -> Transformer:
+    "The `Transformer` of `args.model` (seeded by `model.seed`) on `device`, with the weights of `init` (default: `checkpoint.init_from`'s)."
     model = Transformer(args.model).to(device)
-    if args.checkpoint.init_from:
-        from stem_nb.checkpoint import load_model
-        src = load_model(args.checkpoint.init_from)
-        if dataclasses.asdict(src.args) != dataclasses.asdict(args.model):
-            raise ConfigError(f"checkpoint.init_from={args.checkpoint.init_from}: its model args differ from model.*")
-        model.load_state_dict(src.state_dict())
+    if init is None and args.checkpoint.init_from: init = load_init_from(args)
+    if init is not None: model.load_state_dict(init.state_dict())
     if args.compile:
         for layer in model.layers: layer.compile()     # the blocks; table lookups stay eager (sparse grads)
     return model
@@ -189,7 +207,7 @@ def truncate_metrics(path, step: int):
     for line in p.read_text().splitlines():
         try: r = json.loads(line)
         except json.JSONDecodeError: continue
-        if r.get("step", 0) <= step: keep.append(line)
+        if isinstance(r, dict) and r.get("step", 0) <= step: keep.append(line)
     write_atomic(p, "".join(l + "\n" for l in keep))
 
 def read_metrics(dump_dir) -> list[dict]:
@@ -239,6 +257,11 @@ class _Reporter:
         if self.bar is not None: self.bar.write(line)
         else: print(line, flush=True)
 
+    def warn(self, msg: str):
+        "A warning: in train.log and on stderr (rank 0), whatever `progress` is."
+        self.log(f"WARNING: {msg}", console=False)
+        if self.rank == 0: print(f"stem-nb train: WARNING: {msg}", file=sys.stderr, flush=True)
+
     def eta(self, step: int) -> Optional[float]:
         done = step - self.start
         return (self.args.steps - step) * (time.time() - self.t0) / done if done > 0 else None
@@ -259,14 +282,21 @@ class _Reporter:
 # %% ../nbs/09_train.ipynb #bc4de9fb
 LOCK_FILE = ".lock"
 
+class DumpDirError(ConfigError):
+    "The dump dir cannot be used: not writable, out of space, or a folder the trainer must not move aside."
+
 class DumpLock:
     "Exclusive lock on a dump dir (`dump_dir/.lock` holds the pid); a second holder gets a `ConfigError` naming the first's pid."
     def __init__(self, dump): self.dump, self.fd = Path(dump), None
 
     def acquire(self) -> "DumpLock":
-        self.dump.mkdir(parents=True, exist_ok=True)
         f = self.dump / LOCK_FILE
-        fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.dump.mkdir(parents=True, exist_ok=True)
+            fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DumpDirError(f"dump_dir {self.dump} is not writable ({e.filename or f}: {e.strerror}); "
+                               "use a dump_dir this user can write") from None
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
@@ -283,6 +313,21 @@ class DumpLock:
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
 
+# %% ../nbs/09_train.ipynb #665e87a7
+def check_writable(dump):
+    "Raise `DumpDirError` naming `dump` unless a file can be created in it (and in its checkpoints/) and its logs can be appended to."
+    dump = Path(dump)
+    for d in (dump, dump / CKPT_DIR):
+        if d != dump and not d.is_dir(): continue
+        try:
+            fd, name = tempfile.mkstemp(prefix=".write-test-", dir=d); os.close(fd); os.unlink(name)
+        except OSError as e:
+            raise DumpDirError(f"dump_dir {dump} is not writable (cannot create a file in {d}: {e.strerror}); "
+                               "use a dump_dir this user can write") from None
+    for f in (dump / "metrics.jsonl", dump / "train.log"):
+        if f.exists() and not os.access(f, os.W_OK):
+            raise DumpDirError(f"dump_dir {dump} is not writable ({f} cannot be appended to); use a dump_dir this user can write")
+
 # %% ../nbs/09_train.ipynb #9f3263dd
 def has_run(dump) -> bool:
     "Does `dump` hold a run's results (a checkpoint, a temporary checkpoint, or metrics rows)?"
@@ -290,9 +335,31 @@ def has_run(dump) -> bool:
     ck = dump / CKPT_DIR
     return (ck.is_dir() and any(ck.iterdir())) or ((dump / "metrics.jsonl").is_file() and (dump / "metrics.jsonl").stat().st_size > 0)
 
+def protected_dir(dump) -> Optional[str]:
+    "What `dump` is, when it is the working directory, the stem-nb checkout, the home directory or a parent of one (else None)."
+    d = Path(dump).expanduser().resolve()
+    places = [("the working directory", Path.cwd().resolve())]
+    with contextlib.suppress(FileNotFoundError): places.append(("the stem-nb checkout", repo_root()))
+    if "__file__" in globals(): places.append(("the stem-nb checkout", Path(__file__).resolve().parents[1]))
+    places.append(("the home directory", Path.home().resolve()))
+    for what, p in places:
+        if d == p: return what if str(dump) == str(p) or str(dump) == "." else f"{what} ({p})"
+    for what, p in places:
+        if d in p.parents: return f"a parent of {what} ({p})"
+    return None
+
+def refuse_moving(dump):
+    "Raise `DumpDirError` if `checkpoint.resume=false` must not move `dump` aside (see `protected_dir`)."
+    what = protected_dir(dump)
+    if what:
+        raise DumpDirError(f"dump_dir={dump} is {what}: checkpoint.resume=false would move it aside, and a working "
+                           "directory, the stem-nb checkout, the home directory or a parent of them is never moved. "
+                           "Use a dump_dir of its own (e.g. runs/NAME), or drop checkpoint.resume=false to resume there")
+
 def move_aside(dump, lock: DumpLock) -> Path:
     "Rename the locked `dump` to `<dump>.old-<timestamp>` and re-lock a fresh, empty `dump`; returns the new name of the old run."
     dump = Path(dump)
+    refuse_moving(dump)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     old = dump.with_name(f"{dump.name}.old-{stamp}")
     k = 1
@@ -343,15 +410,19 @@ def _seed_all(seed: int):
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
 def setup_run(args: TrainArgs) -> Run:
-    "Lock the dump dir (rank 0), build the model, its parallelism, the optimizer and the data; writes nothing else."
+    "Check `init_from` and (`resume=false`) that the dump dir may be moved aside; lock the dump dir (rank 0) and check that it is writable; build the model, its parallelism, the optimizer and the data. Writes nothing but the lock."
     rank, world, _ = init_distributed(args.distributed)
     device = resolve_device(args)
     dump = Path(args.dump_dir)
+    if not args.checkpoint.resume: refuse_moving(dump)
+    init = load_init_from(args) if args.checkpoint.init_from else None
     lock = DumpLock(dump).acquire() if rank == 0 else None
     try:
+        if rank == 0: check_writable(dump)
         barrier()
         _seed_all(args.seed + rank)
-        model = build_model(args, device)
+        model = build_model(args, device, init)
+        del init
         layout = StemLayout(1, 0, 1)
         if world > 1: model, layout = parallelize(model, args.distributed, device)
         optimizer = ModelOptimizer(unwrap(model), args.optim, args.steps)
@@ -361,24 +432,40 @@ def setup_run(args: TrainArgs) -> Run:
         raise
     return Run(args, model, optimizer, layout, device, loader, val_fn, dump, rank, world, lock)
 
-# %% ../nbs/09_train.ipynb #3b3a4062
+# %% ../nbs/09_train.ipynb #22362b9b
 def _check_same_model(ckpt_dir, margs: ModelArgs):
-    "A resumed run must build the model its checkpoints hold: name the first `model.*` key that differs."
-    f = Path(ckpt_dir) / "model_args.json"
+    "A resumed run must build the model its (verified) checkpoint holds: name the first `model.*` key that differs."
+    f = Path(ckpt_dir) / MODEL_ARGS
     if not f.is_file(): return
-    old, new = json.loads(f.read_text()), json.loads(json.dumps(dataclasses.asdict(margs)))
-    diff = [k for k in new if k != "seed" and old.get(k) != new[k]]
+    try: old = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e: raise CheckpointError(f"{f} is not valid JSON ({e})") from None
+    if not isinstance(old, dict): raise CheckpointError(f"{f} holds a {type(old).__name__}, not the model args")
+    diff = _model_diff(old, margs)
     if diff:
-        k = diff[0]
-        raise ConfigError(f"model.{k}={new[k]!r} differs from {old.get(k)!r} in the checkpoint {ckpt_dir} this run would resume; "
+        raise ConfigError(f"{diff} in the checkpoint {ckpt_dir} this run would resume; "
                           f"use a new dump_dir, or checkpoint.resume=false to move the old run aside and start over")
 
+def _verify(ckpt_dir):
+    "`verify_checkpoint`, with any failure (a manifest that is valid JSON but not a manifest, too) a `CheckpointError`."
+    try: verify_checkpoint(ckpt_dir)
+    except CheckpointError: raise
+    except Exception as e:
+        raise CheckpointError(f"{Path(ckpt_dir) / MANIFEST} is unusable ({type(e).__name__}: {e}): checkpoint {ckpt_dir} "
+                              "is corrupted") from None
+
 def _load_newest(run: Run):
-    "Load the newest valid checkpoint into `run` (model, optimizer, data position, RNG, counters)."
+    "Load the newest verified, loadable checkpoint into `run` (model, optimizer, data position, RNG, counters), warning about each one skipped."
     existing = list_checkpoints(run.ckroot)
-    _check_same_model(existing[-1], run.args.model)
     hp = run.optimizer.hparams()
-    res = load_latest(run.ckroot, run.model, run.optimizer, run.layout, log=run.rep.log)
+    res = None
+    for d in reversed(existing):
+        try:
+            _verify(d)
+            _check_same_model(d, run.args.model)     # a ConfigError: the checkpoint is sound, the config differs
+            res = d, load_checkpoint(d, run.model, run.optimizer, run.layout, verify=False)
+            break
+        except (CheckpointError, CheckpointException) as e:
+            run.rep.warn(f"skipping checkpoint {d}: {e}")
     run.optimizer.load_hparams(hp)             # the config's lr / wd / betas win over the checkpoint's
     if res is None:
         raise CheckpointError(f"none of the {len(existing)} checkpoints under {run.ckroot} could be loaded (see "
@@ -392,7 +479,20 @@ def _load_newest(run: Run):
     run.step, run.tokens, run.flops, run.train_s = st["step"], st["tokens"], st["flops"], st.get("train_s", 0.0)
     run.resumed = run.last_ckpt = path
 
-# %% ../nbs/09_train.ipynb #22362b9b
+# %% ../nbs/09_train.ipynb #cf4097bc
+def _write_records(run: Run):
+    "Rank 0 of an accepted run: metrics.jsonl cut back to the resumed step, config.yaml, data.json (eval: the run's split and tokenizer)."
+    f = run.dump / "metrics.jsonl"
+    try:
+        truncate_metrics(f, run.step)
+        f = run.dump / "config.yaml"; dump_config(run.args, f)
+        f = run.dump / "data.json"; write_atomic(f, json.dumps(run.loader.run_record(), indent=1))
+    except OSError as e:
+        free = shutil.disk_usage(run.dump).free
+        raise DumpDirError(f"writing {f} failed ({e.strerror or e}); {free:,} bytes are free in dump_dir {run.dump}. "
+                           f"{f.name} is as it was: free some space and re-run the same command to resume") from None
+
+# %% ../nbs/09_train.ipynb #6ee09c27
 def resume_run(run: Run) -> Run:
     "Resume from the newest checkpoint, or (`resume=false`) move an old run aside; then write config.yaml and data.json."
     args = run.args
@@ -406,9 +506,7 @@ def resume_run(run: Run) -> Run:
     if args.checkpoint.resume and list_checkpoints(run.ckroot): _load_newest(run)
     if run.rank == 0:                          # accepted: now the run's records may change
         prune_checkpoints(run.ckroot, 0)       # leftovers of a killed save
-        truncate_metrics(run.dump / "metrics.jsonl", run.step)
-        dump_config(args, run.dump / "config.yaml")
-        write_atomic(run.dump / "data.json", json.dumps(run.loader.run_record(), indent=1))   # eval: the run's split and tokenizer
+        _write_records(run)
     barrier()
     run.rep.close(); run.rep = _Reporter(args, run.dump, run.step, run.rank)
     n_params = sum(p.numel() for p in unwrap(run.model).parameters())
