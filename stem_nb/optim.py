@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/optim.html.md"""
 
 # %% ../nbs/06_optim.ipynb #cb57ff07
 from __future__ import annotations
-import math
+import math, numbers, types
 import numpy as np
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,10 +19,10 @@ from torch import nn, Tensor
 from .config import ConfigError, time_interleaved, paired_speedup
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'TABLE_OPTIMIZERS', 'ParamsLike', 'ROW_THREADS', 'TABLE_KERNELS', 'OptimArgs', 'lr_factor', 'lr_at',
-           'named_params', 'param_groups', 'exact_window', 'cpu_threads', 'compact_rows', 'coalesced', 'TableAdamW',
-           'distinct_rows', 'row_segments', 'grad_sq_norm', 'clip_grad_norm_', 'ModelOptimizer', 'zipf_tokens',
-           'copy_bandwidth', 'bench_optim']
+__all__ = ['SCHEDULES', 'TABLE_OPTIMIZERS', 'ParamsLike', 'ROW_THREADS', 'TABLE_KERNELS', 'MAX_STEP', 'OptimArgs', 'lr_factor',
+           'lr_at', 'named_params', 'param_groups', 'exact_window', 'cpu_threads', 'compact_rows', 'coalesced',
+           'TableAdamW', 'distinct_rows', 'row_segments', 'grad_sq_norm', 'clip_grad_norm_', 'ModelOptimizer',
+           'zipf_tokens', 'copy_bandwidth', 'bench_optim']
 
 # %% ../nbs/06_optim.ipynb #c7686ba2
 SCHEDULES = ("cosine", "constant")
@@ -44,6 +44,12 @@ class OptimArgs:
     table_optimizer: str = "exact"   # exact | row_local | dense
 
     def __post_init__(self):
+        for k in ("lr", "weight_decay", "beta1", "beta2", "eps", "lr_min_ratio", "clip") + (("table_lr",) if self.table_lr is not None else ()):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ConfigError(f"optim.{k} must be a finite number, got {v!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, numbers.Integral):
+            raise ConfigError(f"optim.warmup must be an integer number of steps, got {self.warmup!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule: {self.schedule!r} is not one of {SCHEDULES}")
         if self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -211,8 +217,8 @@ def _exact_coefs(st: dict, t0: Tensor, b1: float, b2: float, eps: float, W: int,
     return dec, dec * S1, eps_r, torch.pow(b1, k), torch.pow(b2, k)
 
 def _history_room(st: dict, t: int) -> Tensor:
-    "The history, grown (doubling) to hold step `t`."
-    if t - int(st["origin"]) >= st["history"].shape[0]: st["history"] = torch.cat([st["history"], torch.zeros_like(st["history"])])
+    "The history, grown (doubling) to hold step `t`, one past its last row (a history short of more is left to the state checks)."
+    if t - int(st["origin"]) == st["history"].shape[0]: st["history"] = torch.cat([st["history"], torch.zeros_like(st["history"])])
     return st["history"]
 
 def _exact_record(st: dict, lr: float, wd: float, b1: float, b2: float, W: int) -> tuple:
@@ -269,6 +275,13 @@ class TableAdamW(torch.optim.Optimizer):
                 st["decay_log"] = torch.zeros((), dtype=_F64, device=p.device)
         return st
 
+    _row_kernel = None                                    # None: `_rows_kernel` (the benchmark swaps in variants)
+
+    def _check_state(self, p, st, group) -> None:
+        "Before a step or settle reads table `p`'s state: its keys, shapes, dtypes, devices, counters, history length (O(1); see `validate_state`)."
+        problem = _state_problem(p, st, group["mode"], full=False)
+        if problem: raise ValueError(_state_message(self, group, problem))
+
     def _window(self, p, st, b1, b2, W):
         c = self._cache.get(p)                            # valid for this step of this very history tensor only
         return c[2] if c is not None and c[0] == int(st["step"]) and c[1] is st["history"] else _suffix(st, b1, b2, W)
@@ -285,6 +298,7 @@ class TableAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None: continue
                 g, st, mode = p.grad, self._state(p, group["mode"]), group["mode"]
+                self._check_state(p, st, group)
                 if mode == "exact": self._step_exact(p, st, g, group); continue
                 if mode == "dense" and g.is_sparse: g = g.to_dense()
                 with cpu_threads(ROW_THREADS if g.is_sparse else None, p.device):
@@ -348,6 +362,7 @@ def _step_exact(self, p, st, g, group):
         rows, g = compact_rows(g) if g.is_sparse else (None, g)
         cdt = torch.float32 if _low(p.dtype) else p.dtype
         t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
+        _check_row_steps(self, p, st, t0)
         wmv = _gather(self, p, st, rows, cdt)
         if _needs_settle(t0, t): _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, window), cdt)
         _adamw_(*wmv, g.to(cdt), lr, b1, b2, wd, eps, t + 1)
@@ -407,14 +422,37 @@ def _suffix_kernel_py(hist, t, o, W, la, lb, B):
         B[k, 0], B[k, 1] = s1, s2
     return r, ea, eb
 
+def _kernel_check_py(P, M, Vv, RS, rows, hist, K, It, vals, perm, crow, S, adam):
+    """0 if every index `_rows_kernel` will dereference is inside its array, else 1 (the state: shapes, counters, history
+    length, the touched rows' `row_step` in [origin, step]) or 2 (the arguments: the gradient's segments). Reads only."""
+    if K.shape[0] < 7 or It.shape[0] < 3 or S.shape[0] < 8: return 2
+    V, H, N = P.shape[0], P.shape[1], rows.shape[0]
+    t, o, W = It[0], It[1], It[2]
+    if M.shape[0] != V or M.shape[1] != H or Vv.shape[0] != V or Vv.shape[1] != H or RS.shape[0] != V: return 1
+    if hist.shape[1] < 5 or o < 0 or o > t or t - o + (1 if adam else 0) >= hist.shape[0]: return 1
+    if W < 1: return 2
+    for k in range(N):
+        r = rows[k]
+        if r < 0 or r >= V: raise IndexError("TableAdamW: a row index is outside the table")
+        if RS[r] < o or RS[r] > t: return 1
+    if adam:                                           # row i sums vals[perm[crow[i]:crow[i+1]]] (perm empty: the identity)
+        n = perm.shape[0] if perm.shape[0] else vals.shape[0]
+        if crow.shape[0] != N + 1 or crow[0] < 0 or crow[N] > n or (N > 0 and vals.shape[1] != H): return 2
+        for i in range(N):
+            if crow[i + 1] <= crow[i]: return 2
+        for k in range(perm.shape[0]):
+            if perm[k] < 0 or perm[k] >= vals.shape[0]: return 2
+    return 0
+
 def _rows_kernel_py(P, M, Vv, RS, rows, hist, K, It, vals, perm, crow, S, adam, nchunks):
     """In place on P, M, Vv, row_step RS and the history (see above). `adam`: settle the distinct `rows`, take the
-    AdamW step on them and record step t+1 in the history; else settle the ids `rows` (duplicates allowed)."""
+    AdamW step on them and record step t+1 in the history; else settle the ids `rows` (duplicates allowed).
+    Returns `_kernel_check`'s code: nonzero, nothing was read or written past the check."""
+    rc = _kernel_check(P, M, Vv, RS, rows, hist, K, It, vals, perm, crow, S, adam)
+    if rc != 0: return rc
     H, N = P.shape[1], rows.shape[0]
     t, o, W = It[0], It[1], It[2]                      # the table's step, the history's origin, the window
     eps64, b164, b264, la, lb, lr, wd = K[0], K[1], K[2], K[3], K[4], K[5], K[6]
-    for k in range(N):
-        if rows[k] < 0 or rows[k] >= P.shape[0]: raise IndexError("TableAdamW: a row index is outside the table")
     ids, T0, U = np.empty(N, np.int64), np.empty(N, np.int64), 0
     for k in range(N):                                 # settle: each late row once (RS marks it), so threads never share a row
         r = rows[k]
@@ -473,6 +511,7 @@ def _rows_kernel_py(P, M, Vv, RS, rows, hist, K, It, vals, perm, crow, S, adam, 
         hist[t1 - o, _C], hist[t1 - o, _CE] = c1, c1 * sbc
         _suffix_kernel(hist, t1, o, W, la, lb, B)
         if t1 - W >= o: hist[t1 - W - o, _F], hist[t1 - W - o, _FE] = B[0, 0], B[0, 1]
+    return 0
 
 def _segments_py(idx, mark, segments):
     """(distinct values of `idx` in first-occurrence order, perm, crow): positions `perm[crow[i]:crow[i+1]]` (ascending)
@@ -498,11 +537,26 @@ def _segments_py(idx, mark, segments):
 if numba is not None:
     prange = numba.prange
     _suffix_kernel = numba.njit(cache=True)(_suffix_kernel_py)
+    _kernel_check = numba.njit(cache=True)(_kernel_check_py)
     _rows_kernel = numba.njit(parallel=True, cache=True)(_rows_kernel_py)
     _segments = numba.njit(cache=True)(_segments_py)
 
+def _check_id_dtype(ids, where: str) -> None:
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{where}: token ids must be an integer tensor, got {ids.dtype if isinstance(ids, Tensor) else type(ids).__name__}")
+
+def _check_id_range(span: tuple[int, int], V: int, where: str) -> None:
+    if span[0] < 0 or span[1] >= V:
+        raise ValueError(f"{where}: token ids must be in [0, {V}) (the table's rows), found ids in [{span[0]}, {span[1]}]")
+
+def _id_span(ids: Tensor) -> Optional[tuple[int, int]]:
+    "(min, max) of CPU ids (a host read, free); None on a GPU, where it would stall the host (the lookup itself checks there)."
+    if ids.device.type != "cpu": return None
+    return tuple(int(x) for x in torch.aminmax(ids.reshape(-1))) if ids.numel() else (0, -1)
+
 def distinct_rows(idx: Tensor, V: int) -> Tensor:
     "The distinct values of the CPU int tensor `idx` (any shape) in [0, V), in first-occurrence order: one O(n) pass (numba), no sort."
+    _check_id_dtype(idx, "distinct_rows")
     return torch.from_numpy(_segments(_np(idx.reshape(-1).long()), np.full(V, -1, np.int64), False)[0])
 
 def row_segments(grad: Tensor, mark: Optional[np.ndarray] = None) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
@@ -524,10 +578,11 @@ def _mark(self, p) -> np.ndarray:
     return self._ws[key]
 
 def _kernel_ok(self, p) -> bool:
-    "Does the numba row kernel serve table `p`? (kernel not 'torch', numba importable, a contiguous float32/float64 table and moments on the CPU)"
+    "Does the numba row kernel serve table `p`? (kernel not 'torch', numba importable, a contiguous float32/float64 table and moments on the CPU, int64 `row_step` and float64 history)"
     st = self.state.get(p) or {}
     return (self.kernel != "torch" and numba is not None and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
-            and all(x.is_contiguous() and x.dtype == p.dtype for x in (p, *(st[k] for k in ("exp_avg", "exp_avg_sq") if k in st))))
+            and all(x.is_contiguous() and x.dtype == p.dtype for x in (p, *(st[k] for k in ("exp_avg", "exp_avg_sq") if k in st)))
+            and all(st[k].is_contiguous() and st[k].dtype == dt for k, dt in (("row_step", _I64), ("history", _F64)) if k in st))
 
 _EMPTY = torch.empty(0, dtype=_I64)
 
@@ -545,25 +600,33 @@ def _kernel_rows(self, p, st, group, seg) -> None:
     S = np.asarray([1 - lr * wd, b1, 1 - b1, b2, 1 - b2, lr / (1 - b1 ** (t + 1)), math.sqrt(1 - b2 ** (t + 1)), eps] if grad
                    else [0.0] * 8, dtype=np.float64 if dt == torch.float64 else np.float32)
     with numba.parallel_chunksize(1):
-        _rows_kernel(_np_inplace(p), _np_inplace(st["exp_avg"]), _np_inplace(st["exp_avg_sq"]), _np_inplace(st["row_step"]),
-                     _np(rows.reshape(-1).long()), _np_inplace(st["history"]), K, It, _np(vals), _np(perm), _np(crow), S,
-                     bool(grad), 8 * threads)
+        rc = (self._row_kernel or _rows_kernel)(
+            _np_inplace(p), _np_inplace(st["exp_avg"]), _np_inplace(st["exp_avg_sq"]), _np_inplace(st["row_step"]),
+            _np(rows.reshape(-1).long()), _np_inplace(st["history"]), K, It, _np(vals), _np(perm), _np(crow), S, bool(grad), 8 * threads)
+    if rc == 1: _refuse_state(self, p, st)
+    if rc: raise ValueError(f"TableAdamW: the row kernel was handed malformed arguments for {_table_name(self, p)} (the gradient's segments or the step's constants)")
 
 # %% ../nbs/06_optim.ipynb #2c966beb
 _BOOKKEEPING = ("step", "origin", "row_step", "history", "decay_at", "decay_log")
 
 @torch.no_grad()
 def _settle(self, tokens: Optional[Tensor] = None) -> None:
-    "Bring rows `tokens` (every row if None) of every table up to the last completed step, before they are read."
+    "Bring rows `tokens` (integer ids, every row if None) of every table up to the last completed step, before they are read."
     thr = None if tokens is None else ROW_THREADS                        # the torch path's row-sized ops: pinned (see above)
+    if tokens is not None: _check_id_dtype(tokens, "TableAdamW.settle")
+    span = None if tokens is None else _id_span(tokens)
     for group in self.param_groups:
         (b1, b2), eps, mode = group["betas"], group["eps"], group["mode"]
         for p in group["params"]:
             st = self.state.get(p)
             if not st or mode == "dense": continue
+            self._check_state(p, st, group)
             kern = _kernel_ok(self, p)
             if tokens is not None and mode == "exact" and kern:                # the kernel settles the late ones among the ids
-                _kernel_rows(self, p, st, group, (tokens.cpu(),)); continue
+                ids = tokens.cpu()
+                _check_id_range(span or _id_span(ids), p.shape[0], "TableAdamW.settle")
+                _kernel_rows(self, p, st, group, (ids,)); continue
+            if span is not None: _check_id_range(span, p.shape[0], "TableAdamW.settle")
             rows = None if tokens is None else (distinct_rows(tokens, p.shape[0]) if kern and tokens.device.type == "cpu"
                                                 else tokens.reshape(-1).to(p.device).unique())
             if mode == "row_local":
@@ -575,6 +638,7 @@ def _settle(self, tokens: Optional[Tensor] = None) -> None:
                 continue
             W, cdt, t = exact_window(b1, b2), (torch.float32 if _low(p.dtype) else p.dtype), int(st["step"])
             t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
+            _check_row_steps(self, p, st, t0)
             if rows is not None and rows.device.type == "cpu":           # only the rows that missed steps (host check: free)
                 late = t0 < t; rows, t0 = rows[late], t0[late]
             if rows is None or rows.numel():
@@ -586,28 +650,113 @@ def _settle(self, tokens: Optional[Tensor] = None) -> None:
             elif rows.numel(): st["row_step"].index_fill_(0, rows, t)
 
 def _table_load_state_dict(self, state_dict: dict) -> None:
-    "As `torch.optim.Optimizer.load_state_dict`, but the bookkeeping keeps its dtype (int64 / float64) and place; state shapes checked."
+    "As `torch.optim.Optimizer.load_state_dict`, but the bookkeeping keeps its dtype (int64 / float64) and place, and every table's state is validated; a refused one changes nothing."
     for g, h in zip(self.param_groups, state_dict["param_groups"]):
         if h.get("mode", "row_local") != g["mode"]:
             raise ValueError(f"TableAdamW.load_state_dict: group {g.get('name', '?')} was saved in mode {h.get('mode', 'row_local')!r}, "
                              f"this optimizer runs {g['mode']!r}; set optim.table_optimizer={h.get('mode', 'row_local')} to resume it")
+    before = self.state, self.param_groups
     super(TableAdamW, self).load_state_dict(state_dict)
+    try:
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(i)
+            if not isinstance(saved, dict): continue
+            for k in _BOOKKEEPING:
+                if isinstance(saved.get(k), Tensor):
+                    dev = "cpu" if k in ("step", "origin") else p.device
+                    self.state[p][k] = saved[k].to(device=dev, copy=True)
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p in self.state: _validate(self, p, self.state[p], g)
+    except Exception:
+        self.state, self.param_groups = before
+        raise
     self._cache, self._ws = {}, {}
-    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    params = [p for g in self.param_groups for p in g["params"]]
-    for i, p in zip(saved_ids, params):
-        saved = state_dict["state"].get(i)
-        if not saved: continue
-        for k in ("exp_avg", "exp_avg_sq"):
-            if tuple(saved[k].shape) != tuple(p.shape):
-                raise ValueError(f"TableAdamW.load_state_dict: state {k!r} of param {i} has shape "
-                                 f"{tuple(saved[k].shape)}, the table is {tuple(p.shape)}")
-        for k in _BOOKKEEPING:
-            if k in saved:
-                dev = "cpu" if k in ("step", "origin") else p.device
-                self.state[p][k] = saved[k].to(device=dev, copy=True)
 
 TableAdamW.settle, TableAdamW.load_state_dict = _settle, _table_load_state_dict
+
+# %% ../nbs/06_optim.ipynb #a0a1663f
+MAX_STEP = 2 ** 53
+
+def _state_spec(p: Tensor, mode: str) -> dict:
+    "key -> (shape (None: any length), dtype, allowed devices) of table `p`'s state in `mode`."
+    V, here, scalar = p.shape[0], (p.device,), (torch.device("cpu"), p.device)
+    spec = dict(exp_avg=(tuple(p.shape), p.dtype, here), exp_avg_sq=(tuple(p.shape), p.dtype, here), step=((), _I64, scalar))
+    if mode == "exact": spec.update(origin=((), _I64, scalar), row_step=((V,), _I64, here), history=((None, 5), _F64, here))
+    if mode == "row_local": spec.update(row_step=((V,), _I64, here), decay_at=((V,), _F64, here), decay_log=((), _F64, scalar))
+    return spec
+
+def _shape_str(shape) -> str: return "(" + ", ".join("n" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+def _state_problem(p: Tensor, st, mode: str, full: bool = True) -> Optional[str]:
+    "What is wrong with `st` as the state of table `p` in `mode` ('key: expected ..., found ...'), or None. `full`: also every row's values (O(V))."
+    if not isinstance(st, dict): return f"expected a dict of tensors, found a {type(st).__name__}"
+    if not st: return None                                          # never stepped: built at the first step
+    spec = _state_spec(p, mode)
+    for k in st:
+        if k not in spec: return f"{k!r}: expected no such key (mode {mode!r} keeps {', '.join(spec)}), found one"
+    for k, (shape, dtype, devs) in spec.items():
+        v = st.get(k)
+        if v is None: return f"{k!r}: expected the key (mode {mode!r} keeps {', '.join(spec)}), found it missing"
+        if not isinstance(v, Tensor): return f"{k!r}: expected a tensor, found a {type(v).__name__}"
+        if v.ndim != len(shape) or any(e is not None and e != d for e, d in zip(shape, v.shape)):
+            return f"{k!r}: expected shape {_shape_str(shape)}, found {tuple(v.shape)}"
+        if v.dtype != dtype: return f"{k!r}: expected dtype {dtype}, found {v.dtype}"
+        if v.device not in devs: return f"{k!r}: expected device {' or '.join(dict.fromkeys(map(str, devs)))}, found {v.device}"
+    t, lo = int(st["step"]), 0
+    if not 0 <= t <= MAX_STEP: return f"'step': expected 0 <= step <= 2^53, found {t}"
+    if mode == "exact":
+        lo, n = int(st["origin"]), st["history"].shape[0]
+        if not 0 <= lo <= t: return f"'origin': expected 0 <= origin <= step = {t}, found {lo}"
+        if n < t - lo + 1: return f"'history': expected at least step - origin + 1 = {t - lo + 1} rows, found {n}"
+    if not full or mode == "dense": return None
+    if p.shape[0]:
+        a, b = (int(x) for x in torch.aminmax(st["row_step"]))
+        if a < lo or b > t:
+            return f"'row_step': expected every value in [{f'origin = {lo}' if mode == 'exact' else 0}, step = {t}], found values in [{a}, {b}]"
+    if mode == "exact" and not bool(torch.isfinite(st["history"][:t - lo + 1]).all()):
+        return f"'history': expected finite values in its first {t - lo + 1} rows, found NaN or inf"
+    if mode == "row_local":
+        if not bool(torch.isfinite(st["decay_log"])) or st["decay_log"] > 0: return f"'decay_log': expected a finite value <= 0, found {st['decay_log'].item()}"
+        if p.shape[0] and not bool(((st["decay_at"] >= st["decay_log"].to(st["decay_at"].device)) & (st["decay_at"] <= 0)).all()):
+            return f"'decay_at': expected every value in [decay_log, 0], found values in [{st['decay_at'].min().item()}, {st['decay_at'].max().item()}]"
+    return None
+
+def _group_table(self, group) -> str:
+    "'table <name>', or 'the table of param group <i>' for an unnamed group."
+    i = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
+    return f"table {group['name']!r}" if "name" in group else f"the table of param group {i}"
+
+def _table_name(self, p) -> str:
+    return next((_group_table(self, g) for g in self.param_groups if any(q is p for q in g["params"])), "a table")
+
+def _state_message(self, group, problem: str) -> str:
+    return f"TableAdamW: state of {_group_table(self, group)} (mode {group['mode']!r}): {problem}"
+
+def _validate(self, p, state, group) -> None:
+    problem = _state_problem(p, state, group["mode"])
+    if problem: raise ValueError(_state_message(self, group, problem))
+
+def _validate_state(self, p: Tensor, state: dict) -> None:
+    "Raise `ValueError` (naming the table, the key, the expected and the found value) unless `state` is sound for table `p` of this optimizer, in its group's mode."
+    group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+    if group is None: raise ValueError(f"TableAdamW.validate_state: the tensor of shape {tuple(p.shape)} is not a table of this optimizer")
+    _validate(self, p, state, group)
+
+def _refuse_state(self, p, st) -> None:
+    "The checks of a step (the kernel's, the torch path's) found the state of `p` unsound: raise `validate_state`'s error for it."
+    self.validate_state(p, st)
+    raise ValueError(f"TableAdamW: the row kernel refused the state of {_table_name(self, p)}: its counters, row_step or history do not fit its arrays")
+
+def _check_row_steps(self, p, st, t0: Tensor) -> None:
+    "The torch path's check of the rows it is about to read: `row_step` in [origin, step] (a host check on the CPU; on a GPU the load-time validation stands guard)."
+    if t0.device.type != "cpu" or not t0.numel(): return
+    a, b = torch.aminmax(t0)
+    if int(a) < int(st["origin"]) or int(b) > int(st["step"]): _refuse_state(self, p, st)
+
+TableAdamW.validate_state = _validate_state
 
 # %% ../nbs/06_optim.ipynb #b45a9696
 def _grads(params) -> list:
@@ -751,6 +900,14 @@ def copy_bandwidth(mb: int = 256, rounds: int = 5) -> float:
     return 2 * src.numel() * 4 / sorted(ts)[len(ts) // 2]
 
 # %% ../nbs/06_optim.ipynb #796a1f19
+def _unchecked_optimizer(boundscheck: bool = False) -> type:
+    "`TableAdamW` without its state checks (at each step, and the kernel's at entry), optionally with numba's `boundscheck` instead: the benchmark's baselines."
+    def no_check(P, M, Vv, RS, rows, hist, K, It, vals, perm, crow, S, adam): return 0
+    g = dict(_rows_kernel_py.__globals__, _kernel_check=numba.njit(no_check))
+    if boundscheck: g["_suffix_kernel"] = numba.njit(boundscheck=True)(_suffix_kernel_py)
+    kern = numba.njit(parallel=True, boundscheck=boundscheck)(types.FunctionType(_rows_kernel_py.__code__, g, "_rows_kernel_unchecked"))
+    return type("TableAdamWUnchecked", (TableAdamW,), dict(_row_kernel=staticmethod(kern), _check_state=lambda self, p, st, group: None))
+
 def _bench_contenders(V, H, toks, vals, which) -> dict:
     "One step per call, cycling through the batches `toks` (so the exact mode has rows to settle, as in training)."
     grads = [torch.sparse_coo_tensor(t[None], vals, (V, H), check_invariants=False) for t in toks]   # uncoalesced, as nn.Embedding(sparse=True)
@@ -765,10 +922,12 @@ def _bench_contenders(V, H, toks, vals, which) -> dict:
             o.step()
         return fn
     for name, mode, kernel, gs in (("exact", "exact", "auto", grads), ("exact_torch", "exact", "torch", grads),
-                                   ("row_local", "row_local", "auto", grads), ("exact_compact", "exact", "auto", compact)):
+                                   ("row_local", "row_local", "auto", grads), ("exact_compact", "exact", "auto", compact),
+                                   ("exact_unchecked", "exact", "numba", grads), ("exact_boundscheck", "exact", "numba", grads)):
         if name in which:
             w = nn.Parameter(torch.randn(V, H) * 0.02)
-            fns[name] = cycling(w, TableAdamW([w], mode=mode, kernel=kernel, **kw), settle=mode == "exact", gs=gs)
+            cls = _unchecked_optimizer(name == "exact_boundscheck") if name in ("exact_unchecked", "exact_boundscheck") else TableAdamW
+            fns[name] = cycling(w, cls([w], mode=mode, kernel=kernel, **kw), settle=mode == "exact", gs=gs)
     if "adamw_fused" in which:
         wd = nn.Parameter(torch.randn(V, H) * 0.02); wd.grad = grads[0].to_dense()
         fns["adamw_fused"] = torch.optim.AdamW([wd], fused=True, **kw).step
