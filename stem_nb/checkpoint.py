@@ -7,30 +7,34 @@ Docs: https://stem-nb.github.io/stem-nb/checkpoint.html.md"""
 
 # %% ../nbs/08_checkpoint.ipynb #265ddd83
 from __future__ import annotations
-import base64, dataclasses, io, json, os, pickle, random, re, secrets, shutil, time, warnings
+import base64, collections, contextlib, dataclasses, io, json, math, os, pickle, random, re, secrets, shutil, sys, time, warnings, zipfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import (Metadata, TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata,
+                                                   TensorProperties, MetadataIndex, StorageMeta)
 from torch.distributed.checkpoint.planner import LoadItemType
 
 from .config import sha256_file, write_atomic
 from .model import ModelArgs, Transformer, is_table_key
+from .flops import count_params
 from .distributed import StemLayout, barrier, world_info, unwrap
 
 # %% auto #0
 __all__ = ['CKPT_DIR', 'MANIFEST', 'MODEL_ARGS', 'OPTIMIZER_HPARAMS', 'TABLE_DIR', 'BACKBONE_DIR', 'REF_PREFIX', 'REF_SHARDS',
            'CheckpointError', 'ckpt_name', 'train_state_file', 'write_manifest', 'verify_checkpoint',
-           'read_dcp_metadata', 'GuardedReader', 'dcp_load', 'load_tensor_file', 'rng_state', 'set_rng_state',
-           'save_table_shards', 'table_slices', 'load_table_shards', 'full_tables', 'save_backbone', 'load_backbone',
-           'list_checkpoints', 'prune_checkpoints', 'save_checkpoint', 'read_train_state', 'read_model_args',
-           'load_checkpoint', 'load_latest', 'export_consolidated', 'resolve_checkpoint', 'load_model',
+           'read_dcp_metadata', 'available_memory', 'GuardedReader', 'dcp_load', 'load_tensor_file', 'rng_state',
+           'set_rng_state', 'save_table_shards', 'table_slices', 'load_table_shards', 'full_tables', 'save_backbone',
+           'load_backbone', 'list_checkpoints', 'CheckpointPruned', 'pin_checkpoint', 'prune_checkpoints',
+           'save_checkpoint', 'read_train_state', 'model_args_from', 'read_model_args', 'load_checkpoint',
+           'load_latest', 'export_consolidated', 'resolve_checkpoint', 'reading_checkpoint', 'load_model',
            'write_reference_checkpoint', 'import_reference']
 
 # %% ../nbs/08_checkpoint.ipynb #0c57b9ed
@@ -80,13 +84,93 @@ _METADATA_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in
     "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+_STATEFUL = (Metadata, TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata, TensorProperties, MetadataIndex,
+             StorageMeta, _StorageInfo)                                    # the only types BUILD may give state to
+_FRESH = {dict, list, set, collections.OrderedDict, *_STATEFUL}            # constructing one always makes a new object
 
-class _MetadataUnpickler(pickle.Unpickler):
-    "Resolves only the classes a DCP `.metadata` file contains; every other global (os.system, eval, ...) is refused."
+def _what(obj) -> str:
+    "How an unpickled object is named in a refusal: the class or function itself, or the type of an instance."
+    if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__"):
+        return f"{'the class' if isinstance(obj, type) else 'the function'} {obj.__module__}.{obj.__qualname__}"
+    return f"a {type(obj).__module__}.{type(obj).__qualname__}"
+
+class _MetadataUnpickler(pickle._Unpickler):
+    "Resolves only the classes a DCP `.metadata` file contains (os.system, eval, ... are refused) and changes only objects it created."
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file):
+        super().__init__(file)
+        self._made: dict[int, object] = {}          # id -> object this load created (the reference keeps the id unique)
+
     def find_class(self, module: str, name: str):
         if (module, name) in _METADATA_GLOBALS: return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype): return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+
+    def _own(self, obj, op: str):
+        if self._made.get(id(obj)) is not obj:
+            raise pickle.UnpicklingError(f"{op} applied to {_what(obj)}, which this file did not create "
+                                         "(a crafted file changing a class or object of the loading process)")
+
+    def _build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        self._own(inst, "BUILD")
+        cls = type(inst)
+        if cls not in _STATEFUL: raise pickle.UnpicklingError(f"BUILD applied to {_what(inst)}: only DCP metadata objects take state")
+        if "__setstate__" in vars(cls): return cls.__setstate__(inst, state)      # TensorProperties: sets its own fields
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(state, dict) or not all(isinstance(k, str) and k in names for k in state):
+            raise pickle.UnpicklingError(f"BUILD of {cls.__name__} with a state that is not a dict of its fields {sorted(names)}")
+        inst.__dict__.update(state)
+    dispatch[pickle.BUILD[0]] = _build
+
+def _tracked(op: bytes):
+    "The unpickler's handler of an opcode that creates an object, recording it when its type always makes a new one."
+    load = pickle._Unpickler.dispatch[op[0]]
+    def run(self):
+        load(self)
+        if type(self.stack[-1]) in _FRESH: self._made[id(self.stack[-1])] = self.stack[-1]
+    return run
+
+def _guarded(op: bytes, name: str, target):
+    "The unpickler's handler of an opcode that changes the object `target(self)`: only one this load created."
+    load = pickle._Unpickler.dispatch[op[0]]
+    def run(self):
+        self._own(target(self), name)
+        load(self)
+    return run
+
+for _op in (pickle.EMPTY_DICT, pickle.EMPTY_LIST, pickle.EMPTY_SET, pickle.DICT, pickle.LIST, pickle.REDUCE, pickle.NEWOBJ,
+            pickle.NEWOBJ_EX, pickle.OBJ, pickle.INST):
+    _MetadataUnpickler.dispatch[_op[0]] = _tracked(_op)
+for _op, _name, _target in ((pickle.SETITEM, "SETITEM", lambda u: u.stack[-3]), (pickle.APPEND, "APPEND", lambda u: u.stack[-2]),
+                            (pickle.SETITEMS, "SETITEMS", lambda u: u.metastack[-1][-1]),
+                            (pickle.APPENDS, "APPENDS", lambda u: u.metastack[-1][-1]),
+                            (pickle.ADDITEMS, "ADDITEMS", lambda u: u.metastack[-1][-1])):
+    _MetadataUnpickler.dispatch[_op[0]] = _guarded(_op, _name, _target)
+
+def _refuse(f, why: str) -> CheckpointError: return CheckpointError(f"{f} is refused: {why}")
+
+def _check_metadata(f: Path, meta, path):
+    "The structure stem-nb relies on: tensor entries with a shape and a dtype, storage entries naming a file inside `path`."
+    if not isinstance(meta, Metadata): raise _refuse(f, f"it holds a {type(meta).__name__}, not DCP Metadata")
+    sdm = meta.state_dict_metadata
+    if not isinstance(sdm, dict): raise _refuse(f, "its state_dict_metadata is not a dict")
+    for k, v in sdm.items():
+        if isinstance(v, BytesStorageMetadata): continue
+        ok = isinstance(k, str) and isinstance(v, TensorStorageMetadata) and isinstance(v.size, torch.Size) and \
+            all(n >= 0 for n in v.size) and isinstance(v.properties, TensorProperties) and isinstance(v.properties.dtype, torch.dtype)
+        if not ok: raise _refuse(f, f"entry {k!r} is not a tensor of known shape and dtype")
+    for info in (meta.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
+            raise _refuse(f, f"storage entry {rel!r} is not a file name inside {path}")
+        if not all(type(n) is int and n >= 0 for n in (info.offset, info.length)):
+            raise _refuse(f, f"storage entry in {rel!r} has offset {info.offset!r} and length {info.length!r}")
+        if info.transform_descriptors:
+            raise _refuse(f, f"storage entry in {rel!r} is stored through the stream transforms {list(info.transform_descriptors)} "
+                             "(compression, ...); stem-nb reads plain torch.save items only")
 
 def read_dcp_metadata(path) -> Metadata:
     "The `Metadata` of the DCP folder `path`, unpickled with only DCP's own classes allowed; else `CheckpointError`."
@@ -96,26 +180,83 @@ def read_dcp_metadata(path) -> Metadata:
     except Exception as e:
         raise CheckpointError(f"{f} is refused: {type(e).__name__}: {e}. Loading never runs code from a checkpoint; "
                               "this file is corrupted or crafted") from None
-    if not isinstance(meta, Metadata): raise CheckpointError(f"{f} is refused: it holds a {type(meta).__name__}, not DCP Metadata")
-    for info in (meta.storage_data or {}).values():
-        rel = getattr(info, "relative_path", None)
-        if not isinstance(info, _StorageInfo) or not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
-            raise CheckpointError(f"{f} is refused: storage entry {rel!r} is not a file name inside {path}")
+    _check_metadata(f, meta, path)
     return meta
 
 # %% ../nbs/08_checkpoint.ipynb #b178889a
+class _Window(io.RawIOBase):
+    "Bytes [offset, offset + length) of an open file, as the seekable read-only file `zipfile` needs."
+    def __init__(self, f, offset: int, length: int): super().__init__(); self.f, self.offset, self.length, self.pos = f, offset, length, 0
+    def readable(self): return True
+    def seekable(self): return True
+    def tell(self): return self.pos
+    def seek(self, pos, whence=0):
+        self.pos = max(0, (pos, self.pos + pos, self.length + pos)[whence]); return self.pos
+    def readinto(self, b):
+        self.f.seek(self.offset + self.pos)
+        data = self.f.read(max(0, min(len(b), self.length - self.pos)))
+        b[:len(data)] = data; self.pos += len(data)
+        return len(data)
+
+def available_memory() -> int:
+    "Bytes this process may still allocate: the system's available memory, capped by this cgroup's limit where there is one."
+    avail = psutil.virtual_memory().available
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max": avail = min(avail, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError): pass
+    return max(avail, 0)
+
+def _check_archive(f, what: str, nbytes: int, in_memory: bool):
+    "Refuse the torch archive in file object `f` (`nbytes` long) unless its entries are stored and fit in it (and in memory)."
+    try:
+        with zipfile.ZipFile(f) as z: infos = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{what} is not a torch zip archive ({type(e).__name__}: {e}); torch.save writes one, "
+                              "and the legacy formats (which declare sizes before any data) are not read") from None
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size]
+    if packed:
+        raise CheckpointError(f"{what}: entry {packed[0]!r} is compressed; torch.save stores every entry, and a compressed entry "
+                              "can declare far more bytes than the file holds: refusing it")
+    declared = sum(i.file_size for i in infos)
+    if declared > nbytes:
+        raise CheckpointError(f"{what}: its entries declare {declared:,} bytes, more than the {nbytes:,} bytes it holds "
+                              "(overlapping entries): refusing it")
+    if in_memory and declared > (avail := available_memory()):
+        raise CheckpointError(f"{what} needs {declared:,} bytes of memory, {avail:,} are available: refusing to load it")
+
+# %% ../nbs/08_checkpoint.ipynb #98d9761a
 class GuardedReader(FileSystemReader):
-    "DCP's `FileSystemReader` with `read_dcp_metadata` for the metadata and no bytes items (pickled objects)."
+    "DCP's `FileSystemReader` with `read_dcp_metadata` for the metadata (or `metadata`, read so already), no bytes items, bounded tensor items."
+    def __init__(self, path, metadata: Optional[Metadata] = None):
+        super().__init__(path)
+        self.metadata = metadata
+
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        meta = read_dcp_metadata(self.path)
+        meta = self.metadata if self.metadata is not None else read_dcp_metadata(self.path)
         if getattr(meta, "storage_meta", None) is not None: meta.storage_meta.load_id = self.load_id
         return meta
 
     def read_data(self, plan, planner):
+        by_file: dict[str, list] = {}
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
                 raise CheckpointError(f"{self.path}: entry {item.dest_index.fqn!r} is a pickled object (a DCP bytes item); "
                                       "stem-nb checkpoints hold tensors only and never unpickle objects: refusing to load it")
+            info = self.storage_data[item.storage_index]
+            by_file.setdefault(info.relative_path, []).append((item, info))
+        for rel, items in by_file.items():       # every item is a torch.save archive inside the file: check it before torch.load
+            f = Path(self.path) / rel
+            try:
+                size = f.stat().st_size
+                with open(f, "rb") as fh:
+                    for item, info in items:
+                        what = f"{f} (entry {item.dest_index.fqn!r})"
+                        if info.offset + info.length > size:
+                            raise CheckpointError(f"{what} lies at bytes [{info.offset:,}, {info.offset + info.length:,}) "
+                                                  f"of a {size:,}-byte file: the file is truncated or the metadata crafted")
+                        _check_archive(_Window(fh, info.offset, info.length), what, info.length, in_memory=True)
+            except OSError as e: raise CheckpointError(f"{f} could not be read ({type(e).__name__}: {e})") from None
         return super().read_data(plan, planner)
 
 # %% ../nbs/08_checkpoint.ipynb #c27b4ca6
@@ -136,26 +277,75 @@ def _failure_message(exc: CheckpointException, path) -> str:
     inner = _first_failure(exc)
     return str(inner) if isinstance(inner, CheckpointError) else f"{path} could not be loaded: {_short(inner)}"
 
-def dcp_load(state: dict, path) -> dict:
-    "Fill the tensors of `state` in place from the DCP folder `path` through `GuardedReader`; every failure is a `CheckpointError`."
+def _flat(state: dict, prefix: str = "") -> dict:
+    "The tensors of a nested state dict by DCP's flattened key ('model.layers.0.attention.wq.weight')."
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict): out.update(_flat(v, f"{prefix}{k}."))
+        elif torch.is_tensor(v): out[f"{prefix}{k}"] = v
+    return out
+
+def dcp_load(state: dict, path, complete: tuple = ()) -> dict:
+    """Fill the tensors of `state` in place from the DCP folder `path` through `GuardedReader`; every failure is a `CheckpointError`.
+    Each entry must have the shape and dtype of its tensor; under the key prefixes `complete`, the folder may hold no entry `state` lacks."""
     path = Path(path)
-    read_dcp_metadata(path)                          # a clear message before DCP's planning (and on every rank)
+    meta = read_dcp_metadata(path)                           # a clear message before DCP's planning (and on every rank)
+    sdm = meta.state_dict_metadata
+    flat = _flat(state)
+    for k, v in flat.items():
+        e = sdm.get(k)
+        if isinstance(e, TensorStorageMetadata) and (tuple(e.size) != tuple(v.shape) or e.properties.dtype != v.dtype):
+            raise CheckpointError(f"{path}: entry {k!r} is {str(e.properties.dtype)[6:]} {list(e.size)} in its .metadata, "
+                                  f"the model's is {str(v.dtype)[6:]} {list(v.shape)}")
+    extra = [k for k in sdm if k.startswith(complete) and k not in flat] if complete else []
+    if extra: raise CheckpointError(f"{path}: unexpected entry {extra[0]!r} ({len(extra)} the model does not have)")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(state, storage_reader=GuardedReader(path))
+            dcp.load(state, storage_reader=GuardedReader(path, meta))
     except CheckpointException as e: raise CheckpointError(_failure_message(e, path)) from None
     except CheckpointError: raise
     except Exception as e: raise CheckpointError(f"{path} could not be loaded: {_short(e)}") from None
     return state
 
-# %% ../nbs/08_checkpoint.ipynb #67ff90e6
+# %% ../nbs/08_checkpoint.ipynb #0a6e8647
 def load_tensor_file(path, mmap: bool = False):
-    "`torch.load(path, weights_only=True)` on CPU: tensors and plain containers only; any failure is a `CheckpointError` naming the file."
+    "`torch.load(path, weights_only=True)` on CPU after `_check_archive`: tensors and plain containers only, sizes bounded; else `CheckpointError`."
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh: _check_archive(fh, str(path), os.fstat(fh.fileno()).st_size, in_memory=not mmap)
+    except OSError as e: raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {e})") from None
     try: return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} could not be loaded with weights_only=True ({_short(e)}); "
                               "it is corrupted, not a stem-nb file, or crafted to run code") from None
+
+# %% ../nbs/08_checkpoint.ipynb #c98499b8
+def _nonfinite_row(t: torch.Tensor) -> Optional[int]:
+    "The first row (index along dim 0) of `t` holding a NaN or inf; None when every value is finite."
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float64))): return None
+    rows = t.reshape(t.shape[0] if t.dim() else 1, -1)
+    step = max(1, (1 << 22) // max(1, rows.shape[1]))
+    for s in range(0, rows.shape[0], step):
+        bad = (~torch.isfinite(rows[s:s + step])).any(dim=1).nonzero()
+        if len(bad): return s + int(bad[0])
+    return None
+
+def _check_tensors(source, got, want: dict, what: str = "tensor", same_dtype: bool = True):
+    "`got` must map exactly the keys of `want` to finite tensors of the shapes (and dtypes) of `want`'s; else `CheckpointError` naming `source`."
+    if not isinstance(got, dict): raise CheckpointError(f"{source}: holds a {type(got).__name__} where a dict of {what}s belongs")
+    missing, extra = [k for k in want if k not in got], [k for k in got if k not in want]
+    if missing: raise CheckpointError(f"{source}: no {what} {missing[0]!r} ({len(missing)} missing)")
+    if extra: raise CheckpointError(f"{source}: unexpected {what} {extra[0]!r}: the model has no such {what} (expected {list(want)})")
+    for k, w in want.items():
+        v = got[k]
+        if not torch.is_tensor(v): raise CheckpointError(f"{source}: {what} {k!r} is a {type(v).__name__}, not a tensor")
+        if tuple(v.shape) != tuple(w.shape): raise CheckpointError(f"{source}: {what} {k!r} has shape {list(v.shape)}, expected {list(w.shape)}")
+        if (v.dtype != w.dtype) if same_dtype else not v.is_floating_point():
+            expected = str(w.dtype)[6:] if same_dtype else "a floating-point dtype"
+            raise CheckpointError(f"{source}: {what} {k!r} is {str(v.dtype)[6:]}, expected {expected}")
+        row = _nonfinite_row(v)
+        if row is not None: raise CheckpointError(f"{source}: {what} {k!r} holds NaN or inf (row {row})")
 
 # %% ../nbs/08_checkpoint.ipynb #5cca3188
 def _b64(t: torch.Tensor) -> str: return base64.b64encode(t.numpy().tobytes()).decode()
@@ -234,32 +424,68 @@ def _slice_state(saved: dict, objs: dict, name: str, h_old: int, lo: int, hi: in
     return state
 
 # %% ../nbs/08_checkpoint.ipynb #024e8e9d
+_SLICE_KEYS = ("P", "slice", "vocab", "hidden", "tables", "optim")
+
+def _read_slice(f: Path, j: int, P: int, V: int, H: int, names: list[str], dtype=torch.float32) -> dict:
+    "Table slice file `f` (slice `j` of `P`) of the `[V, H]` `dtype` tables of STEM layers `names`, checked; else `CheckpointError` naming `f`."
+    obj = load_tensor_file(f, mmap=True)
+    if not isinstance(obj, dict): raise CheckpointError(f"{f}: holds a {type(obj).__name__}, not a table slice (a dict with 'tables')")
+    missing = [k for k in _SLICE_KEYS if k not in obj]
+    if missing: raise CheckpointError(f"{f}: no {missing[0]!r} key: not a stem-nb table slice (keys {list(_SLICE_KEYS)})")
+    if (obj["P"], obj["slice"]) != (P, j): raise CheckpointError(f"{f}: holds slice {obj['slice']!r} of {obj['P']!r}, its name says {j} of {P}")
+    if (obj["vocab"], obj["hidden"]) != (V, H):
+        raise CheckpointError(f"{f}: tables of shape [{obj['vocab']}, {obj['hidden']}] do not fit the model's [{V}, {H}]")
+    _check_tensors(f, obj["tables"], {n: torch.empty(V, H // P, dtype=dtype, device="meta") for n in names}, "table")
+    optim = obj["optim"]
+    if not isinstance(optim, dict) or not all(isinstance(v, dict) for v in optim.values()):
+        raise CheckpointError(f"{f}: 'optim' is not a dict of per-table state dicts")
+    if set(optim) - set(names): raise CheckpointError(f"{f}: optimizer state for table {sorted(set(optim) - set(names))[0]!r}, which the model does not have")
+    return obj
+
+def _same_state_layout(objs: dict, files: list[Path]):
+    "Every slice read holds state for the same tables, with the same keys and tensor shapes (what `_slice_state` relies on)."
+    layout = lambda o: {n: {k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__ for k, v in st.items()} for n, st in o["optim"].items()}
+    (j0, o0), *rest = objs.items()
+    for j, o in rest:
+        if layout(o) != layout(o0): raise CheckpointError(f"{files[j]}: its optimizer state differs in keys or shapes from {files[j0]}")
+
 @torch.no_grad()
 def load_table_shards(ckpt_dir, model, layout: StemLayout, table_optimizer=None):
     "Load the table slices (and optimizer state into `table_optimizer`) saved at any P into this rank's slice for `layout`."
     m = unwrap(model)
     P_old, files = table_slices(ckpt_dir)
     H, V = m.args.hidden_dim, m.args.vocab_size
+    if H % P_old: raise CheckpointError(f"{files[0].parent}: {P_old} slices cannot split the model's table width H={H}")
     h_old, h = H // P_old, H // layout.P
     lo, hi = layout.slice_index * h, (layout.slice_index + 1) * h
     need = range(lo // h_old, (hi - 1) // h_old + 1)
-    objs = {j: load_tensor_file(files[j], mmap=True) for j in need}
-    first = objs[need[0]]
-    if (first["vocab"], first["hidden"]) != (V, H):
-        raise CheckpointError(f"{files[0]}: tables of shape [{first['vocab']}, {first['hidden']}] do not fit the model's [{V}, {H}]")
+    names = list(m.stem_tables)
+    dtype = next(iter(m.stem_tables.values())).weight.dtype if names else torch.float32
+    objs = {j: _read_slice(files[j], j, P_old, V, H, names, dtype) for j in need}
+    _same_state_layout(objs, files)
+    first, read = objs[need[0]], ", ".join(str(files[j]) for j in need)
     for name, emb in m.stem_tables.items():
-        if name not in first["tables"]: raise CheckpointError(f"{files[0]}: no table for STEM layer {name}")
         if tuple(emb.weight.shape) != (V, h):
             raise CheckpointError(f"stem_tables[{name!r}] is {tuple(emb.weight.shape)}, expected the slice [{V}, {h}] for {layout}")
-        emb.weight.copy_(_columns(objs, h_old, lo, hi, lambda o: o["tables"][name]))
-        if table_optimizer is not None and name in first["optim"]:
-            table_optimizer.state[emb.weight] = _slice_state(first["optim"][name], objs, name, h_old, lo, hi, emb.weight.device)
+    states = {}
+    if table_optimizer is not None:
+        for name, emb in m.stem_tables.items():
+            if name not in first["optim"]: continue
+            state = _slice_state(first["optim"][name], objs, name, h_old, lo, hi, emb.weight.device)
+            if hasattr(table_optimizer, "validate_state"):
+                try: table_optimizer.validate_state(emb.weight, state)
+                except ValueError as e: raise CheckpointError(f"{read}: the optimizer state of table {name!r} is refused: {e}") from None
+            states[emb.weight] = state
+    for name, emb in m.stem_tables.items(): emb.weight.copy_(_columns(objs, h_old, lo, hi, lambda o: o["tables"][name]))
+    if table_optimizer is not None: table_optimizer.state.update(states)
 
-def full_tables(ckpt_dir) -> dict[str, torch.Tensor]:
-    "Every table of a checkpoint as one `[V, H]` tensor (slices concatenated along H)."
+def full_tables(ckpt_dir, args: Optional[ModelArgs] = None) -> dict[str, torch.Tensor]:
+    "Every table of a checkpoint (of the model `args`, default its `model_args.json`) as one `[V, H]` tensor (slices concatenated along H)."
+    args = args or read_model_args(ckpt_dir)
     P, files = table_slices(ckpt_dir)
-    objs = [load_tensor_file(f, mmap=True) for f in files]
-    return {name: torch.cat([o["tables"][name] for o in objs], dim=1) for name in objs[0]["tables"]}
+    names = [str(i) for i in args.table_layers]
+    objs = [_read_slice(f, j, P, args.vocab_size, args.hidden_dim, names) for j, f in enumerate(files)]
+    return {name: torch.cat([o["tables"][name] for o in objs], dim=1) for name in names}
 
 # %% ../nbs/08_checkpoint.ipynb #8b9c3db2
 BACKBONE_DIR = "backbone"
@@ -287,7 +513,7 @@ def load_backbone(ckpt_dir, model, backbone_optimizer=None):
     "Load what `save_backbone` wrote, at any world size, into `model` (and `backbone_optimizer`), through the guarded reader."
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict, StateDictOptions
     state, groups = _backbone_state(model, backbone_optimizer)
-    dcp_load(state, Path(ckpt_dir) / BACKBONE_DIR)
+    dcp_load(state, Path(ckpt_dir) / BACKBONE_DIR, complete=("model.",))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     if backbone_optimizer is not None:
         set_optimizer_state_dict(model, backbone_optimizer, {"state": state["optim"]["state"], "param_groups": groups})
@@ -307,15 +533,62 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError: return True
     return True
 
+_PIN_RE, _PRUNING_RE = re.compile(r"^\.pin-(\d+)$"), re.compile(r"^\.pruning-(\d+)$")
+_PINS: dict[Path, int] = {}          # this process's pins -> how many readers hold each
+
+def _live_marks(d: Path, regex) -> list[int]:
+    "The pids of live processes whose mark (`.pin-<pid>`, `.pruning-<pid>`) is in `d`; `FileNotFoundError` once `d` is gone."
+    return [int(m.group(1)) for n in os.listdir(d) if (m := regex.match(n)) and _pid_alive(int(m.group(1)))]
+
+class CheckpointPruned(CheckpointError):
+    "The checkpoint was pruned (or is being pruned) while a reader opened it."
+
+@contextlib.contextmanager
+def pin_checkpoint(ckpt_dir):
+    """Hold checkpoint folder `ckpt_dir` against `prune_checkpoints` while the block reads it: a `.pin-<pid>` file inside it,
+    respected while this process lives. A read-only folder is not pinned (nothing can prune it); `CheckpointPruned` if it is gone."""
+    d = Path(ckpt_dir)
+    pin = d / f".pin-{os.getpid()}"
+    if not _PINS.get(pin):
+        try: pin.touch()
+        except FileNotFoundError: raise CheckpointPruned(f"checkpoint {d} does not exist (it may have just been pruned)") from None
+        except OSError: pin = None
+        if pin is not None:
+            try: pruning = _live_marks(d, _PRUNING_RE)
+            except FileNotFoundError: pruning = [-1]
+            if pruning:           # a pruner marked it before it could see this pin: it is going
+                pin.unlink(missing_ok=True)
+                raise CheckpointPruned(f"checkpoint {d} is being pruned (by process {pruning[0]})")
+    if pin is not None: _PINS[pin] = _PINS.get(pin, 0) + 1
+    try: yield d
+    finally:
+        if pin is not None:
+            _PINS[pin] -= 1
+            if not _PINS[pin]: del _PINS[pin]; pin.unlink(missing_ok=True)
+
+def _remove_unpinned(p: Path) -> bool:
+    "Delete checkpoint `p` unless a live reader pins it; whether it is gone. Mark, then look for pins: a reader pins, then looks for marks."
+    mark = p / f".pruning-{os.getpid()}"
+    try:
+        mark.touch()
+        if _live_marks(p, _PIN_RE): mark.unlink(); return False
+        trash = p.with_name(f".tmp-{p.name}-{os.getpid()}-{secrets.token_hex(4)}")    # a leftover is pruned as a dead save
+        os.replace(p, trash)
+    except FileNotFoundError: return True
+    except OSError: return False
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
 def prune_checkpoints(root, keep: int):
-    "Delete all but the newest `keep` checkpoints (`keep <= 0`: keep all) and the temporary folders of saves whose process is gone."
+    """Delete all but the newest `keep` checkpoints (`keep <= 0`: keep all) and the temporary folders of saves whose process
+    is gone. A checkpoint a live reader pins (`pin_checkpoint`) is kept until a later prune."""
     root = Path(root)
     for p in root.glob(".tmp-*"):
         match = _TMP_RE.match(p.name)
         if match and match.group(2) and _pid_alive(int(match.group(2))): continue     # a save in progress
         shutil.rmtree(p, ignore_errors=True)
     if keep > 0:
-        for p in list_checkpoints(root)[:-keep]: shutil.rmtree(p, ignore_errors=True)
+        for p in list_checkpoints(root)[:-keep]: _remove_unpinned(p)
 
 def _tmp_dir(root: Path, step: int) -> Path:
     "`root/.tmp-<step>-<pid>-<random>` chosen by rank 0 and shared with every rank."
@@ -408,11 +681,34 @@ def read_train_state(ckpt_dir, rank: Optional[int] = None) -> dict:
     except FileNotFoundError: raise CheckpointError(f"{f} is missing: checkpoint {d} has no train state") from None
     except json.JSONDecodeError as e: raise CheckpointError(f"{f} is not valid JSON ({e})") from None
 
+def model_args_from(kw, source) -> ModelArgs:
+    """`ModelArgs(**kw)` read from a file (`source` names it), checked before anything is built: fields of the right types,
+    and a model whose fp32 weights (and RoPE tables) fit in the memory available; else `CheckpointError` naming `source`."""
+    if not isinstance(kw, dict): raise CheckpointError(f"{source}: model args are a {type(kw).__name__}, not a dict")
+    fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
+    for k, v in kw.items():
+        if k not in fields: raise CheckpointError(f"{source}: {k!r} is not a model argument")
+        default = fields[k].default
+        if isinstance(default, int) and not isinstance(default, bool) or k == "n_kv_heads":
+            if not (type(v) is int or v is None and k == "n_kv_heads"): raise CheckpointError(f"{source}: model.{k}={v!r} is not an integer")
+        elif isinstance(default, float) or k == "ffn_dim_multiplier":
+            if not (type(v) in (int, float) and math.isfinite(v) and v > 0 or v is None and k == "ffn_dim_multiplier"):
+                raise CheckpointError(f"{source}: model.{k}={v!r} is not a positive finite number")
+    try: args = ModelArgs(**kw)
+    except Exception as e: raise CheckpointError(f"{source} does not describe a model: {type(e).__name__}: {e}") from None
+    n = count_params(args)["total"] + args.max_seq_len * args.head_dim
+    if 4 * n > (avail := available_memory()):
+        raise CheckpointError(f"{source}: its model args describe {n:,} parameters ({4 * n:,} bytes in fp32), more than the "
+                              f"{avail:,} bytes of memory available: refusing to build the model")
+    return args
+
 def read_model_args(ckpt_dir) -> ModelArgs:
+    "The checked `ModelArgs` of checkpoint `ckpt_dir` (`model_args_from` its `model_args.json`)."
     f = Path(ckpt_dir) / MODEL_ARGS
     if not f.is_file(): raise CheckpointError(f"{f} is missing: cannot rebuild the model of {ckpt_dir}")
-    try: return ModelArgs(**json.loads(f.read_text()))
-    except Exception as e: raise CheckpointError(f"{f} does not describe a model: {type(e).__name__}: {e}") from None
+    try: kw = json.loads(f.read_text())
+    except (ValueError, OSError) as e: raise CheckpointError(f"{f} does not describe a model: {type(e).__name__}: {e}") from None
+    return model_args_from(kw, f)
 
 # %% ../nbs/08_checkpoint.ipynb #0c5466b7
 def load_checkpoint(ckpt_dir, model, optimizer=None, layout: Optional[StemLayout] = None, verify: bool = True) -> dict:
@@ -442,17 +738,27 @@ def load_latest(root, model, optimizer=None, layout=None, log=print) -> Optional
 
 # %% ../nbs/08_checkpoint.ipynb #1e37f104
 def _model_from_ckpt(ckpt_dir, device="cpu") -> Transformer:
+    "The model in checkpoint folder `ckpt_dir`, pinned while it is read; every weight checked (expected shape and dtype, finite)."
     d = Path(ckpt_dir)
-    verify_checkpoint(d)
-    m = Transformer(read_model_args(d))
-    load_backbone(d, m)
-    if len(m.stem_tables):
-        tables = full_tables(d)
-        with torch.no_grad():
-            for name, t in m.stem_tables.items():
-                if name not in tables: raise CheckpointError(f"{d / TABLE_DIR}: no table for STEM layer {name}")
-                t.weight.copy_(tables[name])
+    with pin_checkpoint(d):
+        verify_checkpoint(d)
+        m = Transformer(read_model_args(d))
+        load_backbone(d, m)
+        for n, p in m.backbone_parameters():
+            if (row := _nonfinite_row(p.detach())) is not None:
+                raise CheckpointError(f"{d / BACKBONE_DIR}: weight {n!r} holds NaN or inf (row {row})")
+        if len(m.stem_tables): load_table_shards(d, m, StemLayout(1, 0, 1))
     return m.to(device)
+
+def _model_from_file(p: Path) -> Transformer:
+    "The model in the consolidated file `p`: its model args checked before building, its weights against the model's."
+    obj = load_tensor_file(p)
+    if not isinstance(obj, dict) or "model_args" not in obj or "model" not in obj:
+        raise CheckpointError(f"{p} is not a consolidated stem-nb checkpoint (expected keys 'model_args' and 'model')")
+    m = Transformer(model_args_from(obj["model_args"], p))
+    _check_tensors(p, obj["model"], m.state_dict(), "weight")
+    m.load_state_dict(obj["model"])
+    return m
 
 def export_consolidated(ckpt_dir, out) -> Path:
     "Write `{'model_args': dict, 'model': state_dict incl. tables}` of checkpoint `ckpt_dir` to `out` (loadable weights_only)."
@@ -460,12 +766,23 @@ def export_consolidated(ckpt_dir, out) -> Path:
     return write_atomic(out, lambda tmp: torch.save({"model_args": dataclasses.asdict(m.args), "model": m.state_dict()}, tmp))
 
 # %% ../nbs/08_checkpoint.ipynb #21aa7688
+_WARNED: set[str] = set()
+
+def _warn(msg: str):
+    "`WARNING: msg` on stderr, once per process."
+    if msg not in _WARNED: _WARNED.add(msg); print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
 def _newest_valid(root: Path) -> Path:
+    "The newest checkpoint under `root` whose manifest verifies; every newer, corrupt one is named in a warning."
     errs = []
     for d in reversed(list_checkpoints(root)):
-        try: verify_checkpoint(d); return d
-        except CheckpointError as e: errs.append(str(e))
-    raise CheckpointError(f"no valid checkpoint under {root}" + (f": {'; '.join(errs)}" if errs else ""))
+        try: verify_checkpoint(d)
+        except CheckpointError as e:
+            if d.exists(): errs.append((d, e))           # one pruned meanwhile is not corrupt
+            continue
+        for bad, e in errs: _warn(f"skipping corrupt checkpoint {bad}: {e}; using the older {d}")
+        return d
+    raise CheckpointError(f"no valid checkpoint under {root}" + (f": {'; '.join(str(e) for _, e in errs)}" if errs else ""))
 
 def resolve_checkpoint(path) -> Path:
     "A checkpoint folder from a checkpoint folder, a `checkpoints/` folder, or a dump dir (its newest valid checkpoint)."
@@ -475,18 +792,27 @@ def resolve_checkpoint(path) -> Path:
     if list_checkpoints(p): return _newest_valid(p)
     raise CheckpointError(f"{p} is neither a checkpoint, a checkpoints/ folder nor a dump dir with checkpoints")
 
+@contextlib.contextmanager
+def reading_checkpoint(path):
+    "The checkpoint folder `path` means (`resolve_checkpoint`), pinned while the block reads it; resolved again if it was pruned first."
+    p = Path(path)
+    for _ in range(8):
+        d = resolve_checkpoint(p)
+        with contextlib.ExitStack() as stack:
+            try: stack.enter_context(pin_checkpoint(d))
+            except CheckpointPruned:
+                if d == p: raise                         # the caller named this very checkpoint
+                continue
+            yield d
+            return
+    raise CheckpointError(f"{p}: its newest checkpoints kept being pruned while being opened")
+
 def load_model(path, device="cpu") -> Transformer:
     "The `Transformer` stored at `path`: a consolidated `.pt`, a checkpoint folder, or a dump dir (newest valid checkpoint)."
     p = Path(path)
-    if p.is_file():
-        obj = load_tensor_file(p)
-        if not isinstance(obj, dict) or "model_args" not in obj or "model" not in obj:
-            raise CheckpointError(f"{p} is not a consolidated stem-nb checkpoint (expected keys 'model_args' and 'model')")
-        m = Transformer(ModelArgs(**obj["model_args"]))
-        m.load_state_dict(obj["model"])
-        return m.to(device)
+    if p.is_file(): return _model_from_file(p).to(device)
     if not p.exists(): raise CheckpointError(f"{p} does not exist")
-    return _model_from_ckpt(resolve_checkpoint(p), device)
+    with reading_checkpoint(p) as d: return _model_from_ckpt(d, device)
 
 # %% ../nbs/08_checkpoint.ipynb #32cc08ce
 REF_PREFIX = "lm_transformer."
@@ -518,14 +844,16 @@ def _ref_model_args(d: Path, tables: dict) -> ModelArgs:
     if not f.is_file():
         # params.json can also sit one level up (Lingua: dump_dir/config.yaml); without it we cannot guess heads
         raise CheckpointError(f"{f} is missing: pass model_args to import_reference")
-    cfg = json.loads(f.read_text())
-    cfg = cfg.get("model", cfg)
+    try: cfg = json.loads(f.read_text())
+    except (ValueError, OSError) as e: raise CheckpointError(f"{f} is not valid JSON ({e})") from None
+    cfg = cfg.get("model", cfg) if isinstance(cfg, dict) else cfg
+    if not isinstance(cfg, dict): raise CheckpointError(f"{f}: holds a {type(cfg).__name__}, not the model's config")
     names = {fl.name for fl in dataclasses.fields(ModelArgs)}
     kw = {k: v for k, v in cfg.items() if k in names}
     if "max_seqlen" in cfg and "max_seq_len" not in kw: kw["max_seq_len"] = cfg["max_seqlen"]
     if tables and "ffn_type" not in kw: kw["ffn_type"] = "stem"
     if tables: kw["stem_layers"] = sorted(int(k) for k in tables)
-    return ModelArgs(**kw)
+    return model_args_from(kw, f)
 
 # %% ../nbs/08_checkpoint.ipynb #83aca3df
 def _ref_tables(d: Path) -> dict[str, torch.Tensor]:
@@ -537,12 +865,17 @@ def _ref_tables(d: Path) -> dict[str, torch.Tensor]:
     if ranks != list(range(len(ranks))): raise CheckpointError(f"{shards}: model-parallel ranks {ranks} are not 0..{len(ranks)-1}")
     slices: dict[str, list] = {}
     for f in files:
-        for k, v in load_tensor_file(f).items():
-            match = _REF_KEY_RE.match(k)
+        obj = load_tensor_file(f, mmap=True)
+        if not isinstance(obj, dict): raise CheckpointError(f"{f}: holds a {type(obj).__name__}, not a dict of table slices")
+        for k, v in obj.items():
+            match = _REF_KEY_RE.match(str(k))
             if not match: raise CheckpointError(f"{f}: unexpected key {k!r} (expected 'stem_embeddings.<layer>.weight')")
+            if not torch.is_tensor(v) or v.dim() != 2: raise CheckpointError(f"{f}: {k!r} is not a 2-D tensor")
             slices.setdefault(match.group(1), []).append(v)
     bad = [k for k, v in slices.items() if len(v) != len(files)]
     if bad: raise CheckpointError(f"{shards}: table of layer {bad[0]} is missing from some shards")
+    bad = [k for k, v in slices.items() if len({t.shape[0] for t in v}) != 1]
+    if bad: raise CheckpointError(f"{shards}: the slices of layer {bad[0]}'s table have different numbers of rows")
     return {k: torch.cat(v, dim=1) for k, v in slices.items()}
 
 def _ref_keymap(d: Path, meta) -> dict[str, str]:
@@ -555,12 +888,16 @@ def _ref_keymap(d: Path, meta) -> dict[str, str]:
     return keymap
 
 # %% ../nbs/08_checkpoint.ipynb #c1a55241
-def _ref_backbone(d: Path, meta, keymap: dict) -> dict[str, torch.Tensor]:
-    "The reference's backbone tensors by DCP key, read through the guarded reader (only tensor entries are requested)."
+def _ref_backbone(d: Path, meta, keymap: dict, own: dict) -> dict[str, torch.Tensor]:
+    "The reference's backbone tensors by DCP key, each declared shape checked against the model's `own` parameters before allocating."
     sdm = meta.state_dict_metadata
-    notensor = [k for k in keymap if not hasattr(sdm[k], "size")]
-    if notensor: raise CheckpointError(f"{d}: entry {notensor[0]!r} is a pickled object, not a tensor: refusing it")
-    state = {k: torch.empty(sdm[k].size, dtype=sdm[k].properties.dtype) for k in keymap}
+    for k in keymap:
+        e, want = sdm[k], own[keymap[k]]
+        if not isinstance(e, TensorStorageMetadata): raise CheckpointError(f"{d}: entry {k!r} is a pickled object, not a tensor: refusing it")
+        if tuple(e.size) != tuple(want.shape):
+            raise CheckpointError(f"{d / '.metadata'}: {k} declares shape {list(e.size)}, the model expects {list(want.shape)}")
+        if not e.properties.dtype.is_floating_point: raise CheckpointError(f"{d / '.metadata'}: {k} is {e.properties.dtype}, not floating point")
+    state = {k: torch.empty(own[keymap[k]].shape, dtype=sdm[k].properties.dtype) for k in keymap}
     # DCP loads nested dicts by flattened key: rebuild the nesting the writer used
     nested = {"model": {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
               **{k: v for k, v in state.items() if not k.startswith("model.")}}
@@ -570,21 +907,20 @@ def _ref_backbone(d: Path, meta, keymap: dict) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def import_reference(ckpt_dir, model_args: Optional[ModelArgs] = None) -> Transformer:
-    "A `Transformer` holding the weights of a reference STEM/Lingua checkpoint (layout above)."
+    "A `Transformer` holding the weights of a reference STEM/Lingua checkpoint (layout above); sizes checked before anything is allocated."
     d = Path(ckpt_dir)
     meta = read_dcp_metadata(d)
     tables, keymap = _ref_tables(d), _ref_keymap(d, meta)
-    m = Transformer(model_args or _ref_model_args(d, tables))
+    args = _ref_model_args(d, tables) if model_args is None else model_args_from(dataclasses.asdict(model_args), "model_args")
+    m = Transformer(args)
     own = dict(m.backbone_parameters())
     missing = sorted(set(own) - set(keymap.values()))
     if missing: raise CheckpointError(f"{d}: the reference checkpoint has no weight for {missing[0]} ({len(missing)} missing)")
     extra = sorted(set(keymap.values()) - set(own))
     if extra: raise CheckpointError(f"{d}: reference weight {extra[0]} has no counterpart in {m!r}")
-    for k, v in _ref_backbone(d, meta, keymap).items():
-        if v.shape != own[keymap[k]].shape: raise CheckpointError(f"{d}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[keymap[k]].shape)}")
-        own[keymap[k]].copy_(v)
-    if set(tables) != set(m.stem_tables): raise CheckpointError(f"{d / REF_SHARDS}: tables for layers {sorted(tables, key=int)}, the model has {list(m.stem_tables)}")
-    for k, t in m.stem_tables.items():
-        if tables[k].shape != t.weight.shape: raise CheckpointError(f"{d / REF_SHARDS}: layer {k} table is {tuple(tables[k].shape)}, expected {tuple(t.weight.shape)}")
-        t.weight.copy_(tables[k])
+    for k, v in _ref_backbone(d, meta, keymap, own).items(): own[keymap[k]].copy_(v)
+    for n, p in own.items():
+        if (row := _nonfinite_row(p)) is not None: raise CheckpointError(f"{d}: weight {n!r} holds NaN or inf (row {row})")
+    _check_tensors(d / REF_SHARDS, tables, {k: t.weight for k, t in m.stem_tables.items()}, "table", same_dtype=False)
+    for k, t in m.stem_tables.items(): t.weight.copy_(tables[k])
     return m
