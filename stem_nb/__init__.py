@@ -12,6 +12,7 @@ Modules:
 - `stem_nb.eval`: An lm-eval `LM` over any stem-nb model, the paper's suites by name, gold bits/byte for every multiple-choice task, and `stem-nb eval`.
 - `stem_nb.flops`: Analytic and allocation-free: count what the paper's tables count, check it against `numel`.
 - `stem_nb.generate`: Prefill + KV-cache decode with greedy, temperature and top-p sampling and stop strings; the STEM row of every new token is read as it is generated.
+- `stem_nb.hf`: `stem-nb export-hf` writes a run as a folder that transformers, lm-eval and the tools built on them load (config, safetensors with one tensor per STEM table, tokenizer, modeling code, model card); `stem-nb import-hf` reads it back.
 - `stem_nb.model`: The dense Llama/Lingua block, then the STEM FFN and its variants — one file you can read top to bottom.
 - `stem_nb.offload`: STEM tables in host memory: per-step token de-duplication, asynchronous prefetch of each layer's rows, an LFU cache of hot rows on the device with hit/miss/byte counters — numerically identical to the in-memory model.
 - `stem_nb.optim`: AdamW for the backbone, an exact row-sparse AdamW for the STEM tables, one LR schedule, one global clip, one optimizer object.

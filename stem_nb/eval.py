@@ -18,7 +18,7 @@ from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .config import time_interleaved, bench_summary, write_atomic
-from .checkpoint import CKPT_DIR, MANIFEST, CheckpointError, list_checkpoints
+from .checkpoint import CKPT_DIR, MANIFEST, CheckpointError, CheckpointPruned, list_checkpoints
 from .corpora import DataError, hub_unreachable
 from .data import load_tokenizer
 from .model import Transformer, preset
@@ -537,11 +537,17 @@ def cli(argv: Sequence[str] = ()) -> int:
     try: x = _inputs(a)
     except EvalError as e:
         print(f"stem-nb eval: error: {e}", file=sys.stderr); return 2
-    info, tok, out = x["info"], x["tok"], x["out"]
-    print(f"scoring {info['checkpoint']} (step {info['step']})", flush=True)
-    try: lm = StemLM.from_checkpoint(info["checkpoint"], tok, batch_size=a.batch_size, progress=True)
-    except CheckpointError as e:                          # a corrupt or crafted file: one clear line, nothing written
-        print(f"stem-nb eval: error: {e}", file=sys.stderr); return 2
+    for again in (True, False):                           # a trainer may prune the chosen checkpoint before it is pinned
+        info, tok, out = x["info"], x["tok"], x["out"]
+        print(f"scoring {info['checkpoint']} (step {info['step']})", flush=True)
+        try: lm = StemLM.from_checkpoint(info["checkpoint"], tok, batch_size=a.batch_size, progress=True); break
+        except CheckpointPruned as e:
+            if not again or Path(a.ckpt).resolve() == Path(info["checkpoint"]):   # named by the user: nothing else to pick
+                print(f"stem-nb eval: error: {e}", file=sys.stderr); return 2
+            try: x = _inputs(a)                           # resolve the run again: its newest checkpoint now
+            except EvalError as e2: print(f"stem-nb eval: error: {e2}", file=sys.stderr); return 2
+        except CheckpointError as e:                      # a corrupt or crafted file: one clear line, nothing written
+            print(f"stem-nb eval: error: {e}", file=sys.stderr); return 2
     res = evaluate(lm, tasks=x["names"], limit=a.limit, subsample_n=a.subsample, seed=a.seed, num_fewshot=a.num_fewshot,
                    include_path=a.task_dir, run=info, folders=x["folders"])
     res.update(checkpoint=info["checkpoint"], step=info["step"], tokenizer=dict(name=tok.name, fingerprint=tok.fingerprint))
