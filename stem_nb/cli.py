@@ -13,8 +13,9 @@ from typing import Callable, Optional, Sequence
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'INTERRUPTED', 'BENCHMARKS', 'VARIANTS_CHECKED', 'GPU_CHECKS', 'main', 'torchrun_command',
-           'launch_slurm', 'slurm_cli', 'smoke', 'smoke_cli', 'run_benchmark', 'run_benchmarks', 'bench_cli',
-           'check_train', 'check_decode', 'check_offload', 'check_fsdp', 'gpu_check', 'format_table', 'gpu_check_cli']
+           'check_slurm_job', 'launch_slurm', 'slurm_cli', 'smoke', 'smoke_cli', 'run_benchmark', 'run_benchmarks',
+           'bench_cli', 'check_train', 'check_decode', 'check_offload', 'check_fsdp', 'gpu_check', 'format_table',
+           'gpu_check_cli']
 
 # %% ../nbs/18_cli.ipynb #49f1c898
 SUBCOMMANDS = {  # name: (module, function, help)
@@ -62,10 +63,25 @@ def _slurm_entry(config: str, overrides: list[str]):
     submitit.helpers.TorchDistributedEnvironment().export()
     return importlib.import_module("stem_nb.train").cli([config, *overrides])
 
+def check_slurm_job(config: str, overrides: Sequence[str] = (), nodes: int = 1, gpus_per_node: int = 8,
+                    time_min: int = 60, cpus_per_task: int = 8) -> Path:
+    "Refuse a job that cannot run (ConfigError naming the option or key) before any script is written; returns the config's absolute path."
+    from stem_nb.config import ConfigError, load_config
+    for opt, v in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node), ("--time-min", time_min), ("--cpus-per-task", cpus_per_task)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ConfigError(f"{opt} must be an integer >= 1, got {v!r}")
+    p = Path(config).expanduser()
+    if not p.is_file(): raise ConfigError(f"config file not found: {p.absolute()}")
+    from stem_nb.train import TrainArgs
+    from stem_nb.distributed import stem_groups
+    args = load_config(TrainArgs, p, list(overrides))
+    stem_groups(nodes * gpus_per_node, args.distributed.stem_parallel_size)
+    return p.resolve()
+
 def launch_slurm(config: str, overrides: Sequence[str] = (), nodes: int = 1, gpus_per_node: int = 8,
                  partition: Optional[str] = None, time_min: int = 60, cpus_per_task: int = 8, folder: str = "slurm_logs",
                  job_name: str = "stem-nb", dry_run: bool = True, **slurm_kwargs):
-    "Submit `stem-nb train CONFIG overrides` on `nodes` x `gpus_per_node` through submitit; dry_run prints the sbatch script."
+    "Submit `stem-nb train CONFIG overrides` on `nodes` x `gpus_per_node` through submitit (checked first); dry_run prints the sbatch script."
+    config = str(check_slurm_job(config, overrides, nodes, gpus_per_node, time_min, cpus_per_task))
     import submitit
     from submitit.slurm import slurm
     params = dict(nodes=nodes, ntasks_per_node=gpus_per_node, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
@@ -92,8 +108,11 @@ def slurm_cli(argv: Sequence[str] = ()) -> int:
     p.add_argument("--partition", default=None); p.add_argument("--time-min", type=int, default=60)
     p.add_argument("--folder", default="slurm_logs"); p.add_argument("--dry-run", action="store_true")
     a = p.parse_args(argv)
-    job = launch_slurm(a.config, a.overrides, nodes=a.nodes, gpus_per_node=a.gpus_per_node, partition=a.partition,
-                       time_min=a.time_min, folder=a.folder, dry_run=a.dry_run)
+    from stem_nb.config import ConfigError
+    try: job = launch_slurm(a.config, a.overrides, nodes=a.nodes, gpus_per_node=a.gpus_per_node, partition=a.partition,
+                            time_min=a.time_min, folder=a.folder, dry_run=a.dry_run)
+    except ConfigError as e:
+        print(f"stem-nb slurm: {e}", file=sys.stderr); return 2
     if not a.dry_run: print(f"submitted job {job.job_id}")
     return 0
 

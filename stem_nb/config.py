@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #475a9e8f
 from __future__ import annotations
-import dataclasses, hashlib, json, os, random, statistics, time, uuid
+import copy, dataclasses, hashlib, json, math, os, random, statistics, time, uuid
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # %% auto #0
-__all__ = ['T', 'ConfigError', 'load_config', 'to_dict', 'dump_config', 'repo_root', 'tmp_name', 'write_atomic', 'sha256_file',
-           'config_hash', 'time_interleaved', 'paired_speedup', 'bench_summary', 'peak_rss_mb']
+__all__ = ['T', 'ENV_ATTR', 'ConfigError', 'env_interpolated', 'load_config', 'to_dict', 'unresolved_dict', 'resolve_env',
+           'dump_config', 'repo_root', 'tmp_name', 'write_atomic', 'sha256_file', 'config_hash', 'time_interleaved',
+           'paired_speedup', 'bench_summary', 'peak_rss_mb']
 
 # %% ../nbs/00_config.ipynb #11d359fb
 class ConfigError(ValueError):
@@ -28,10 +29,76 @@ T = TypeVar("T")
 
 def _err(e: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(e, "full_key", None) or "?"
-    msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+    msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]   # omegaconf appends full_key/type lines: the key is named already
     return ConfigError(f"config key '{key}' ({source}): {msg}")
 
 # %% ../nbs/00_config.ipynb #1d39eeb6
+def _dotted(path) -> str: return ".".join(map(str, path))
+
+def _leaves(node, path=()):
+    "(path, value) of every leaf of a plain nested dict/list."
+    if isinstance(node, dict):
+        for k, v in node.items(): yield from _leaves(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node): yield from _leaves(v, path + (i,))
+    else: yield path, node
+
+def _source_of(path, layers) -> str:
+    "The last layer (config file, arguments, command line) that sets `path`, for the error message."
+    for layer, src in reversed(layers):
+        node = OmegaConf.to_container(layer, resolve=False)
+        try:
+            for k in path: node = node[k]
+            return src
+        except (KeyError, IndexError, TypeError): continue
+    return "default"
+
+def _check_finite(cfg, layers):
+    "Refuse a NaN or infinite float anywhere in the merged config, naming the key and where it was set."
+    try: values = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException: return                    # resolution errors are reported, by key, when building
+    for path, v in _leaves(values):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{_dotted(path)}' ({_source_of(path, layers)}): {v} is not a finite number")
+
+_ENV_MARK = "@@stem-nb:oc.env@@"
+ENV_ATTR = "_config_env"      # on each dataclass of a loaded config: {path tuple (relative to it): unresolved text}
+
+def _env_interpolated(cfg) -> dict[tuple, str]:
+    "{path: unresolved text} of every value of `cfg` an `${oc.env:...}` interpolation feeds, directly or through other keys."
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    direct = {p for p, v in _leaves(raw) if isinstance(v, str) and "oc.env" in v}
+    if not direct: return {}
+    marked = copy.deepcopy(raw)
+    for p in direct:
+        node = marked
+        for k in p[:-1]: node = node[k]
+        node[p[-1]] = _ENV_MARK                            # what every key that reads it will resolve to contain
+    try: derived = {p for p, v in _leaves(OmegaConf.to_container(OmegaConf.create(marked), resolve=True))
+                    if isinstance(v, str) and _ENV_MARK in v}
+    except OmegaConfBaseException:                         # cannot tell: keep every interpolation unresolved
+        derived = {p for p, v in _leaves(raw) if isinstance(v, str) and "${" in v}
+    out = {}
+    for p in sorted(direct | derived, key=lambda p: tuple(map(str, p))):
+        node, q = raw, ()
+        for k in p:                                        # a subtree copied by an interpolation: keep the interpolation
+            if isinstance(node, str): break
+            node, q = node[k], q + (k,)
+        if isinstance(node, str): out[q] = node
+    return out
+
+def _attach_env(obj, env: dict, path: tuple = ()):
+    "Give `obj` and every dataclass inside it the unresolved texts of its own keys (`ENV_ATTR`), paths relative to it."
+    if not is_dataclass(obj): return
+    mine = {p[len(path):]: v for p, v in env.items() if p[:len(path)] == path and len(p) > len(path)}
+    if mine: object.__setattr__(obj, ENV_ATTR, mine)
+    for f in fields(obj): _attach_env(getattr(obj, f.name), env, path + (f.name,))
+
+def env_interpolated(obj) -> dict[str, str]:
+    "{dotted key: unresolved text} of the values of a loaded config (or a dataclass inside it) that came from the environment."
+    return {_dotted(p): v for p, v in getattr(obj, ENV_ATTR, {}).items()}
+
+# %% ../nbs/00_config.ipynb #5b066d59
 def load_config(cls: type[T],                  # the root dataclass, e.g. `TrainArgs`
                 path: str | Path | None = None, # a YAML file (optional)
                 overrides: Sequence[str] = (),  # dotted `key=value` overrides, applied last
@@ -55,11 +122,13 @@ def load_config(cls: type[T],                  # the root dataclass, e.g. `Train
     for layer, src in layers:
         try: cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e: raise _err(e, src) from None
+    _check_finite(cfg, layers)
     try: obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e: raise _err(e, "resolve") from None
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError): raise
         raise ConfigError(str(e)) from None
+    _attach_env(obj, _env_interpolated(cfg))
     return obj
 
 # %% ../nbs/00_config.ipynb #7ae80d49
@@ -67,10 +136,26 @@ def to_dict(obj) -> dict:
     "A plain nested dict of a config dataclass."
     return dataclasses.asdict(obj)
 
+def unresolved_dict(obj, text_only: bool = False) -> dict:
+    "`to_dict(obj)` with each value that came from `${oc.env:...}` replaced by its unresolved text (`text_only`: strings only, numbers stay resolved for readers without a schema)."
+    d = to_dict(obj)
+    for p, raw in getattr(obj, ENV_ATTR, {}).items():
+        node = d
+        for k in p[:-1]: node = node[k]
+        if not text_only or isinstance(node[p[-1]], str): node[p[-1]] = raw
+    return d
+
+def resolve_env(value, what: str = "value"):
+    "A str/dict/list read back from disk with its `${...}` interpolations resolved (`${oc.env:VAR}` from the environment now)."
+    if not any(isinstance(v, str) and "${" in v for _, v in _leaves(value)): return value
+    try: return OmegaConf.to_container(OmegaConf.create({"v": value}), resolve=True)["v"]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{what} {value!r}: cannot resolve its interpolation ({str(e).splitlines()[0]})") from None
+
 def dump_config(obj, path: str | Path | None = None) -> str:
-    "The resolved config as YAML; written to `path` when given."
-    txt = yaml.safe_dump(to_dict(obj), sort_keys=False)
-    if path is not None: Path(path).write_text(txt)
+    "The config as YAML, resolved except for values from `${oc.env:...}` (kept unresolved); written atomically to `path` when given."
+    txt = yaml.safe_dump(unresolved_dict(obj), sort_keys=False)
+    if path is not None: write_atomic(path, txt)
     return txt
 
 def repo_root() -> Path:

