@@ -17,7 +17,7 @@ import yaml
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .config import time_interleaved, bench_summary, write_atomic
+from .config import ConfigError, time_interleaved, bench_summary, write_atomic, resolve_env
 from .checkpoint import CKPT_DIR, MANIFEST, CheckpointError, CheckpointPruned, list_checkpoints
 from .corpora import DataError, hub_unreachable
 from .data import load_tokenizer
@@ -417,8 +417,10 @@ def run_info(path) -> dict:
     find = lambda f: next((d / f for d in dirs if (d / f).is_file()), None)
     cfg, rec = find("config.yaml"), find("data.json")
     step = int(ck.name) if ck.name.isdigit() else None
+    try: config = resolve_env(yaml.safe_load(cfg.read_text()) or {}, str(cfg)) if cfg else {}   # `${oc.env:..}` kept unresolved on disk
+    except ConfigError as e: raise EvalError(str(e)) from None
     return dict(checkpoint=str(ck.resolve()), step=step, dump_dir=str((rec or cfg or ck).parent),
-                config=yaml.safe_load(cfg.read_text()) or {} if cfg else {}, record=json.loads(rec.read_text()) if rec else None)
+                config=config, record=json.loads(rec.read_text()) if rec else None)
 
 # %% ../nbs/12_eval.ipynb #dd909f0a
 def run_tokenizer(path, name=None):

@@ -264,3 +264,23 @@ def test_nan_table_row_is_refused_naming_the_file(tmp_path, task_dir):
     assert rc == 2, (rc, out[-2000:], err[-2000:])
     assert "slice-000-of-001.pt" in err and re.search(r"nan|finite", err, re.I) and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "res.json").exists() and tree_sums(dump) == before
+
+
+def test_env_interpolated_config_is_resolved_when_read(tmp_path):
+    "A run's config.yaml keeps `${oc.env:..}` unresolved on disk: eval resolves it from the environment, or names the variable."
+    d = tmp_path / "run"
+    torch.manual_seed(0)
+    m = Transformer(preset("debug", ffn_type="stem", stem_layers="all", vocab_size=258)).eval()
+    cfg = ("data:\n  tokenizer: byte\n  seed: 1\n  split_seed: 0\n"
+           "  source_kwargs: {bios: {n_people: '${oc.env:STEM_NB_TEST_PEOPLE}'}}\n")
+    save_checkpoint(d / "checkpoints", 1, m, config_yaml=cfg)
+    (d / "config.yaml").write_text(cfg)
+    before = tree_sums(d)
+    rc, out, err = stem_nb_eval(d, "--tasks", "stem_bios_mc", "--limit", "2", "--out", tmp_path / "r.json",
+                                env={"STEM_NB_TEST_PEOPLE": "7"})
+    assert rc == 0, err[-2000:]
+    assert json.loads((tmp_path / "r.json").read_text())["results"]["stem_bios_mc"]
+    rc, out, err = stem_nb_eval(d, "--tasks", "stem_bios_mc", "--limit", "2", "--out", tmp_path / "r2.json")
+    assert rc == 2 and "STEM_NB_TEST_PEOPLE" in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "r2.json").exists()
+    assert tree_sums(d) == before
