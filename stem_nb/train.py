@@ -7,16 +7,18 @@ Docs: https://stem-nb.github.io/stem-nb/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #9e271858
 from __future__ import annotations
-import contextlib, dataclasses, fcntl, json, math, os, random, re, resource, shutil, subprocess, sys, tempfile, time
+import contextlib, copy, dataclasses, fcntl, json, math, os, random, re, resource, shutil, statistics, subprocess, sys, tempfile, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import yaml
+from torch.profiler import record_function
 
 from .config import (ConfigError, load_config, dump_config, config_hash, write_atomic, time_interleaved,
-                            paired_speedup, bench_summary, repo_root)
+                            paired_speedup, bench_summary, repo_root, unresolved_dict)
 from .model import ModelArgs, Transformer, PRESETS
 from .flops import flops_per_token, estimate_mfu
 from .data import DataArgs, DataError
@@ -28,12 +30,17 @@ from .checkpoint import (CKPT_DIR, MANIFEST, MODEL_ARGS, CheckpointError, save_c
 from torch.distributed.checkpoint.api import CheckpointException
 
 # %% auto #0
-__all__ = ['LOCK_FILE', 'BENCH_VARIANTS', 'CheckpointArgs', 'TrainArgs', 'resolve_device', 'autocast_ctx', 'load_init_from',
-           'build_model', 'peak_flops', 'to_device', 'build_data', 'clip_hooks', 'train_step', 'validation_loss',
-           'DivergedError', 'truncate_metrics', 'read_metrics', 'progress_line', 'parse_progress', 'DumpDirError',
-           'DumpLock', 'check_writable', 'has_run', 'protected_dir', 'refuse_moving', 'move_aside', 'Run', 'setup_run',
-           'resume_run', 'flush_rows', 'save_run', 'run_loop', 'run_summary', 'TrainInterrupted', 'train', 'cli',
-           'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb', 'bench_train']
+__all__ = ['WANDB_MODES', 'FSDP_TYPES', 'REFERENCE_HINTS', 'LINGUA_TOKENIZERS', 'FLOAT8_CAPABILITY', 'FLOAT8_FILTER', 'LOCK_FILE',
+           'CODE_FILES', 'BENCH_VARIANTS', 'CheckpointArgs', 'ProfilingArgs', 'LoggingArgs', 'TrainDistributedArgs',
+           'TrainArgs', 'unknown_keys', 'from_reference', 'load_train_config', 'resolve_device', 'autocast_ctx',
+           'load_init_from', 'build_model', 'peak_flops', 'ac_mode', 'recompute_flops_per_token',
+           'hardware_flops_per_token', 'float8_problem', 'require_float8', 'float8_linears', 'convert_float8',
+           'n_float8', 'to_device', 'build_data', 'span', 'clip_hooks', 'train_step', 'validation_loss',
+           'DivergedError', 'truncate_metrics', 'read_metrics', 'progress_line', 'parse_progress', 'StepProfiler',
+           'check_tracking', 'Trackers', 'DumpDirError', 'DumpLock', 'check_writable', 'has_run', 'protected_dir',
+           'refuse_moving', 'move_aside', 'Run', 'setup_run', 'code_root', 'code_record', 'slurm_script', 'code_dir',
+           'relaunchable', 'resume_run', 'flush_rows', 'save_run', 'run_loop', 'run_summary', 'TrainInterrupted',
+           'train', 'cli', 'gpu_check_float8', 'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb', 'bench_train']
 
 # %% ../nbs/09_train.ipynb #d74883fa
 @dataclass
@@ -49,8 +56,63 @@ class CheckpointArgs:
         if self.keep < 0: raise ConfigError(f"checkpoint.keep must be >= 0, got {self.keep}")
 
 @dataclass
+class ProfilingArgs:
+    "torch.profiler Chrome traces of a few steps (and on CUDA a memory snapshot with its HTML plot) in `dump_dir/<trace_folder>/`."
+    run: bool = False               # profile this run
+    trace_folder: str = "profiling" # under dump_dir
+    mem_warmup: int = 100           # CUDA memory history: steps of this session before it records
+    mem_steps: int = 2              # steps the memory snapshot covers
+    profile_warmup: int = 102       # steps of this session before the traced ones
+    profile_steps: int = 2          # steps the Chrome trace covers
+
+    def __post_init__(self):
+        for k in ("mem_warmup", "profile_warmup", "mem_steps", "profile_steps"):
+            v, lo = getattr(self, k), (1 if k.endswith("steps") else 0)
+            if v < lo: raise ConfigError(f"profiling.{k} must be >= {lo}, got {v}")
+        p = Path(self.trace_folder)
+        if not self.trace_folder.strip() or p.is_absolute() or ".." in p.parts:
+            raise ConfigError(f"profiling.trace_folder must be a folder inside dump_dir (a relative path without ..), got {self.trace_folder!r}")
+
+WANDB_MODES = ("offline", "online")
+
+@dataclass
+class LoggingArgs:
+    "Tracking beside metrics.jsonl, rank 0, the same scalars at every step: TensorBoard and Weights & Biases."
+    tensorboard: bool = False           # event files in dump_dir/tb/
+    wandb: Union[bool, str] = False     # false | true (= offline) | offline | online: a W&B run in dump_dir/wandb/
+    project: str = "stem-nb"            # W&B project
+    entity: Optional[str] = None        # W&B team or user
+    group: Optional[str] = None         # W&B group
+    tags: List[str] = field(default_factory=list)   # W&B tags
+
+    def __post_init__(self):
+        if self.wandb is True: self.wandb = "offline"
+        elif self.wandb is not False and self.wandb not in WANDB_MODES:
+            raise ConfigError(f"logging.wandb: {self.wandb!r} is not one of false, true (= offline), offline, online")
+
+FSDP_TYPES = {"full_shard": "fsdp", "no_shard": "ddp"}   # Meta Lingua's distributed.fsdp_type -> distributed.backbone
+
+@dataclass
+class TrainDistributedArgs(DistributedArgs):
+    "`stem_nb.distributed.DistributedArgs` with the trainer's `float8`; `fsdp_type` is read into `backbone` (and `compile` into the top-level `compile` by `TrainArgs`)."
+    float8: bool = False            # the backbone blocks' linears in float8 (torchao; CUDA GPUs of compute capability >= 8.9)
+    fsdp_type: Optional[str] = None # Meta Lingua's name: full_shard = backbone fsdp, no_shard = backbone ddp
+    compile: Optional[bool] = None  # Meta Lingua's name of the top-level `compile`
+
+    def __post_init__(self):
+        if self.fsdp_type is not None:
+            if self.fsdp_type not in FSDP_TYPES:
+                raise ConfigError(f"distributed.fsdp_type: {self.fsdp_type!r} is not one of {', '.join(FSDP_TYPES)} "
+                                  "(Meta Lingua's names of distributed.backbone=fsdp / ddp)")
+            if self.backbone == "none":
+                raise ConfigError(f"distributed.fsdp_type={self.fsdp_type} and distributed.backbone=none disagree: set one of them")
+            self.backbone, self.fsdp_type = FSDP_TYPES[self.fsdp_type], None
+        super().__post_init__()
+
+@dataclass
 class TrainArgs:
     dump_dir: str = "runs/debug"    # everything the run writes (config.yaml, data.json, metrics.jsonl, train.log, checkpoints/)
+    name: str = ""                  # the run's name (train.log, W&B); empty: the dump dir's name
     steps: int = 100                # optimizer steps (may be raised when resuming)
     seed: int = 0                   # torch / python / numpy RNG seed (model init: model.seed; data: data.seed)
     grad_accum: int = 1             # micro-batches per optimizer step
@@ -66,7 +128,9 @@ class TrainArgs:
     data: DataArgs = field(default_factory=DataArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
-    distributed: DistributedArgs = field(default_factory=DistributedArgs)
+    distributed: TrainDistributedArgs = field(default_factory=TrainDistributedArgs)
+    profiling: ProfilingArgs = field(default_factory=ProfilingArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
 
     def __post_init__(self):
         if self.steps < 0: raise ConfigError(f"steps must be >= 0, got {self.steps}")
@@ -75,6 +139,87 @@ class TrainArgs:
         if self.dtype not in ("auto", "bf16", "fp32"): raise ConfigError(f"dtype: {self.dtype!r} is not one of auto, bf16, fp32")
         if self.device not in ("auto", "cpu", "cuda"): raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
         if self.progress not in ("auto", "bar", "lines", "none"): raise ConfigError(f"progress: {self.progress!r} is not one of auto, bar, lines, none")
+        dc = getattr(self.distributed, "compile", None)
+        if dc is not None:                       # Meta Lingua's distributed.compile: read into compile
+            if self.compile and not dc: raise ConfigError("compile=true and distributed.compile=false disagree: set one of them")
+            self.compile, self.distributed.compile = bool(dc), None
+        if getattr(self.distributed, "float8", False) and self.device == "cpu":
+            raise ConfigError(float8_problem(torch.device("cpu")))
+
+# %% ../nbs/09_train.ipynb #83422db0
+REFERENCE_HINTS = {          # keys of Meta Lingua / STEM configs that are no setting here -> what to use instead
+    "logging.freq": "use log_every", "logging.acc_freq": "use log_every",
+    "checkpoint.dump": "use checkpoint.every and checkpoint.keep", "checkpoint.eval": "use eval_every; benchmarks: stem-nb eval",
+    "checkpoint.path": "use dump_dir", "checkpoint.init_ckpt_path": "use checkpoint.init_from",
+    "distributed.dp_shard": "use distributed.backbone=fsdp (the backbone shards over all ranks)",
+    "distributed.dp_replicate": "use distributed.backbone=ddp", "distributed.model_dtype": "use dtype",
+    "distributed.float8_recipe": "use distributed.float8=true", "distributed.float8_filter": "use distributed.float8=true",
+    "stem_parallel_size": "use distributed.stem_parallel_size", "grad_acc_steps": "use grad_accum",
+    "eval": "use eval_every (validation loss); benchmarks: stem-nb eval", "data.n_views": "targets are the inputs shifted by one",
+}
+LINGUA_TOKENIZERS = {"bytes": "byte"}    # a reference tokenizer name that needs no file -> ours; sp / tiktoken: the file at `path`
+
+def _fields(cls) -> dict:
+    "{field name: resolved type} of a config dataclass."
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
+
+def _dataclass_in(t):
+    "The dataclass a field type names (directly or in Optional[...]), else None."
+    if dataclasses.is_dataclass(t): return t
+    return next((a for a in getattr(t, "__args__", ()) or () if dataclasses.is_dataclass(a)), None)
+
+def unknown_keys(d: dict, cls=None, prefix: str = "") -> list[str]:
+    "Dotted keys of the config mapping `d` that are no setting of `cls` (default `TrainArgs`)."
+    cls, out = cls or TrainArgs, []
+    fs = _fields(cls)
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if k not in fs: out.append(key); continue
+        sub = _dataclass_in(fs[k])
+        if sub is not None and isinstance(v, dict): out += unknown_keys(v, sub, key + ".")
+    return out
+
+def from_reference(d: dict) -> tuple[dict, list[tuple[str, str]]]:
+    "The config mapping `d` with the reference's `data.tokenizer: {name, path}` and ffn-less `model.stem_layers` read into ours; and (key, why) of what cannot be."
+    d, bad = copy.deepcopy(d), []
+    data, m = d.get("data"), d.get("model")
+    if isinstance(data, dict) and isinstance(data.get("tokenizer"), dict):
+        tk = dict(data["tokenizer"]); name, path = tk.pop("name", None), tk.pop("path", None)
+        bad += [(f"data.tokenizer.{k}", "no such setting") for k in tk]
+        if name in LINGUA_TOKENIZERS: data["tokenizer"] = LINGUA_TOKENIZERS[name]
+        elif name in ("sp", "tiktoken", None) and path: data["tokenizer"] = str(path)
+        elif name in ("sp", "tiktoken", None): bad.append(("data.tokenizer.path", f"tokenizer {name or '?'} needs the path of its file"))
+        else: bad.append(("data.tokenizer.name", f"{name!r} is not sp, tiktoken (with a path) or bytes"))
+    if isinstance(m, dict) and "stem_layers" in m and "ffn_type" not in m: m["ffn_type"] = "stem"
+    return d, bad
+
+def _dotted_tree(overrides: Sequence[str]) -> dict:
+    "The keys of dotted `key=value` overrides as a nested mapping (values dropped)."
+    out: dict = {}
+    for o in overrides:
+        node, parts = out, o.split("=", 1)[0].strip().split(".")
+        for p in parts[:-1]: node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else {}
+        node.setdefault(parts[-1], None)
+    return out
+
+def load_train_config(path=None, overrides: Sequence[str] = ()) -> TrainArgs:
+    "`TrainArgs` from a YAML file (ours, or the reference's shape) and dotted overrides; keys it cannot honour are named, all at once."
+    data = None
+    if any("=" not in o for o in overrides): return load_config(TrainArgs, path, list(overrides))   # it names the bad override
+    if path is not None and Path(path).is_file():
+        with contextlib.suppress(yaml.YAMLError, UnicodeDecodeError): data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict): return load_config(TrainArgs, path, list(overrides))   # load_config names what is wrong with the file
+    moved, bad = from_reference(data)
+    unknown = [(k, REFERENCE_HINTS.get(k) or REFERENCE_HINTS.get(k.split(".")[0], "no such setting")) for k in unknown_keys(moved)]
+    unknown += [(k, "no such setting") for k in unknown_keys(_dotted_tree(overrides)) if k not in {u for u, _ in unknown}]
+    if bad or unknown:
+        msg = "; ".join(f"{k} ({why})" for k, why in bad + unknown)
+        raise ConfigError(f"config file {path}: {len(bad) + len(unknown)} key(s) stem-nb train cannot honour: {msg}. "
+                          "Remove them (or use the settings named) and re-run")
+    if moved == data: return load_config(TrainArgs, path, list(overrides))
+    try: return load_config(TrainArgs, None, list(overrides), **moved)
+    except ConfigError as e: raise ConfigError(str(e).replace("(arguments)", f"({path})")) from None
 
 # %% ../nbs/09_train.ipynb #4ec452c7
 def resolve_device(args: TrainArgs) -> torch.device:
@@ -111,10 +256,13 @@ def load_init_from(args: TrainArgs) -> Transformer:
     return m
 
 def build_model(args: TrainArgs, device: torch.device, init: Optional[Transformer] = None) -> Transformer:
-    "The `Transformer` of `args.model` (seeded by `model.seed`) on `device`, with the weights of `init` (default: `checkpoint.init_from`'s)."
+    "The `Transformer` of `args.model` (seeded by `model.seed`) on `device`, with the weights of `init` (default: `checkpoint.init_from`'s); float8 linears with `distributed.float8`."
+    float8 = getattr(args.distributed, "float8", False)
+    if float8: require_float8(device)
     model = Transformer(args.model).to(device)
     if init is None and args.checkpoint.init_from: init = load_init_from(args)
     if init is not None: model.load_state_dict(init.state_dict())
+    if float8: convert_float8(model)
     if args.compile:
         for layer in model.layers: layer.compile()     # the blocks; table lookups stay eager (sparse grads)
     return model
@@ -127,6 +275,64 @@ def peak_flops(args: TrainArgs, device: torch.device) -> Optional[float]:
     if device.type != "cuda": return None
     name = torch.cuda.get_device_name(device)
     return next((v * 1e12 for k, v in _PEAK_TFLOPS.items() if k in name), None)
+
+# %% ../nbs/09_train.ipynb #748fe06b
+def ac_mode(dist) -> str:
+    "The activation-checkpointing mode (none | selective | full) of `distributed` settings: their `ac_mode`, else from `activation_checkpointing` / Lingua's `selective_activation_checkpointing`."
+    m = getattr(dist, "ac_mode", None)
+    if isinstance(m, str): return m
+    if getattr(dist, "selective_activation_checkpointing", False) is True: return "selective"
+    return getattr(dist, "activation_checkpointing", None) or "none"
+
+def recompute_flops_per_token(margs: ModelArgs, seq_len: int, mode: str) -> float:
+    "Forward FLOPs per token that activation checkpointing `mode` computes a second time: 0 for none and selective, the blocks' forward for full."
+    if mode in ("none", "selective"): return 0.0
+    if mode == "full": return flops_per_token(margs, seq_len, training=False) - 2 * margs.vocab_size * margs.dim
+    raise ConfigError(f"activation checkpointing mode {mode!r} is not one of none, selective, full")
+
+def hardware_flops_per_token(margs: ModelArgs, seq_len: int, mode: str = "none") -> float:
+    "FLOPs per training token the hardware computes (HFU's numerator per token): the model's plus the recomputed forward."
+    return flops_per_token(margs, seq_len) + recompute_flops_per_token(margs, seq_len, mode)
+
+# %% ../nbs/09_train.ipynb #324719bf
+FLOAT8_CAPABILITY = (8, 9)
+FLOAT8_FILTER = re.compile(r"layers\.[0-9]+\.")    # the backbone's blocks (Meta Lingua's float8_filter)
+
+def float8_problem(device) -> Optional[str]:
+    "Why `distributed.float8=true` cannot train on `device` (None: it can)."
+    device = torch.device(device)
+    fix = "set distributed.float8=false"
+    if device.type != "cuda":
+        return (f"distributed.float8=true needs a CUDA GPU of compute capability >= {FLOAT8_CAPABILITY[0]}.{FLOAT8_CAPABILITY[1]} "
+                f"(H100, H200, L40S, RTX 4090, B200); this run is on {device.type}: {fix}")
+    cap = torch.cuda.get_device_capability(device)
+    if tuple(cap) < FLOAT8_CAPABILITY:
+        return (f"distributed.float8=true needs a CUDA GPU of compute capability >= {FLOAT8_CAPABILITY[0]}.{FLOAT8_CAPABILITY[1]}; "
+                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: {fix}")
+    try: import torchao.float8  # noqa: F401
+    except ImportError as e: return f"distributed.float8=true needs torchao (pip install torchao): {e}"
+    return None
+
+def require_float8(device):
+    "Raise `ConfigError` with `float8_problem(device)` if float8 cannot train there."
+    p = float8_problem(device)
+    if p: raise ConfigError(p)
+
+def float8_linears(model) -> list[str]:
+    "Names of the linears `distributed.float8` converts: the blocks' (`layers.N.*`), both sizes multiples of 16."
+    return [n for n, m in unwrap(model).named_modules() if isinstance(m, torch.nn.Linear) and FLOAT8_FILTER.match(n)
+            and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+
+def convert_float8(model) -> list[str]:
+    "Swap `float8_linears(model)` for torchao `Float8Linear` (in place); returns their names."
+    from torchao.float8 import convert_to_float8_training
+    names = set(float8_linears(model))
+    if names: convert_to_float8_training(unwrap(model), module_filter_fn=lambda m, fqn: fqn in names)
+    return sorted(names)
+
+def n_float8(model) -> int:
+    "How many float8 linears `model` holds."
+    return sum(type(m).__name__ == "Float8Linear" for m in unwrap(model).modules())
 
 # %% ../nbs/09_train.ipynb #da7720e1
 def _xy(b):
@@ -152,6 +358,10 @@ def build_data(args: TrainArgs, rank: int = 0, world: int = 1):
     return loader, val
 
 # %% ../nbs/09_train.ipynb #351e448b
+def span(name: str):
+    "A `record_function` range `name` while a profiler records (a range costs tens of microseconds, so none otherwise)."
+    return record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
+
 def clip_hooks(model, layout: StemLayout) -> dict:
     "The squared-norm hooks that make the clip norm global: FSDP2 backbone shards, table slices over the STEM group."
     return dict(backbone_sq_hook=backbone_norm_hook(model), table_sq_hook=stem_norm_hook(layout))  # identity when not needed
@@ -160,16 +370,19 @@ def train_step(model, batches, optimizer: ModelOptimizer, args: TrainArgs, layou
                device: torch.device, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     "One optimizer step over the micro-batches `batches` ((x, y) on `device`); returns (mean loss, grad norm) on the device, and the lr."
     lr = optimizer.set_lr(step)
-    optimizer.settle(job_tokens(torch.cat([x.reshape(-1) for x, _ in batches])))   # [distributed] every rank's rows
+    with span("table_optim.settle"):
+        optimizer.settle(job_tokens(torch.cat([x.reshape(-1) for x, _ in batches])))   # [distributed] every rank's rows
     n, total = len(batches), torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
         with no_backbone_sync(model, i < n - 1):     # [distributed] DDP no_sync / FSDP2 no reduce until the last micro-batch
-            with autocast_ctx(args, device): loss = model(x, y)
-            (loss / n).backward()
+            with span("model.forward"), autocast_ctx(args, device): loss = model(x, y)
+            with span("model.backward"): (loss / n).backward()
         total += loss.detach().float()
-    if layout.world > 1: sync_table_grads(model, layout)
-    norm = optimizer.clip_grad_norm_(args.optim.clip, **clip_hooks(model, layout))
-    optimizer.step(); optimizer.zero_grad()
+    if layout.world > 1:
+        with span("table_grads.sync"): sync_table_grads(model, layout)
+    with span("optim.clip"): norm = optimizer.clip_grad_norm_(args.optim.clip, **clip_hooks(model, layout))
+    with span("optim.step"):              # holds torch's Optimizer.step#AdamW.step and Optimizer.step#TableAdamW.step
+        optimizer.step(); optimizer.zero_grad()
     loss = total / n
     if layout.world > 1:
         import torch.distributed as dist
@@ -278,6 +491,108 @@ class _Reporter:
     def close(self):
         if self.bar is not None: self.bar.close()
         self.log_f.close()
+
+# %% ../nbs/09_train.ipynb #28dfb968
+class StepProfiler:
+    "`profiling.*` over the steps of this session: a Chrome trace per rank; on CUDA a memory snapshot and its HTML plot."
+    def __init__(self, p: ProfilingArgs, dump, rank: int, device: torch.device, log=print):
+        self.p, self.dir, self.rank, self.device, self.log = p, Path(dump) / p.trace_folder, rank, torch.device(device), log
+        self.k, self.step_no, self.prof, self.mem, self.written = 0, 0, None, False, []
+        if not p.run: return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cuda = self.device.type == "cuda"
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        W = p.profile_warmup
+        self.prof = torch.profiler.profile(
+            activities=acts, record_shapes=True, profile_memory=True, with_flops=True, on_trace_ready=self._trace,
+            schedule=torch.profiler.schedule(wait=max(W - 1, 0), warmup=min(W, 1), active=p.profile_steps, repeat=1))
+        self.prof.start()
+        if not cuda: log(f"profiling: the memory snapshot needs CUDA and this run is on {self.device.type}: Chrome traces only")
+
+    def _trace(self, prof):
+        kind = "CPU_CUDA" if self.device.type == "cuda" else "CPU"
+        f = self.dir / f"profile_{kind}_{self.step_no:06d}" / f"rank{self.rank}.pt.trace.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(f))
+        self.written.append(f)
+        self.log(f"profiling: wrote the Chrome trace of the steps up to {self.step_no} to {f}")
+
+    def before_step(self):
+        if self.p.run and self.device.type == "cuda" and self.k == self.p.mem_warmup and not self.mem:
+            torch.cuda.memory._record_memory_history(max_entries=100_000); self.mem = True
+
+    def after_step(self, step: int):
+        "Call after each step (`step`: the run's step just done)."
+        if not self.p.run: return
+        self.k, self.step_no = self.k + 1, step
+        if self.mem and self.k == self.p.mem_warmup + self.p.mem_steps: self._dump_memory()
+        if self.prof is not None: self.prof.step()          # the trace is written when the traced steps end
+
+    def _dump_memory(self):
+        import pickle
+        from torch.cuda._memory_viz import trace_plot
+        snap = torch.cuda.memory._snapshot(self.device)
+        torch.cuda.memory._record_memory_history(enabled=None); self.mem = False
+        name = f"{self.step_no:06d}_rank{self.rank}"
+        write_atomic(self.dir / "memory_snapshot" / f"{name}.pickle", pickle.dumps(snap))
+        html = write_atomic(self.dir / "memory_trace_plot" / f"{name}.html", trace_plot(snap))
+        self.written.append(html)
+        self.log(f"profiling: wrote the memory snapshot of the steps up to {self.step_no} and its plot {html}")
+
+    def close(self):
+        "Stop profiling (writing a trace that was under way)."
+        if self.prof is not None: self.prof.stop(); self.prof = None
+        if self.mem: torch.cuda.memory._record_memory_history(enabled=None); self.mem = False
+        if self.p.run and not self.written:
+            self.log(f"profiling: no trace written: the session ended after {self.k} step(s), before step "
+                     f"{self.p.profile_warmup + 1} of it (profiling.profile_warmup={self.p.profile_warmup})")
+
+# %% ../nbs/09_train.ipynb #a99a7568
+def check_tracking(args: TrainArgs):
+    "Raise `ConfigError` if a tracker `logging.*` asks for is not installed."
+    for on, mod, pkg, key in ((args.logging.tensorboard, "torch.utils.tensorboard", "tensorboard", "logging.tensorboard=true"),
+                              (args.logging.wandb, "wandb", "wandb", f"logging.wandb={args.logging.wandb}")):
+        if not on: continue
+        try: __import__(mod)
+        except ImportError as e: raise ConfigError(f"{key} needs the {pkg} package (pip install {pkg}): {e}") from None
+
+class Trackers:
+    "TensorBoard and W&B runs of rank 0: every numeric value of each metrics row, at its step."
+    def __init__(self, args: TrainArgs, dump, rank: int = 0, step: int = 0):
+        self.tb = self.wb = None
+        if rank != 0: return
+        lg, dump = args.logging, Path(dump)
+        if lg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(dump / "tb"), purge_step=step + 1 if step else None)
+        if lg.wandb:
+            import uuid, wandb
+            f = dump / "wandb" / "run_id.txt"
+            rid = f.read_text().strip() if f.is_file() else ""
+            if not rid: rid = uuid.uuid4().hex[:12]; write_atomic(f, rid + "\n")
+            try:
+                self.wb = wandb.init(mode=lg.wandb, dir=str(dump), project=lg.project, entity=lg.entity, group=lg.group,
+                                     tags=list(lg.tags) or None, name=args.name or dump.name, id=rid, resume="allow",
+                                     config=unresolved_dict(args), settings=wandb.Settings(console="off", silent=True))
+            except Exception as e:
+                self.close(1)
+                raise ConfigError(f"logging.wandb={lg.wandb}: wandb.init failed ({type(e).__name__}: {str(e)[:300]})") from None
+
+    def log(self, row: dict):
+        vals = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in vals.items(): self.tb.add_scalar(k, v, row["step"])
+        if self.wb is not None: self.wb.log(vals, step=row["step"])
+
+    def flush(self):
+        if self.tb is not None: self.tb.flush()
+
+    def close(self, exit_code: int = 0):
+        if self.tb is not None: self.tb.close(); self.tb = None
+        if self.wb is not None:
+            import wandb
+            self.wb.finish(exit_code=exit_code); self.wb = None
+            wandb.teardown(exit_code)            # waits until the run's files are complete
 
 # %% ../nbs/09_train.ipynb #bc4de9fb
 LOCK_FILE = ".lock"
@@ -401,6 +716,11 @@ class Run:
     peak: Optional[float] = None                    # device peak FLOP/s (MFU)
     warm: bool = False                              # past the warmup interval (the first step of a fresh run)
     t_flush: float = 0.0                            # perf_counter at the last read-back
+    hfpt: float = 0.0                               # hardware FLOPs per token (HFU: with recomputation)
+    config_file: Optional[Path] = None              # the config file the run was started with (base_config.yaml)
+    base_config: Optional[bytes] = None             # its bytes, as given
+    trackers: Optional[Any] = None                  # TensorBoard / W&B (rank 0)
+    profiler: Optional[Any] = None                  # StepProfiler of this session
 
     @property
     def ckroot(self) -> Path: return self.dump / CKPT_DIR
@@ -409,10 +729,16 @@ class Run:
 def _seed_all(seed: int):
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-def setup_run(args: TrainArgs) -> Run:
-    "Check `init_from` and (`resume=false`) that the dump dir may be moved aside; lock the dump dir (rank 0) and check that it is writable; build the model, its parallelism, the optimizer and the data. Writes nothing but the lock."
+def setup_run(args: TrainArgs, config_file=None) -> Run:
+    "Check float8, the trackers, the config file, `init_from` and (`resume=false`) that the dump dir may be moved aside; lock the dump dir (rank 0) and check that it is writable; build the model, its parallelism, the optimizer and the data. Writes nothing but the lock."
     rank, world, _ = init_distributed(args.distributed)
     device = resolve_device(args)
+    if getattr(args.distributed, "float8", False): require_float8(device)
+    check_tracking(args)
+    base = None
+    if config_file is not None:
+        try: base = Path(config_file).read_bytes()
+        except OSError as e: raise ConfigError(f"config file {config_file} cannot be read ({e.strerror})") from None
     dump = Path(args.dump_dir)
     if not args.checkpoint.resume: refuse_moving(dump)
     init = load_init_from(args) if args.checkpoint.init_from else None
@@ -430,7 +756,8 @@ def setup_run(args: TrainArgs) -> Run:
     except BaseException:
         if lock: lock.release()
         raise
-    return Run(args, model, optimizer, layout, device, loader, val_fn, dump, rank, world, lock)
+    return Run(args, model, optimizer, layout, device, loader, val_fn, dump, rank, world, lock,
+               config_file=Path(config_file) if config_file is not None else None, base_config=base)
 
 # %% ../nbs/09_train.ipynb #22362b9b
 def _check_same_model(ckpt_dir, margs: ModelArgs):
@@ -480,19 +807,85 @@ def _load_newest(run: Run):
     run.resumed = run.last_ckpt = path
 
 # %% ../nbs/09_train.ipynb #cf4097bc
+CODE_FILES = ("commit.txt", "diff.patch", "untracked.txt", "not_a_git_checkout.txt")
+
+def code_root() -> Path:
+    "The folder the running stem_nb comes from: its checkout when it is one (an editable install), else site-packages."
+    return Path(__file__).resolve().parents[1] if "__file__" in globals() else repo_root()
+
+def code_record(root=None) -> dict[str, str]:
+    "{file name: text} of `dump_dir/code/`: the commit, uncommitted diff and untracked files of the git checkout at `root`; or why there is none."
+    root = Path(root) if root is not None else code_root()
+    def git(*a):
+        r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=120)
+        if r.returncode: raise RuntimeError((r.stderr.strip().splitlines() or [f"git {a[0]} exited {r.returncode}"])[-1])
+        return r.stdout
+    try: head = git("rev-parse", "HEAD").strip()
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        return {"not_a_git_checkout.txt": f"{root} is not a git checkout ({e}): no commit or diff recorded\n"}
+    return {"commit.txt": head + "\n", "diff.patch": git("diff", "HEAD", "--binary"),
+            "untracked.txt": git("ls-files", "--others", "--exclude-standard")}
+
+def slurm_script(env=None) -> tuple[Optional[str], Optional[str]]:
+    "(the batch script of this SLURM job, where it came from), (None, why not), or (None, None) outside SLURM."
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID")
+    if not job: return None, None
+    p = env.get("STEM_NB_SUBMIT_SCRIPT")
+    if p:
+        try: return Path(p).read_text(), f"STEM_NB_SUBMIT_SCRIPT={p}"
+        except (OSError, UnicodeDecodeError) as e:
+            return None, f"STEM_NB_SUBMIT_SCRIPT={p} cannot be read ({getattr(e, 'strerror', None) or e})"
+    cmd = ["scontrol", "write", "batch_script", job, "-"]
+    try: r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"`{' '.join(cmd)}` failed ({e}); a launcher can give the script's path in STEM_NB_SUBMIT_SCRIPT"
+    if r.returncode or not r.stdout.strip():
+        why = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}, no output"])[-1]
+        return None, f"`{' '.join(cmd)}` failed ({why}); a launcher can give the script's path in STEM_NB_SUBMIT_SCRIPT"
+    return r.stdout, f"scontrol write batch_script {job}"
+
+def code_dir(dump, step: int, code: dict) -> Optional[Path]:
+    "Where a session at `step` records `code`: `code/` for a run's first record, `code/step-<step>/` when it differs from the newest one; None when it is the same."
+    root = Path(dump) / "code"
+    have = [d for d in [root, *sorted(root.glob("step-*"))] if any((d / n).is_file() for n in CODE_FILES)]
+    if not have: return root
+    same = all(((have[-1] / n).read_text() if (have[-1] / n).is_file() else None) == code.get(n) for n in CODE_FILES)
+    return None if same else root / f"step-{step:010d}"
+
+def relaunchable(script: str, submit_dir: Optional[str] = None) -> str:
+    "`script` with `#SBATCH --chdir=<submit_dir>` after its first line, unless it sets a working directory already."
+    if not submit_dir or re.search(r"^#SBATCH\s+(--chdir|-D)\b", script, re.M): return script
+    first, _, rest = script.partition("\n")
+    return f"{first}\n#SBATCH --chdir={submit_dir}\n{rest}"
+
+# %% ../nbs/09_train.ipynb #27ffa060
 def _write_records(run: Run):
-    "Rank 0 of an accepted run: metrics.jsonl cut back to the resumed step, config.yaml, data.json (eval: the run's split and tokenizer)."
+    "Rank 0 of an accepted run: metrics.jsonl cut back to the resumed step, config.yaml, base_config.yaml, data.json (eval: the run's split and tokenizer), code/, submit.slurm."
+    code, (script, src) = code_record(), slurm_script()
+    where = code_dir(run.dump, run.step, code)
     f = run.dump / "metrics.jsonl"
     try:
         truncate_metrics(f, run.step)
         f = run.dump / "config.yaml"; dump_config(run.args, f)
+        f = run.dump / "base_config.yaml"
+        if run.base_config is not None and not f.exists(): write_atomic(f, run.base_config)
         f = run.dump / "data.json"; write_atomic(f, json.dumps(run.loader.run_record(), indent=1))
+        for name, text in (code.items() if where is not None else ()): f = where / name; write_atomic(f, text)
+        if script is not None: f = run.dump / "submit.slurm"; write_atomic(f, relaunchable(script, os.environ.get("SLURM_SUBMIT_DIR")))
     except OSError as e:
         free = shutil.disk_usage(run.dump).free
         raise DumpDirError(f"writing {f} failed ({e.strerror or e}); {free:,} bytes are free in dump_dir {run.dump}. "
                            f"{f.name} is as it was: free some space and re-run the same command to resume") from None
+    at = f"recorded in {where.relative_to(run.dump)}/" if where is not None else "as recorded before in code/"
+    if "commit.txt" in code:
+        n = code["diff.patch"].count("\ndiff --git") + code["diff.patch"].startswith("diff --git")
+        run.rep.log(f"code: commit {code['commit.txt'].strip()}, {n} file(s) with uncommitted changes ({at})", console=False)
+    else: run.rep.log(f"code: {code['not_a_git_checkout.txt'].strip()} ({at})", console=False)
+    if script is not None: run.rep.log(f"submit.slurm: the batch script of SLURM job {os.environ.get('SLURM_JOB_ID')} ({src})", console=False)
+    elif src: run.rep.warn(f"no submit.slurm for SLURM job {os.environ.get('SLURM_JOB_ID')}: {src}")
 
-# %% ../nbs/09_train.ipynb #6ee09c27
+# %% ../nbs/09_train.ipynb #4772fe6e
 def resume_run(run: Run) -> Run:
     "Resume from the newest checkpoint, or (`resume=false`) move an old run aside; then write config.yaml and data.json."
     args = run.args
@@ -510,8 +903,11 @@ def resume_run(run: Run) -> Run:
     barrier()
     run.rep.close(); run.rep = _Reporter(args, run.dump, run.step, run.rank)
     n_params = sum(p.numel() for p in unwrap(run.model).parameters())
-    run.rep.log(f"{'resumed from ' + str(run.resumed) if run.resumed else 'starting'} at step {run.step}/{args.steps}: "
-                f"{unwrap(run.model)!r}, {n_params:,} params on {run.device}, world {run.world}, dump_dir {run.dump}")
+    f8 = f", {n_float8(run.model)} float8 linears" if getattr(args.distributed, "float8", False) else ""
+    run.rep.log(f"{'resumed from ' + str(run.resumed) if run.resumed else 'starting'} {args.name or run.dump.name} at step "
+                f"{run.step}/{args.steps}: {unwrap(run.model)!r}, {n_params:,} params{f8} on {run.device}, world {run.world}, "
+                f"dump_dir {run.dump}")
+    run.trackers = Trackers(args, run.dump, run.rank, run.step)
     return run
 
 # %% ../nbs/09_train.ipynb #972381bf
@@ -533,10 +929,13 @@ def flush_rows(run: Run, metrics_f=None):
                                 f"{rows[0]['step']}-{rows[-1]['step']} were checked together): stopping the run")
         r.update(loss=loss, grad_norm=gnorm, tokens_per_s=rate, wall_s=round(t_prev + dt * (i + 1) / len(rows), 4))
         n = r.pop("n_tok")
-        if run.peak: r["mfu"] = estimate_mfu(run.fpt, rate / run.world, run.peak)
+        r["mfu"] = estimate_mfu(run.fpt, rate / run.world, run.peak) if run.peak else None
+        r["hfu"] = estimate_mfu(run.hfpt, rate / run.world, run.peak) if run.peak else None
         if metrics_f: metrics_f.write(json.dumps(r) + "\n")
+        if run.trackers is not None: run.trackers.log(r)
         run.rep.step(r); run.last = r
     if metrics_f: metrics_f.flush()
+    if run.trackers is not None: run.trackers.flush()
 
 def save_run(run: Run):
     "Checkpoint the run at its step (after a flush: the weights are finite; `save_checkpoint` settles the tables)."
@@ -551,12 +950,21 @@ def run_loop(run: Run) -> Run:
     "Train from `run.step` to `args.steps`."
     args, ck = run.args, run.args.checkpoint
     seq = args.data.seq_len
-    run.fpt, run.peak = flops_per_token(unwrap(run.model).args, seq), peak_flops(args, run.device)
+    margs = unwrap(run.model).args
+    run.fpt, run.peak = flops_per_token(margs, seq), peak_flops(args, run.device)
+    run.hfpt = hardware_flops_per_token(margs, seq, ac_mode(args.distributed))
+    if run.peak is None:
+        run.rep.log(f"mfu and hfu are null in metrics.jsonl: no peak FLOP/s is known for {run.device.type}"
+                    + (f" ({torch.cuda.get_device_name(run.device)})" if run.device.type == "cuda" else "")
+                    + "; set peak_tflops to the device's peak to have them", console=False)
     run.warm, run.t_flush, start = run.resumed is not None, time.perf_counter(), run.step
     it = iter(run.loader)
     run.model.train()
-    with open(run.dump / "metrics.jsonl", "a") if run.rank == 0 else contextlib.nullcontext() as metrics_f:
+    prof = run.profiler = StepProfiler(args.profiling, run.dump, run.rank, run.device, lambda m: run.rep.log(m, console=False))
+    with open(run.dump / "metrics.jsonl", "a") if run.rank == 0 else contextlib.nullcontext() as metrics_f, \
+         contextlib.closing(prof):
         while run.step < args.steps:
+            prof.before_step()
             batches = [to_device(next(it), run.device) for _ in range(args.grad_accum)]
             loss, gnorm, lr = train_step(run.model, batches, run.optimizer, args, run.layout, run.device, run.step)
             run.step += 1
@@ -574,6 +982,7 @@ def run_loop(run: Run) -> Run:
                     or run.step == args.steps):
                 flush_rows(run, metrics_f)
             if save: save_run(run)
+            prof.after_step(run.step)
         flush_rows(run, metrics_f)
     return run
 
@@ -590,7 +999,9 @@ def run_summary(run: Run) -> dict:
             "tokens_per_s": round(run.sess_tok / run.sess_t, 1) if run.sess_t else None,
             "checkpoint": str(run.last_ckpt) if run.last_ckpt else None,
             "resumed_from": str(run.resumed) if run.resumed else None,
-            "peak_rss_mb": round(_peak_rss_mb(), 1), "params": sum(p.numel() for p in unwrap(run.model).parameters())}
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "params": sum(p.numel() for p in unwrap(run.model).parameters()),
+            **({"float8_linears": n_float8(run.model)} if getattr(run.args.distributed, "float8", False) else {}),
+            **({"profiling": [str(p) for p in run.profiler.written]} if run.profiler is not None and run.profiler.written else {})}
 
 # %% ../nbs/09_train.ipynb #bd5d01d8
 class TrainInterrupted(KeyboardInterrupt):
@@ -601,13 +1012,14 @@ def _interrupted(run: Optional[Run]) -> TrainInterrupted:
     where = f"from {run.last_ckpt}" if run.last_ckpt else "from the start: no checkpoint yet"
     return TrainInterrupted(f"interrupted at step {run.step}; re-run the same command to resume ({where})")
 
-def train(args: TrainArgs) -> dict:
-    "Train (or resume) the run `args` describes; returns a summary. Records go to `args.dump_dir` (layout below)."
-    run = None
+def train(args: TrainArgs, config_file=None) -> dict:
+    "Train (or resume) the run `args` describes (loaded from `config_file`, if any: base_config.yaml); returns a summary. Records go to `args.dump_dir` (layout below)."
+    run, exit_code = None, 1
     try:
-        run = setup_run(args)
+        run = setup_run(args, config_file)
         resume_run(run)
         run_loop(run)
+        exit_code = 0
         return run_summary(run)
     except DivergedError as e:
         msg = f"{e}; last good checkpoint: {run.last_ckpt or 'none'} (nothing was saved after it)"
@@ -619,6 +1031,7 @@ def train(args: TrainArgs) -> dict:
         raise e from None
     finally:
         if run is not None:
+            if run.trackers is not None: run.trackers.close(exit_code)
             if run.rep is not None: run.rep.close()
             if run.lock is not None: run.lock.release()
 
@@ -627,15 +1040,16 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     "`stem-nb train [CONFIG.yaml] key=value ...`"
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: stem-nb train [CONFIG.yaml] key=value ...\n  keys: dump_dir, steps, seed, grad_accum, eval_every, "
-              "val_batches, log_every, compile, dtype, device, model.*, data.*, optim.*, checkpoint.*, distributed.*")
+        print("usage: stem-nb train [CONFIG.yaml] key=value ...\n  keys: dump_dir, name, steps, seed, grad_accum, eval_every, "
+              "val_batches, log_every, compile, dtype, device, model.*, data.*, optim.*, checkpoint.*, distributed.*, "
+              "profiling.*, logging.*\n  CONFIG.yaml may be one of the reference's (Meta Lingua's shape)")
         return 0
     try:
         path = argv.pop(0) if argv and "=" not in argv[0] else None
-        try: args = load_config(TrainArgs, path, argv)
+        try: args = load_train_config(path, argv)
         except ConfigError as e:
             print(f"stem-nb train: {e}", file=sys.stderr); return 2
-        try: summary = train(args)
+        try: summary = train(args, config_file=path)
         except DivergedError as e:
             print(f"stem-nb train: {e}", file=sys.stderr); return 1
         except (ConfigError, CheckpointError, DataError) as e:
@@ -650,6 +1064,29 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
 # %% ../nbs/09_train.ipynb #7aa4034d
 if __name__ == "__main__" and not _in_notebook():
     sys.exit(cli())
+
+# %% ../nbs/09_train.ipynb #5da8d3e7
+def gpu_check_float8(setup: dict, work) -> list[dict]:
+    "The float8 section of the GPU check (`setup`, `work` as `stem_nb.cli.gpu_check` passes them): its rows."
+    dump = Path(tempfile.mkdtemp(dir=work))
+    over = [*setup["common"], "model.ffn_type=stem", "model.stem_layers=1/3", "distributed.float8=true",
+            f"data.cache_dir={Path(work) / 'cache'}", f"dump_dir={dump}"]
+    if setup["dry_run"]:
+        try: train(load_train_config(None, over))
+        except ConfigError as e:
+            if "distributed.float8=true needs" not in str(e): raise
+            return [dict(section="float8", item="refused on the CPU", value="yes", note=str(e)[:150])]
+        raise RuntimeError("distributed.float8=true trained on the CPU: it must be refused there")
+    torch.cuda.reset_peak_memory_stats()
+    s = train(load_train_config(None, over))
+    rows = read_metrics(dump)
+    m = rows[setup["warmup"]:] or rows
+    mfu = [r["mfu"] for r in m if r.get("mfu") is not None]
+    note = (f"MFU {statistics.median(mfu):.1%}" if mfu else "MFU n/a") + (
+        f", {s.get('float8_linears', 0)} linears in float8, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
+        f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+    return [dict(section="float8", item="STEM 1/3 float8 tokens/s", value=round(statistics.median(r["tokens_per_s"] for r in m), 1),
+                 note=note)]
 
 # %% ../nbs/09_train.ipynb #4ebb1f96
 BENCH_VARIANTS = {"dense": ("dense", "none"), "stem_1/3": ("stem", "1/3"), "stem_all": ("stem", "all")}

@@ -45,6 +45,9 @@ def test_reference_run_records(reference):
     cks = sorted(p.name for p in (reference / "checkpoints").iterdir())
     assert cks == ["0000000030", "0000000040"]                       # keep=2
     assert (reference / "config.yaml").is_file() and (reference / "train.log").is_file()
+    assert (reference / "base_config.yaml").read_bytes() == CONFIG.read_bytes()   # the config file as given
+    assert (reference / "code" / "commit.txt").is_file() and (reference / "code" / "diff.patch").is_file()
+    assert all(r["mfu"] is None and r["hfu"] is None for r in rows)              # no peak FLOP/s is known for a CPU
     rec = json.loads((reference / "data.json").read_text())                # what eval needs: the run's split and tokenizer
     assert rec["tokenizer"]["n_vocab"] == 4096 and rec["tokenizer"]["fingerprint"]
     assert {"shakespeare", "bios"} <= set(rec["sources"])
@@ -93,7 +96,7 @@ def test_corrupted_checkpoint_falls_back_and_steps_can_be_raised(reference, tmp_
     assert s["step"] == 45 and s["resumed_from"].endswith("0000000030")
     assert [r["step"] for r in metrics(d)] == list(range(1, 46))
     assert losses(d)[31] == losses(reference)[31]                    # step 31 starts from checkpoint 30 in both runs
-    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["0000000040", "0000000045"]
+    assert sorted(p.name for p in (d / "checkpoints").iterdir() if not p.name.startswith(".")) == ["0000000040", "0000000045"]
 
 
 def test_nan_stops_and_keeps_checkpoint(reference, tmp_path):
