@@ -4,7 +4,7 @@ Modules:
 
 - `stem_nb.analysis`: The paper's figures 4-7 as functions the figure notebooks call: angular spread of table rows, up-projection outputs vs STEM rows, FF feature similarity, and knowledge editing by swapping rows — with measured success and locality.
 - `stem_nb.checkpoint`: Atomic, verified, resumable checkpoints that never run code when loaded: backbone through DCP, tables and their Adam moments in their own files, train state as JSON.
-- `stem_nb.cli`: `stem-nb train | eval | prepare | reproduce | slurm | bench | gpu-check | smoke` — one entry point over the notebooks' functions.
+- `stem_nb.cli`: `stem-nb train | eval | prepare | reproduce | export-hf | import-hf | slurm | bench | gpu-check | smoke` — one entry point over the notebooks' functions.
 - `stem_nb.config`: Typed dataclasses, YAML on top, dotted CLI overrides (`model.dim=64`); atomic writes, the repo root, and interleaved timing with paired ratios for every benchmark.
 - `stem_nb.corpora`: The documents: local files through `datasets`, hub corpora prepared into jsonl chunks, and the embedded offline corpora (Shakespeare, bios with ground truth, needle-in-a-haystack, math/code).
 - `stem_nb.data`: Mixtures of sources, seeded document-level train/held-out splits, a tokenization cache, and a packed, sharded, resumable loader that records what it held out.

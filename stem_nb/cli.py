@@ -1,4 +1,4 @@
-"""`stem-nb train | eval | prepare | reproduce | slurm | bench | gpu-check
+"""`stem-nb train | eval | prepare | reproduce | export-hf | import-hf | slurm | bench | gpu-check
 | smoke` — one entry point over the notebooks' functions.
 
 Docs: https://stem-nb.github.io/stem-nb/cli.html.md"""
@@ -23,6 +23,8 @@ SUBCOMMANDS = {  # name: (module, function, help)
     "eval":      ("stem_nb.eval", "cli", "evaluate a checkpoint with lm-eval: stem-nb eval CKPT --tasks ..."),
     "prepare":   ("stem_nb.data", "cli", "prepare a corpus: stem-nb prepare SOURCE OUT_DIR ..."),
     "reproduce": ("stem_nb.reproduce", "cli", "regenerate the paper's tables and figures: stem-nb reproduce --preset cpu"),
+    "export-hf": ("stem_nb.hf", "export_cli", "write a run as a folder transformers loads: stem-nb export-hf RUN OUT [--force]"),
+    "import-hf": ("stem_nb.hf", "import_cli", "read an export-hf folder back into a stem-nb run: stem-nb import-hf DIR OUT"),
     "slurm":     ("stem_nb.cli", "slurm_cli", "submit a training job through submitit (or --dry-run: print the sbatch script)"),
     "bench":     ("stem_nb.cli", "bench_cli", "run the benchmarks (each in a fresh process), one JSON line per result"),
     "gpu-check": ("stem_nb.cli", "gpu_check_cli", "bf16+compile training, decode, offload overlap, FSDP2 on one GPU (--dry-run: tiny, on CPU)"),

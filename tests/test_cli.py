@@ -199,3 +199,12 @@ def test_env_secret_is_never_written_and_the_run_resumes(tmp_path):
     assert r.stderr.strip() == ("stem-nb train: config key 'data.text_field' (resolve): KeyError raised while resolving "
                                 "interpolation: \"Environment variable 'MY_SECRET' not found\""), r.stderr
     assert digest(dump) == before
+
+
+@pytest.mark.parametrize("cmd", ["export-hf", "import-hf"])
+def test_hf_commands_are_wired(cmd):
+    "`stem-nb export-hf|import-hf --help` reach stem_nb.hf's parsers."
+    r = subprocess.run([sys.executable, "-c", "import sys; from stem_nb.cli import main; sys.exit(main(sys.argv[1:]))", cmd, "--help"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"stem-nb {cmd}" in r.stdout and ("OUT" in r.stdout or "out" in r.stdout)
