@@ -69,8 +69,16 @@ def verify_checkpoint(ckpt_dir, hashes: bool = True) -> dict:
     if not d.is_dir(): raise CheckpointError(f"checkpoint {d} does not exist")
     if not mf.is_file(): raise CheckpointError(f"{mf} is missing: checkpoint {d} is incomplete")
     try: man = json.loads(mf.read_text())
-    except json.JSONDecodeError as e: raise CheckpointError(f"{mf} is not valid JSON ({e}): checkpoint {d} is corrupted") from None
-    for rel, info in man["files"].items():
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mf} is not valid JSON ({e}): checkpoint {d} is corrupted") from None
+    files = man.get("files") if isinstance(man, dict) else None
+    bad = ("it has no 'files' table" if not isinstance(files, dict) else
+           next((f"its entry {rel!r} is not a file inside the checkpoint with an integer size and a sha256"
+                 for rel, info in files.items()
+                 if not (isinstance(info, dict) and type(info.get("size")) is int and isinstance(info.get("sha256"), str)
+                         and rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts)), None))
+    if bad: raise CheckpointError(f"{mf} is not a stem-nb manifest ({bad}): checkpoint {d} is corrupted")
+    for rel, info in files.items():
         p = d / rel
         if not p.is_file(): raise CheckpointError(f"{p} is missing (listed in {mf})")
         size = p.stat().st_size

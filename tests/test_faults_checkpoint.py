@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest, torch
 import torch.distributed.checkpoint as dcp
 
-from stem_nb.checkpoint import (CKPT_DIR, CheckpointError, _METADATA_GLOBALS, ckpt_name, dcp_load, export_consolidated,
+from stem_nb.checkpoint import (CKPT_DIR, MANIFEST, CheckpointError, _METADATA_GLOBALS, ckpt_name, dcp_load, export_consolidated,
                                 import_reference, list_checkpoints, load_latest, load_model, load_table_shards, pin_checkpoint,
                                 prune_checkpoints, read_dcp_metadata, save_checkpoint, verify_checkpoint, write_manifest,
                                 write_reference_checkpoint)
@@ -579,6 +579,21 @@ def test_eval_names_the_corrupt_newer_checkpoint_it_skips(trained, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"WARNING: skipping corrupt checkpoint {newer}: {newer / SLICE} is corrupted" in r.stderr, r.stderr[-3000:]
     assert r.stderr.count("skipping corrupt checkpoint") == 1 and f"using the older {ck}" in r.stderr
+    assert f"scoring {ck.resolve()} (step 2)" in r.stdout
+    assert_unchanged(dump, before)
+
+
+@pytest.mark.parametrize("flip", [('"files"', '"filez"'), ('"size"', '"sizf"'), ('"sha256"', '"sha25\xff"')])
+def test_eval_falls_back_past_a_manifest_that_is_json_but_no_manifest(trained, tmp_path, flip):
+    "A flipped byte in MANIFEST.json that leaves it JSON (or breaks its UTF-8) is a corrupt checkpoint, not a traceback."
+    dump, ck = _dump_copy(trained, tmp_path)
+    newer = dump / CKPT_DIR / ckpt_name(3); shutil.copytree(ck, newer)
+    mf = newer / MANIFEST
+    mf.write_bytes(mf.read_text().replace(*flip, 1).encode("latin-1" if "\xff" in flip[1] else "utf-8"))
+    before = snapshot(dump)
+    r = _eval(dump, "--limit", "2")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"WARNING: skipping corrupt checkpoint {newer}: {mf}" in r.stderr, r.stderr[-3000:]
     assert f"scoring {ck.resolve()} (step 2)" in r.stdout
     assert_unchanged(dump, before)
 
