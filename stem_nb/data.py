@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/data.html.md"""
 
 # %% ../nbs/03_data.ipynb #880e43db
 from __future__ import annotations
-import argparse, hashlib, itertools, json, math, os, re, sys
+import argparse, contextlib, hashlib, itertools, json, math, os, queue, re, sys, threading, traceback, weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence
@@ -165,8 +165,13 @@ class DataArgs:
     source_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # e.g. {bios: {n_people: 2000}}
     root_dir: Optional[str] = None  # where sources named without a path are looked up (`stem-nb prepare NAME`); default data_dir()
     pin_memory: bool = True         # pinned batches when CUDA is available (for non_blocking copies)
+    load_async: bool = False        # a background thread prepares the next batches while the step runs (Meta Lingua's key)
+    prefetch_batches: int = 2       # with load_async: how many ready batches the thread keeps ahead of the consumer
 
     def __post_init__(self):
+        if isinstance(self.prefetch_batches, bool) or not isinstance(self.prefetch_batches, int) or self.prefetch_batches < 1:
+            raise ConfigError(f"data.prefetch_batches={self.prefetch_batches!r}: must be an integer >= 1 (batches prepared ahead "
+                              "when data.load_async is true)")
         for name, kw in (self.source_kwargs or {}).items():
             try: check_source_kwargs(name, kw)
             except DataError as e: raise ConfigError(str(e)) from None
@@ -208,6 +213,7 @@ class PackedLoader:
         self._perm_cache: dict = {}
         self._ar = np.arange(S + 1)
         self.pin = bool(args.pin_memory) and torch.cuda.is_available()
+        self._prefetch = None           # the load_async worker, started by the first `next()`
 
     def __iter__(self): return self
 
@@ -217,19 +223,21 @@ class PackedLoader:
     def __repr__(self):
         a = self.args
         return (f"PackedLoader({self.names}, tokenizer={self.tok.name}, seq_len={a.seq_len}, batch_size={a.batch_size}, "
-                f"rank={self.rank}/{self.world_size}, step={self.step})")
+                f"rank={self.rank}/{self.world_size}, step={self.step}{', load_async' if a.load_async else ''})")
 
 # %% ../nbs/03_data.ipynb #11346dfe
 @patch
 def _perm(self: PackedLoader, n: str, epoch: int) -> np.ndarray:
-    if self._perm_cache.get(n, (None,))[0] != epoch:
-        i = self.names.index(n)
-        self._perm_cache[n] = (epoch, np.random.default_rng([self.args.seed, i, epoch]).permutation(self.n_windows[n]))
-    return self._perm_cache[n][1]
+    c = self._perm_cache.get(n)
+    if c is None or c[0] != epoch:                  # one epoch cached per source; threads may recompute, never mix
+        c = (epoch, np.random.default_rng([self.args.seed, self.names.index(n), epoch]).permutation(self.n_windows[n]))
+        self._perm_cache[n] = c
+    return c[1]
 
 @patch
-def _plan(self: PackedLoader, step: int) -> tuple[np.ndarray, np.ndarray]:
-    "Source index and window index of every sequence of the global batch of `step`; advances positions."
+def _plan(self: PackedLoader, step: int, positions: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    "Source index and window index of every sequence of the global batch of `step` from `positions`, and the positions after it."
+    positions = {n: list(p) for n, p in positions.items()}
     GB = self.args.batch_size * self.world_size
     if len(self.names) == 1: src = np.zeros(GB, np.int64)
     else: src = np.random.default_rng([self.args.seed, 7919, step]).choice(len(self.names), GB, p=list(self.weights.values()))
@@ -237,11 +245,11 @@ def _plan(self: PackedLoader, step: int) -> tuple[np.ndarray, np.ndarray]:
     for i, n in enumerate(self.names):
         sel = src == i; m = int(sel.sum())
         if not m: continue
-        ep, off = self.positions[n]
+        ep, off = positions[n]
         if off + m > self.n_windows[n]: ep, off = ep + 1, 0      # one epoch per step and source: no repeats
         win[sel] = self._perm(n, ep)[off:off + m]
-        self.positions[n] = [ep, off + m]
-    return src, win
+        positions[n] = [ep, off + m]
+    return src, win, positions
 
 @patch
 def _rows(self: PackedLoader, arrs: dict, names: Sequence[str], src: np.ndarray, win: np.ndarray) -> dict:
@@ -261,18 +269,23 @@ def _rows(self: PackedLoader, arrs: dict, names: Sequence[str], src: np.ndarray,
 @patch
 def next_windows(self: PackedLoader) -> list[tuple[str, int]]:
     "(source, window index) of each row this rank gets from the next `next()`, without advancing."
-    pos = {n: list(p) for n, p in self.positions.items()}
-    src, win = self._plan(self.step)
-    self.positions = pos
+    src, win, _ = self._plan(self.step, self.positions)
     B, r = self.args.batch_size, self.rank
     return [(self.names[s], int(w)) for s, w in zip(src[r * B:(r + 1) * B], win[r * B:(r + 1) * B])]
 
 @patch
-def __next__(self: PackedLoader) -> dict:
-    src, win = self._plan(self.step)
-    self.step += 1
+def _batch(self: PackedLoader, step: int, positions: dict) -> tuple[dict, dict]:
+    "This rank's batch of `step` from `positions`, and the positions after it."
+    src, win, positions = self._plan(step, positions)
     B, r = self.args.batch_size, self.rank
-    return self._rows(self.train, self.names, src[r * B:(r + 1) * B], win[r * B:(r + 1) * B])
+    return self._rows(self.train, self.names, src[r * B:(r + 1) * B], win[r * B:(r + 1) * B]), positions
+
+@patch
+def __next__(self: PackedLoader) -> dict:
+    if self.args.load_async: return self._next_async()
+    b, self.positions = self._batch(self.step, self.positions)
+    self.step += 1
+    return b
 
 @patch
 def val_batches(self: PackedLoader, max_batches: int | None = None, source: str | None = None) -> Iterator[dict]:
@@ -286,6 +299,82 @@ def val_batches(self: PackedLoader, max_batches: int | None = None, source: str 
             w = mine[s:s + B]
             yield dict(self._rows(self.val, [n], np.zeros(len(w), np.int64), w), source=n)
 
+# %% ../nbs/03_data.ipynb #478de57e
+class _WorkerError:
+    "An exception of the `load_async` worker while it prepared batch `step`, carried to the consumer."
+    def __init__(self, step: int, exc: BaseException): self.step, self.exc = step, exc
+
+def _prefetch_loop(ref, q: queue.Queue, stop: threading.Event, step: int, positions: dict, cuda: int | None = None):
+    "The worker: from (`step`, `positions`) on, put (step, batch, positions after it) into `q` until `stop` or the loader is gone."
+    if cuda is not None: torch.cuda.set_device(cuda)      # pin on the consumer's device, not in a new context on GPU 0
+    while not stop.is_set():
+        dl = ref()
+        if dl is None: return
+        try: b, positions = dl._batch(step, positions); item = (step, b, positions)
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)       # keep the lines, drop the locals (the loader among them)
+            item = _WorkerError(step, e)
+        del dl                                            # only the weak reference while waiting: the loader can be collected
+        while not stop.is_set():
+            try: q.put(item, timeout=0.05); break
+            except queue.Full: pass
+        if isinstance(item, _WorkerError): return
+        step += 1
+
+def _stop_worker(stop: threading.Event, q: queue.Queue, thread: threading.Thread, timeout: float = 60.0):
+    "Stop the worker and wait for it: a slot is freed so that a worker waiting to put sees `stop` at once."
+    stop.set()
+    with contextlib.suppress(queue.Empty):
+        while True: q.get_nowait()
+    if thread is not threading.current_thread(): thread.join(timeout)
+
+class _Prefetcher:
+    "A daemon thread keeping up to `depth` batches of `loader` ready, from its position at start on."
+    def __init__(self, loader: PackedLoader, depth: int):
+        self.q, self.stop = queue.Queue(depth), threading.Event()
+        self.thread = threading.Thread(target=_prefetch_loop, daemon=True, name=f"PackedLoader.load_async rank {loader.rank}",
+                                       args=(weakref.ref(loader), self.q, self.stop, loader.step,
+                                             {n: list(v) for n, v in loader.positions.items()},
+                                             torch.cuda.current_device() if loader.pin else None))
+        # the loader collected, or the interpreter exiting (atexit, before threads are frozen): the thread ends and is joined
+        self._fin = weakref.finalize(loader, _stop_worker, self.stop, self.q, self.thread)
+        self.thread.start()
+
+    def get(self):
+        while True:
+            try: return self.q.get(timeout=0.1)
+            except queue.Empty:
+                if not self.thread.is_alive() and self.q.empty():
+                    raise DataError(f"data.load_async: the background worker ({self.thread.name}) ended without a batch")
+
+    def close(self): self._fin()
+
+@patch
+def _next_async(self: PackedLoader) -> dict:
+    if self._prefetch is None: self._prefetch = _Prefetcher(self, self.args.prefetch_batches)
+    item = self._prefetch.get()
+    if isinstance(item, _WorkerError):
+        name = self._prefetch.thread.name
+        self.close()
+        e = item.exc
+        raise DataError(f"data.load_async: the background worker ({name}) failed preparing batch {item.step}: "
+                        f"{type(e).__name__}: {e}") from e
+    step, b, self.positions = item
+    self.step = step + 1
+    return b
+
+@patch
+def close(self: PackedLoader):
+    "Stop the `load_async` worker (if any) and drop the batches it prepared; the position stays that of the consumed batches."
+    p, self._prefetch = self._prefetch, None
+    if p is not None: p.close()
+
+@patch
+def __enter__(self: PackedLoader): return self
+
+@patch
+def __exit__(self: PackedLoader, *exc): self.close()
+
 # %% ../nbs/03_data.ipynb #8012980a
 @patch
 def state_dict(self: PackedLoader) -> dict:
@@ -295,11 +384,12 @@ def state_dict(self: PackedLoader) -> dict:
 
 @patch
 def load_state_dict(self: PackedLoader, state: dict):
-    "Resume: the next batch is exactly the one an uninterrupted loader would yield."
+    "Resume: the next batch is exactly the one an uninterrupted loader would yield (a `load_async` worker restarts from there)."
     fp = json.loads(json.dumps(self.fingerprint))
     bad = [k for k in fp if state.get("fingerprint", {}).get(k) != fp[k]]
     if bad: raise DataError(f"loader state does not match this data: {', '.join(bad)} differ "
                             f"(saved {[state.get('fingerprint', {}).get(k) for k in bad]}, now {[fp[k] for k in bad]})")
+    self.close()                                   # batches prepared from the old position are dropped
     self.step = int(state["step"])
     self.positions = {n: [int(e), int(o)] for n, (e, o) in state["positions"].items()}
     return self
