@@ -7,8 +7,8 @@ Docs: https://stem-nb.github.io/stem-nb/checkpoint.html.md"""
 
 # %% ../nbs/08_checkpoint.ipynb #265ddd83
 from __future__ import annotations
-import base64, collections, contextlib, dataclasses, io, json, math, os, pickle, random, re, secrets, shutil, sys, time, warnings, zipfile
-from pathlib import Path
+import base64, collections, contextlib, dataclasses, hashlib, io, json, math, os, pickle, random, re, secrets, shutil, sys, time, warnings, zipfile
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import numpy as np
@@ -21,6 +21,8 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageIn
 from torch.distributed.checkpoint.metadata import (Metadata, TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata,
                                                    TensorProperties, MetadataIndex, StorageMeta)
 from torch.distributed.checkpoint.planner import LoadItemType
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import sha256_file, write_atomic
 from .model import ModelArgs, Transformer, is_table_key
@@ -28,14 +30,16 @@ from .flops import count_params
 from .distributed import StemLayout, barrier, world_info, unwrap
 
 # %% auto #0
-__all__ = ['CKPT_DIR', 'MANIFEST', 'MODEL_ARGS', 'OPTIMIZER_HPARAMS', 'TABLE_DIR', 'BACKBONE_DIR', 'REF_PREFIX', 'REF_SHARDS',
-           'CheckpointError', 'ckpt_name', 'train_state_file', 'write_manifest', 'verify_checkpoint',
-           'read_dcp_metadata', 'available_memory', 'GuardedReader', 'dcp_load', 'load_tensor_file', 'rng_state',
+__all__ = ['CKPT_DIR', 'MANIFEST', 'MODEL_ARGS', 'OPTIMIZER_HPARAMS', 'MANIFEST_FORMAT', 'MAX_MANIFEST_BYTES',
+           'SAFETENSORS_MAX_HEADER', 'TREE_KEY', 'TREE_FORMAT', 'TABLE_DIR', 'BACKBONE_DIR', 'REPLACED_DIR',
+           'REPLACE_WAIT_S', 'REF_PREFIX', 'REF_SHARDS', 'CheckpointError', 'ckpt_name', 'train_state_file',
+           'write_manifest', 'verify_checkpoint', 'read_dcp_metadata', 'available_memory', 'GuardedReader', 'dcp_load',
+           'save_tensor_file', 'read_safetensors_header', 'load_safetensors', 'load_tensor_file', 'rng_state',
            'set_rng_state', 'save_table_shards', 'table_slices', 'load_table_shards', 'full_tables', 'save_backbone',
            'load_backbone', 'list_checkpoints', 'CheckpointPruned', 'pin_checkpoint', 'prune_checkpoints',
-           'save_checkpoint', 'read_train_state', 'model_args_from', 'read_model_args', 'load_checkpoint',
-           'load_latest', 'export_consolidated', 'resolve_checkpoint', 'reading_checkpoint', 'load_model',
-           'write_reference_checkpoint', 'import_reference']
+           'move_aside_checkpoint', 'save_checkpoint', 'read_train_state', 'model_args_from', 'read_model_args',
+           'load_checkpoint', 'load_latest', 'export_consolidated', 'resolve_checkpoint', 'reading_checkpoint',
+           'load_model', 'write_reference_checkpoint', 'import_reference']
 
 # %% ../nbs/08_checkpoint.ipynb #0c57b9ed
 CKPT_DIR = "checkpoints"
@@ -52,33 +56,69 @@ def ckpt_name(step: int) -> str: return f"{int(step):010d}"
 def train_state_file(rank: int = 0) -> str: return f"train_state_{rank:05d}.json"
 
 # %% ../nbs/08_checkpoint.ipynb #09dd06b0
+MANIFEST_FORMAT = "stem-nb/2"                       # with `self_sha256`; "stem-nb/1" manifests (without) still verify
+_MANIFEST_FORMATS = ("stem-nb/1", MANIFEST_FORMAT)
+MAX_MANIFEST_BYTES = 64 << 20
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
 def _files(d: Path) -> list[Path]: return sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
 
+def _manifest_digest(man: dict) -> str:
+    "sha256 of the canonical JSON (sorted keys, no spaces, ASCII) of every field of manifest `man` but `self_sha256`."
+    body = {k: v for k, v in man.items() if k != "self_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
 def write_manifest(ckpt_dir, **extra) -> dict:
-    "Record size and sha256 of every file under `ckpt_dir` in `MANIFEST.json` (written last, atomically)."
+    "Record size and sha256 of every file under `ckpt_dir` in `MANIFEST.json`, and `self_sha256` over its other fields (written last, atomically)."
     d = Path(ckpt_dir)
     files = {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(d)}
-    man = {"format": "stem-nb/1", "created": time.time(), **extra, "files": files}
+    man = {"format": MANIFEST_FORMAT, "created": time.time(), **extra, "files": files}
+    man.pop("self_sha256", None)
+    man["self_sha256"] = _manifest_digest(man)
     write_atomic(d / MANIFEST, json.dumps(man, indent=1))
     return man
 
+# %% ../nbs/08_checkpoint.ipynb #9f44c745
+def _manifest_files(mf: Path, d: Path, man) -> dict:
+    "The `files` of manifest `man` (read from `mf`, of checkpoint `d`) after checking its self hash and structure; else `CheckpointError` naming `mf`."
+    def bad(why: str): return CheckpointError(f"{mf} is not a valid stem-nb manifest ({why}): checkpoint {d} is corrupted")
+    if not isinstance(man, dict): raise bad(f"it holds a JSON {type(man).__name__}, not an object")
+    if "self_sha256" in man or man.get("format") == MANIFEST_FORMAT:
+        if man.get("self_sha256") != _manifest_digest(man):
+            raise CheckpointError(f"{mf} is corrupted: its self_sha256 does not match its other fields (format, created, step, "
+                                  f"world_size, files): checkpoint {d} is corrupted")
+    if man.get("format") not in _MANIFEST_FORMATS: raise bad(f"format {man.get('format')!r} is not one of {list(_MANIFEST_FORMATS)}")
+    for k, ok in (("step", lambda v: type(v) is int and v >= 0), ("world_size", lambda v: type(v) is int and v > 0),
+                  ("created", lambda v: type(v) in (int, float) and math.isfinite(v))):
+        if k in man and not ok(man[k]): raise bad(f"{k!r} is {man[k]!r}")
+    files = man.get("files")
+    if not isinstance(files, dict): raise bad("no 'files' object" if files is None else f"'files' is a JSON {type(files).__name__}, not an object")
+    for rel, info in files.items():
+        q = PurePosixPath(rel)
+        if not rel or q.is_absolute() or q.as_posix() != rel or any(part in (".", "..") for part in q.parts):
+            raise bad(f"entry {rel!r} is not a path inside the checkpoint")
+        if not isinstance(info, dict): raise bad(f"entry {rel!r} is a JSON {type(info).__name__}, not an object with 'size' and 'sha256'")
+        for k in ("size", "sha256"):
+            if k not in info: raise bad(f"entry {rel!r} has no {k!r}")
+        if type(info["size"]) is not int or info["size"] < 0: raise bad(f"entry {rel!r}: 'size' is {info['size']!r}, not a byte count")
+        if not isinstance(info["sha256"], str) or not _SHA256_RE.match(info["sha256"]):
+            raise bad(f"entry {rel!r}: 'sha256' is {info['sha256']!r}, not 64 hex digits")
+    return files
+
 def verify_checkpoint(ckpt_dir, hashes: bool = True) -> dict:
-    "The manifest of `ckpt_dir` after checking every file's presence, size and (if `hashes`) sha256; else `CheckpointError`."
+    "The manifest of `ckpt_dir` after checking it and every file's presence, size and (if `hashes`) sha256; else `CheckpointError`."
     d = Path(ckpt_dir)
     mf = d / MANIFEST
     if not d.is_dir(): raise CheckpointError(f"checkpoint {d} does not exist")
     if not mf.is_file(): raise CheckpointError(f"{mf} is missing: checkpoint {d} is incomplete")
-    try: man = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{mf} is not valid JSON ({e}): checkpoint {d} is corrupted") from None
-    files = man.get("files") if isinstance(man, dict) else None
-    bad = ("it has no 'files' table" if not isinstance(files, dict) else
-           next((f"its entry {rel!r} is not a file inside the checkpoint with an integer size and a sha256"
-                 for rel, info in files.items()
-                 if not (isinstance(info, dict) and type(info.get("size")) is int and isinstance(info.get("sha256"), str)
-                         and rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts)), None))
-    if bad: raise CheckpointError(f"{mf} is not a stem-nb manifest ({bad}): checkpoint {d} is corrupted")
-    for rel, info in files.items():
+    try:
+        if (n := mf.stat().st_size) > MAX_MANIFEST_BYTES:
+            raise CheckpointError(f"{mf} is {n:,} bytes, more than a manifest's {MAX_MANIFEST_BYTES:,}: checkpoint {d} is corrupted")
+        man = json.loads(mf.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{mf} is not valid JSON ({type(e).__name__}: {str(e)[:200]}): checkpoint {d} is corrupted") from None
+    except OSError as e: raise CheckpointError(f"{mf} could not be read ({type(e).__name__}: {e})") from None
+    for rel, info in _manifest_files(mf, d, man).items():
         p = d / rel
         if not p.is_file(): raise CheckpointError(f"{p} is missing (listed in {mf})")
         size = p.stat().st_size
@@ -253,7 +293,9 @@ class GuardedReader(FileSystemReader):
                                       "stem-nb checkpoints hold tensors only and never unpickle objects: refusing to load it")
             info = self.storage_data[item.storage_index]
             by_file.setdefault(info.relative_path, []).append((item, info))
-        for rel, items in by_file.items():       # every item is a torch.save archive inside the file: check it before torch.load
+        # every tensor item is a torch.save archive inside the file, which DCP reads with torch.load(weights_only=True):
+        # check it first (bytes items, which DCP would read with weights_only=False, were refused above)
+        for rel, items in by_file.items():
             f = Path(self.path) / rel
             try:
                 size = f.stat().st_size
@@ -317,12 +359,169 @@ def dcp_load(state: dict, path, complete: tuple = ()) -> dict:
     return state
 
 # %% ../nbs/08_checkpoint.ipynb #0a6e8647
+SAFETENSORS_MAX_HEADER = 16 << 20                     # bytes of JSON header; a checkpoint file's needs kilobytes
+TREE_KEY, TREE_FORMAT = "stem-nb.tree", "stem-nb/tree-1"
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_TENSOR = "__tensor__"
+
+def _umask() -> int:
+    "This process's umask, read without changing it (other threads may be creating files)."
+    try: return int(re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M).group(1), 8)
+    except (OSError, AttributeError, ValueError): m = os.umask(0); os.umask(m); return m
+
+def _to_tree(obj, name: str, tensors: dict, storages: set):
+    "The JSON tree of `obj` (tensors moved into `tensors` by their dotted path `name`, replaced by `{'__tensor__': name}`)."
+    if torch.is_tensor(obj):
+        t = obj.detach()
+        if t.layout != torch.strided or t.dtype not in _ST_NAMES:
+            raise TypeError(f"{name}: a {t.layout} {t.dtype} tensor cannot be stored: safetensors holds dense tensors of {', '.join(_ST_DTYPES)}")
+        t = t.cpu().contiguous()
+        if t.numel():                                      # safetensors refuses tensors sharing memory: copy the second
+            if t.untyped_storage().data_ptr() in storages: t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+        if name in tensors: raise ValueError(f"two tensors would be stored as {name!r}")
+        tensors[name] = t
+        return {_TENSOR: name}
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, str) or k == _TENSOR: raise TypeError(f"{name or 'the object'}: key {k!r} cannot be stored (str keys other than {_TENSOR!r})")
+        return {k: _to_tree(v, f"{name}.{k}" if name else k, tensors, storages) for k, v in obj.items()}
+    json.dumps(obj, allow_nan=False)                       # anything else must be plain, finite JSON
+    return obj
+
+def save_tensor_file(path, obj: dict) -> Path:
+    "Write the dict `obj` (nested dicts of tensors and JSON values) to `path` as safetensors, atomically; `load_tensor_file` reads it back."
+    if not isinstance(obj, dict): raise TypeError(f"save_tensor_file: expected a dict, got a {type(obj).__name__}")
+    tensors: dict = {}
+    tree = _to_tree(obj, "", tensors, set())
+    meta = {"format": "pt", TREE_KEY: json.dumps({"format": TREE_FORMAT, "tree": tree}, allow_nan=False)}
+    def write(tmp):
+        save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())                   # safetensors creates 0600; a checkpoint's files are as readable as others
+    return write_atomic(path, write)
+
+# %% ../nbs/08_checkpoint.ipynb #ade61806
+def _unique_keys(pairs: list) -> dict:
+    "A JSON object without duplicate keys (two readers of one header must not see different tensors)."
+    d = dict(pairs)
+    if len(d) != len(pairs): raise ValueError(f"duplicate key {next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))!r}")
+    return d
+
+def read_safetensors_header(path) -> tuple[dict, dict]:
+    """({tensor name: (dtype, shape, (begin, end))}, the `__metadata__` strings) of safetensors file `path`, read and checked
+    without the safetensors library (see above); else `CheckpointError` naming the file."""
+    path = Path(path)
+    def bad(why: str): return CheckpointError(f"{path} is refused: {why}")
+    try:
+        with open(path, "rb") as fh:
+            size, head = os.fstat(fh.fileno()).st_size, fh.read(8)
+            if len(head) < 8: raise bad(f"{size} bytes, too short for a safetensors file")
+            n = int.from_bytes(head, "little")
+            if n > SAFETENSORS_MAX_HEADER:
+                raise bad(f"its safetensors header length is {n:,} bytes, more than the limit of {SAFETENSORS_MAX_HEADER:,}")
+            if n > size - 8: raise bad(f"its safetensors header length is {n:,} bytes, the file holds {size - 8:,} after it: truncated or crafted")
+            raw = fh.read(n)
+    except OSError as e: raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {e})") from None
+    try: hdr = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e: raise bad(f"its safetensors header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(hdr, dict): raise bad(f"its safetensors header is a JSON {type(hdr).__name__}, not an object")
+    meta = hdr.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()): raise bad("its __metadata__ is not an object of strings")
+    entries, data = {}, size - 8 - n
+    for name, e in hdr.items():
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r}: its entry {str(e)[:100]} is not {{dtype, shape, data_offsets}}")
+        dt, shape, off = e["dtype"], e["shape"], e["data_offsets"]
+        if dt not in _ST_DTYPES: raise bad(f"tensor {name!r} has dtype {str(dt)[:20]!r}, not one of {list(_ST_DTYPES)}")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(type(s) is int and s >= 0 for s in shape):
+            raise bad(f"tensor {name!r} has shape {str(shape)[:100]}, not a list of at most 8 sizes")
+        if not isinstance(off, list) or len(off) != 2 or not all(type(o) is int for o in off) or not 0 <= off[0] <= off[1]:
+            raise bad(f"tensor {name!r} has data_offsets {str(off)[:100]}, not [begin, end] with 0 <= begin <= end")
+        nbytes = math.prod(shape) * _ST_DTYPES[dt].itemsize
+        if off[1] - off[0] != nbytes:
+            raise bad(f"tensor {name!r} ({dt} {shape}, {nbytes:,} bytes) has data_offsets {off}, which span {off[1] - off[0]:,} bytes")
+        if off[1] > data:
+            raise bad(f"tensor {name!r} lies at bytes [{off[0]:,}, {off[1]:,}) of the data, past its end ({data:,} bytes): truncated or crafted")
+        entries[name] = (_ST_DTYPES[dt], tuple(shape), tuple(off))
+    spans = sorted((off, name) for name, (_, _, off) in entries.items())
+    for ((a0, b0), prev), ((a, b), name) in zip(spans, spans[1:]):
+        if a < b0: raise bad(f"tensor {name!r} at bytes [{a:,}, {b:,}) overlaps tensor {prev!r} at [{a0:,}, {b0:,})")
+    end = 0
+    for (a, b), name in spans:
+        if a > end: raise bad(f"bytes [{end:,}, {a:,}) before tensor {name!r} belong to no tensor")
+        end = b
+    if end != data: raise bad(f"its tensors end at byte {end:,} of the data, the file holds {data:,}: trailing bytes")
+    return entries, meta
+
+class _Ref(str): "A tensor's name in a tree being rebuilt."
+
+def _from_tree(node, entries: dict, used: set, bad, depth: int = 0):
+    "The tree `node` with each `{'__tensor__': name}` replaced by `_Ref(name)`, every name checked against the file's `entries`."
+    if depth > 32: raise bad("its stem-nb.tree is nested deeper than 32 levels")
+    if isinstance(node, dict):
+        if _TENSOR in node:
+            name = node[_TENSOR]
+            if len(node) != 1 or not isinstance(name, str): raise bad(f"its stem-nb.tree holds a malformed tensor reference {str(node)[:100]}")
+            if name not in entries: raise bad(f"its stem-nb.tree names tensor {name!r}, which the file does not hold")
+            if name in used: raise bad(f"its stem-nb.tree names tensor {name!r} twice")
+            used.add(name)
+            return _Ref(name)
+        return {k: _from_tree(v, entries, used, bad, depth + 1) for k, v in node.items()}
+    if isinstance(node, list): return [_from_tree(v, entries, used, bad, depth + 1) for v in node]
+    return node
+
+def _fill(node, f, entries: dict, mmap: bool):
+    "The tree with every `_Ref` replaced by its tensor read from the open safetensors `f` (a copy unless `mmap`)."
+    if isinstance(node, _Ref):
+        t = f.get_tensor(str(node))
+        dtype, shape, _ = entries[str(node)]
+        if t.dtype != dtype or tuple(t.shape) != shape: raise CheckpointError(f"tensor {str(node)!r} changed while being read")
+        return t if mmap else t.clone()
+    if isinstance(node, dict): return {k: _fill(v, f, entries, mmap) for k, v in node.items()}
+    if isinstance(node, list): return [_fill(v, f, entries, mmap) for v in node]
+    return node
+
+def load_safetensors(path, mmap: bool = False) -> dict:
+    "What `save_tensor_file` wrote to `path`, after `read_safetensors_header`; tensors memory-mapped if `mmap` (else read, within the memory available)."
+    path = Path(path)
+    def bad(why: str): return CheckpointError(f"{path} is refused: {why}")
+    entries, meta = read_safetensors_header(path)
+    if TREE_KEY not in meta: raise bad(f"a safetensors file without stem-nb's {TREE_KEY!r} metadata: not a file stem-nb wrote")
+    try: doc = json.loads(meta[TREE_KEY], object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e: raise bad(f"its {TREE_KEY} metadata is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(doc, dict) or doc.get("format") != TREE_FORMAT or not isinstance(doc.get("tree"), dict):
+        raise bad(f"its {TREE_KEY} metadata is not a {TREE_FORMAT} tree")
+    used: set = set()
+    tree = _from_tree(doc["tree"], entries, used, bad)
+    extra = sorted(set(entries) - used)
+    if extra: raise bad(f"unexpected tensor {extra[0]!r}: it is not part of the file's {TREE_KEY} ({len(extra)} such)")
+    declared = sum(b - a for _, _, (a, b) in entries.values())
+    if not mmap and declared > (avail := available_memory()):
+        raise bad(f"it needs {declared:,} bytes of memory, {avail:,} are available")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f: return _fill(tree, f, entries, mmap)
+    except CheckpointError as e: raise bad(str(e)) from None
+    except Exception as e: raise CheckpointError(f"{path} could not be loaded by safetensors ({_short(e)})") from None
+
+# %% ../nbs/08_checkpoint.ipynb #a9a68983
 def load_tensor_file(path, mmap: bool = False):
-    "`torch.load(path, weights_only=True)` on CPU after `_check_archive`: tensors and plain containers only, sizes bounded; else `CheckpointError`."
+    """A safetensors file stem-nb wrote (`load_safetensors`), or a `torch.save` zip archive read with `torch.load(weights_only=True)`
+    after `_check_archive` (tensors and plain containers only, sizes bounded); else `CheckpointError` naming `path`."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh: _check_archive(fh, str(path), os.fstat(fh.fileno()).st_size, in_memory=not mmap)
+        with open(path, "rb") as fh:
+            head, size = fh.read(9), os.fstat(fh.fileno()).st_size
+            if head[:4] == b"PK\x03\x04": _check_archive(fh, str(path), size, in_memory=not mmap)
     except OSError as e: raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {e})") from None
+    if head[:4] != b"PK\x03\x04":
+        if head[8:9] != b"{":
+            raise CheckpointError(f"{path} is neither a safetensors file nor a torch zip archive (what earlier versions wrote with "
+                                  "torch.save; the legacy formats, which declare sizes before any data, are not read)")
+        return load_safetensors(path, mmap)
+    # torch.load, justified: only a zip archive checked by _check_archive (every entry stored, within the file), only with
+    # weights_only=True (tensors and plain containers; no code), for the .pt files of earlier stem-nb versions and of the reference trainer
     try: return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} could not be loaded with weights_only=True ({_short(e)}); "
@@ -379,7 +578,7 @@ def set_rng_state(state: dict):
 
 # %% ../nbs/08_checkpoint.ipynb #3dfde888
 TABLE_DIR = "stem_tables"
-_SLICE_RE = re.compile(r"slice-(\d+)-of-(\d+)\.pt$")
+_SLICE_RE = re.compile(r"^slice-(\d+)-of-(\d+)\.(safetensors|pt)$")        # .pt: written by earlier versions (torch.save)
 
 def _layout(layout): return layout if layout is not None else StemLayout(1, 0, 1)
 
@@ -394,20 +593,24 @@ def save_table_shards(ckpt_dir, model, layout: StemLayout, table_optimizer=None)
         tables[name] = emb.weight.detach().cpu().clone()
         state = table_optimizer.state.get(emb.weight) if table_optimizer is not None else None
         if state: optim[name] = {k: _cpu(v) for k, v in state.items()}
-    f = Path(ckpt_dir) / TABLE_DIR / f"slice-{layout.slice_index:03d}-of-{layout.P:03d}.pt"
+    f = Path(ckpt_dir) / TABLE_DIR / f"slice-{layout.slice_index:03d}-of-{layout.P:03d}.safetensors"
     obj = dict(P=layout.P, slice=layout.slice_index, vocab=m.args.vocab_size, hidden=m.args.hidden_dim,
                tables=tables, optim=optim)
-    return write_atomic(f, lambda tmp: torch.save(obj, tmp))
+    return save_tensor_file(f, obj)
 
 def table_slices(ckpt_dir) -> tuple[int, list[Path]]:
     "(P the tables were saved with, the slice files in order); a clear error when slices are missing."
     d = Path(ckpt_dir) / TABLE_DIR
-    files = sorted(d.glob("slice-*-of-*.pt")) if d.is_dir() else []
+    files = sorted(f for f in d.iterdir() if _SLICE_RE.match(f.name)) if d.is_dir() else []
     if not files: raise CheckpointError(f"no STEM table slices under {d}")
-    Ps = {int(_SLICE_RE.search(f.name).group(2)) for f in files}
+    Ps = {int(_SLICE_RE.match(f.name).group(2)) for f in files}
     if len(Ps) != 1: raise CheckpointError(f"{d}: slices of several stem_parallel_size values {sorted(Ps)}")
     P = Ps.pop()
-    have = {int(_SLICE_RE.search(f.name).group(1)): f for f in files}
+    have: dict[int, Path] = {}
+    for f in files:
+        j = int(_SLICE_RE.match(f.name).group(1))
+        if j in have: raise CheckpointError(f"{d}: slice {j} of {P} is stored twice ({have[j].name} and {f.name})")
+        have[j] = f
     missing = [s for s in range(P) if s not in have]
     if missing: raise CheckpointError(f"{d}: slice {missing[0]} of {P} is missing")
     return P, [have[s] for s in range(P)]
@@ -480,9 +683,8 @@ def load_table_shards(ckpt_dir, model, layout: StemLayout, table_optimizer=None)
         for name, emb in m.stem_tables.items():
             if name not in first["optim"]: continue
             state = _slice_state(first["optim"][name], objs, name, h_old, lo, hi, emb.weight.device)
-            if hasattr(table_optimizer, "validate_state"):
-                try: table_optimizer.validate_state(emb.weight, state)
-                except ValueError as e: raise CheckpointError(f"{read}: the optimizer state of table {name!r} is refused: {e}") from None
+            try: table_optimizer.validate_state(emb.weight, state)
+            except ValueError as e: raise CheckpointError(f"{read}: the optimizer state of table {name!r} is refused: {e}") from None
             states[emb.weight] = state
     for name, emb in m.stem_tables.items(): emb.weight.copy_(_columns(objs, h_old, lo, hi, lambda o: o["tables"][name]))
     if table_optimizer is not None: table_optimizer.state.update(states)
@@ -615,6 +817,8 @@ def _state_bytes(model, optimizer=None) -> int:
 
 def _save_failed(root: Path, tmp: Path, step: int, exc, model, optimizer) -> CheckpointError:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(exc, CheckpointError):                 # ours (a checkpoint being read blocks its replacement): as it is
+        return CheckpointError(f"saving checkpoint {ckpt_name(step)} under {root} failed: {exc}; removed {tmp.name}")
     need, free = _state_bytes(model, optimizer), shutil.disk_usage(root).free
     what = _short(_first_failure(exc)) if exc is not None else "another rank failed"
     return CheckpointError(f"saving checkpoint {ckpt_name(step)} under {root} failed ({what}); removed {tmp.name}. "
@@ -641,12 +845,37 @@ def _write_parts(tmp: Path, step: int, model, optimizer, train_state: Optional[d
     if optimizer is not None: state[OPTIMIZER_HPARAMS] = optimizer.hparams()
     write_atomic(tmp / train_state_file(rank), json.dumps(state))
 
+REPLACED_DIR = ".replaced"
+REPLACE_WAIT_S = 60.0          # how long a save waits for readers of the checkpoint it replaces
+
+def move_aside_checkpoint(ckpt_dir, wait_s: Optional[float] = None) -> Path:
+    """Move checkpoint `ckpt_dir` to `<its root>/.replaced/<step>-<n>` (`list_checkpoints` and pruning ignore it; its files kept
+    until removed by hand). Marked first, like a prune, so no new reader pins it; a live reader's pin is waited for (up to
+    `wait_s`, default `REPLACE_WAIT_S`), then `CheckpointError` naming the reader and nothing moved."""
+    d = Path(ckpt_dir)
+    wait_s = REPLACE_WAIT_S if wait_s is None else wait_s
+    mark, deadline = d / f".pruning-{os.getpid()}", time.monotonic() + wait_s
+    mark.touch()
+    while pins := _live_marks(d, _PIN_RE):
+        if time.monotonic() >= deadline:
+            mark.unlink(missing_ok=True)
+            raise CheckpointError(f"checkpoint {d} is being read by process {pins[0]} (its pin {d / f'.pin-{pins[0]}'} stayed "
+                                  f"{wait_s:g} s): it cannot be moved aside to save step {d.name} again; re-run when the reader is done")
+        time.sleep(0.05)
+    aside = d.parent / REPLACED_DIR
+    aside.mkdir(exist_ok=True)
+    taken = [int(m.group(1)) for p in aside.iterdir() if (m := re.match(rf"^{re.escape(d.name)}-(\d+)$", p.name))]
+    dest = aside / f"{d.name}-{max(taken, default=0) + 1}"
+    os.replace(d, dest)
+    (dest / mark.name).unlink(missing_ok=True)
+    return dest
+
 def _publish(tmp: Path, final: Path, step: int, model, config_yaml: Optional[str], keep: int):
     "Rank 0: model args, config, manifest, then the rename into place, then pruning."
     write_atomic(tmp / MODEL_ARGS, json.dumps(dataclasses.asdict(unwrap(model).args)))
     if config_yaml is not None: write_atomic(tmp / "config.yaml", config_yaml)
     write_manifest(tmp, step=int(step), world_size=world_info()[1])
-    if final.exists(): shutil.rmtree(final)      # re-saving a step (e.g. after a resume): replace it
+    if final.exists(): move_aside_checkpoint(final)      # a step saved again (a run that fell back past it): keep the old files
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     prune_checkpoints(final.parent, keep)
@@ -760,7 +989,7 @@ def _model_from_ckpt(ckpt_dir, device="cpu") -> Transformer:
 
 def _model_from_file(p: Path) -> Transformer:
     "The model in the consolidated file `p`: its model args checked before building, its weights against the model's."
-    obj = load_tensor_file(p)
+    obj = load_tensor_file(p, mmap=True)                 # copied into the model, whose size model_args_from bounds
     if not isinstance(obj, dict) or "model_args" not in obj or "model" not in obj:
         raise CheckpointError(f"{p} is not a consolidated stem-nb checkpoint (expected keys 'model_args' and 'model')")
     m = Transformer(model_args_from(obj["model_args"], p))
@@ -769,9 +998,9 @@ def _model_from_file(p: Path) -> Transformer:
     return m
 
 def export_consolidated(ckpt_dir, out) -> Path:
-    "Write `{'model_args': dict, 'model': state_dict incl. tables}` of checkpoint `ckpt_dir` to `out` (loadable weights_only)."
+    "Write `{'model_args': dict, 'model': state_dict incl. tables}` of checkpoint `ckpt_dir` to `out` as safetensors (`save_tensor_file`)."
     m = _model_from_ckpt(ckpt_dir)
-    return write_atomic(out, lambda tmp: torch.save({"model_args": dataclasses.asdict(m.args), "model": m.state_dict()}, tmp))
+    return save_tensor_file(out, {"model_args": dataclasses.asdict(m.args), "model": m.state_dict()})
 
 # %% ../nbs/08_checkpoint.ipynb #21aa7688
 _WARNED: set[str] = set()
@@ -842,7 +1071,7 @@ def write_reference_checkpoint(model: Transformer, ckpt_dir, P: int = 1) -> Path
         if H % P: raise ValueError(f"P={P} does not divide the table width H={H}")
         h = H // P
         (d / REF_SHARDS).mkdir(exist_ok=True)
-        for r in range(P):
+        for r in range(P):      # torch.save, justified: the reference trainer's own shard format, written to test its import
             torch.save({f"stem_embeddings.{k}.weight": t.weight.detach()[:, r * h:(r + 1) * h].clone()
                         for k, t in model.stem_tables.items()}, d / REF_SHARDS / f"stem_model_mp{r}.pt")
     return d

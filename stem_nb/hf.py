@@ -25,18 +25,19 @@ from . import __version__
 from .config import ConfigError
 from .tokenizer import Tokenizer, SentencePieceTokenizer, BOS_TOKEN, EOS_TOKEN
 from .model import FFN_TYPES, ModelArgs, Transformer, resolve_stem_layers
-from .checkpoint import CheckpointError, load_model, read_train_state, resolve_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, load_model, read_train_state, resolve_checkpoint, save_checkpoint,
+                                read_safetensors_header, _ST_DTYPES)
 from .train import read_metrics, _in_notebook
 from .eval import EvalError, results_table, run_info, run_tokenizer
 
 # %% auto #0
 __all__ = ['MODELING_OBJECTS', 'MODELING_HEADER', 'AUTO_MAP', 'MODELING_FILE', 'CONFIG_FILE', 'WEIGHTS', 'INDEX',
-           'MAX_SHARD_BYTES', 'MAX_HEADER_BYTES', 'MAX_JSON_BYTES', 'PROBES', 'STEM_LINES', 'StemConfig', 'StemRMSNorm',
-           'stem_rope', 'stem_apply_rope', 'StemAttention', 'StemFFN', 'StemHashMoE', 'StemBlock',
-           'StemPreTrainedModel', 'StemModel', 'StemForCausalLM', 'modeling_source', 'hf_key', 'stem_key', 'hf_config',
-           'HFError', 'save_weights', 'read_json', 'model_args', 'read_header', 'weight_files', 'expected_tensors',
-           'load_weights', 'import_hf', 'onig_pattern', 'hf_tokenizer', 'write_tokenizer', 'run_facts', 'model_card',
-           'export_hf', 'import_run', 'export_cli', 'import_cli', 'cli']
+           'MAX_SHARD_BYTES', 'MAX_JSON_BYTES', 'PROBES', 'STEM_LINES', 'StemConfig', 'StemRMSNorm', 'stem_rope',
+           'stem_apply_rope', 'StemAttention', 'StemFFN', 'StemHashMoE', 'StemBlock', 'StemPreTrainedModel',
+           'StemModel', 'StemForCausalLM', 'modeling_source', 'hf_key', 'stem_key', 'hf_config', 'HFError',
+           'save_weights', 'read_json', 'model_args', 'read_header', 'weight_files', 'expected_tensors', 'load_weights',
+           'import_hf', 'onig_pattern', 'hf_tokenizer', 'write_tokenizer', 'run_facts', 'model_card', 'export_hf',
+           'import_run', 'export_cli', 'import_cli', 'cli']
 
 # %% ../nbs/17_hf.ipynb #37743d3d
 class StemConfig(PretrainedConfig):
@@ -329,7 +330,7 @@ def save_weights(state: dict, out, max_shard_bytes: int = MAX_SHARD_BYTES) -> li
 
 # %% ../nbs/17_hf.ipynb #0cebfe50
 _DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
-MAX_HEADER_BYTES, MAX_JSON_BYTES = 100 * 2**20, 2**20
+MAX_JSON_BYTES = 2**20
 
 def read_json(path, what: str) -> dict:
     "A small JSON object file (at most 1 MiB); `HFError` naming it otherwise."
@@ -382,37 +383,19 @@ def model_args(cfg: dict, f=CONFIG_FILE) -> ModelArgs:
 
 # %% ../nbs/17_hf.ipynb #17e31a40
 def read_header(path) -> dict[str, dict]:
-    "The tensor entries of a safetensors file's header, each checked (float dtype, shape, byte range) against the file's size."
+    """The tensor entries (`dtype`, `shape`, `data_offsets`) of a safetensors file's header, read and checked by
+    `stem_nb.checkpoint.read_safetensors_header` (bounded header, every byte range inside the file, no gap, no overlap),
+    each a float tensor; else `HFError` naming the file."""
     path = Path(path)
     if not path.is_file(): raise HFError(f"{path} is missing")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
-            raise HFError(f"{path} is not a safetensors file: header length {n} for a file of {size} bytes")
-        try: hdr = json.loads(fh.read(n))
-        except (ValueError, UnicodeDecodeError) as e: raise HFError(f"{path}: its safetensors header is not valid JSON ({e})") from None
-    if not isinstance(hdr, dict): raise HFError(f"{path}: its safetensors header is not a JSON object")
-    hdr.pop("__metadata__", None)
-    spans = []
-    for name, e in hdr.items():
-        if not isinstance(e, dict) or e.get("dtype") not in _DTYPES:
-            raise HFError(f"{path}: tensor {name} has dtype {e.get('dtype') if isinstance(e, dict) else None}; expected one of {sorted(_DTYPES)}")
-        shape, off = e.get("shape"), e.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape)
-                and isinstance(off, list) and len(off) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in off)):
-            raise HFError(f"{path}: tensor {name} has a malformed shape {shape!r} or data_offsets {off!r}")
-        if off[1] - off[0] != math.prod(shape) * _DTYPES[e["dtype"]][1] or off[0] < 0:
-            raise HFError(f"{path}: tensor {name} of shape {shape} ({e['dtype']}) has data_offsets {off}, which do not hold it")
-        spans.append((off[0], off[1], name))
-    end = 0
-    for a, b, name in sorted(spans):
-        if a != end: raise HFError(f"{path}: tensor {name} starts at byte {a}, expected {end} (overlapping or a gap)")
-        end = b
-    if 8 + n + end != size:
-        raise HFError(f"{path} is {size} bytes; its header describes {8 + n + end}: the file is truncated or altered")
-    return hdr
+    try: entries, _ = read_safetensors_header(path)
+    except CheckpointError as e: raise HFError(str(e)) from None
+    out = {}
+    for name, (dt, shape, off) in entries.items():
+        code = next(k for k, v in _ST_DTYPES.items() if v == dt)
+        if code not in _DTYPES: raise HFError(f"{path}: tensor {name} has dtype {code}; expected one of {sorted(_DTYPES)}")
+        out[name] = dict(dtype=code, shape=list(shape), data_offsets=list(off))
+    return out
 
 def weight_files(d) -> dict[str, Path]:
     "{tensor name: file} of the folder `d`: from `model.safetensors.index.json`, or every tensor of `model.safetensors`."

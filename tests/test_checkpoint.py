@@ -8,9 +8,10 @@ import pytest, torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 import stem_nb.checkpoint as checkpoint
-from stem_nb.checkpoint import (CheckpointError, MANIFEST, OPTIMIZER_HPARAMS, export_consolidated, import_reference,
-                                list_checkpoints, load_checkpoint, load_latest, load_model, prune_checkpoints,
-                                read_dcp_metadata, save_checkpoint, verify_checkpoint)
+from stem_nb.checkpoint import (CheckpointError, MANIFEST, OPTIMIZER_HPARAMS, REPLACED_DIR, export_consolidated, import_reference,
+                                list_checkpoints, load_checkpoint, load_latest, load_model, load_tensor_file, pin_checkpoint,
+                                prune_checkpoints, read_dcp_metadata, resolve_checkpoint, save_checkpoint, verify_checkpoint,
+                                write_manifest)
 from stem_nb.model import Transformer, preset
 from stem_nb.optim import OptimArgs, ModelOptimizer
 
@@ -73,9 +74,14 @@ def test_hyperparameters_travel_as_json_not_pickle(tmp_path):
 
 
 def test_nothing_needs_unpickling(tmp_path):
+    "Outside DCP's backbone folder (DCP keeps its format, read by the guarded unpickler) no file is a pickle or a torch archive."
     m = tiny(); opt = optimizer(m); step(m, opt, 0)
     ck = save_checkpoint(tmp_path, 1, m, opt, train_state={"rng": "x"})
-    for f in ck.rglob("*.pt"): torch.load(f, weights_only=True)
+    outside = [f for f in ck.rglob("*") if f.is_file() and "backbone" not in f.relative_to(ck).parts]
+    assert sorted(f.relative_to(ck).as_posix() for f in outside) == ["MANIFEST.json", "model_args.json",
+                                                                       "stem_tables/slice-000-of-001.safetensors", "train_state_00000.json"]
+    for f in outside: assert f.read_bytes()[:2] not in (b"PK", b"\x80\x02") and f.read_bytes()[:1] != b"\x80", f
+    assert set(load_tensor_file(ck / "stem_tables" / "slice-000-of-001.safetensors")) == {"P", "slice", "vocab", "hidden", "tables", "optim"}
     for f in ck.glob("*.json"): json.loads(f.read_text())
     read_dcp_metadata(ck / "backbone")
 
@@ -84,16 +90,92 @@ def test_manifest_catches_corruption_and_load_latest_falls_back(tmp_path):
     m = tiny(); opt = optimizer(m)
     for s in (1, 2, 3): step(m, opt, s); save_checkpoint(tmp_path, s, m, opt, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["0000000002", "0000000003"]
-    bad = tmp_path / "0000000003" / "stem_tables" / "slice-000-of-001.pt"
+    bad = tmp_path / "0000000003" / "stem_tables" / "slice-000-of-001.safetensors"
     data = bytearray(bad.read_bytes()); data[len(data) // 2] ^= 0xFF; bad.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="slice-000-of-001.pt is corrupted"): verify_checkpoint(bad.parent.parent)
+    with pytest.raises(CheckpointError, match="slice-000-of-001.safetensors is corrupted"): verify_checkpoint(bad.parent.parent)
     (tmp_path / "0000000004").mkdir()                                 # a folder without a manifest
     msgs = []
     m2 = tiny(1)
     d, st = load_latest(tmp_path, m2, optimizer(m2), log=msgs.append)
     assert d.name == "0000000002" and st["step"] == 2
     assert "0000000004" in msgs[0] and "MANIFEST.json is missing" in msgs[0]
-    assert "slice-000-of-001.pt is corrupted" in msgs[1]
+    assert "slice-000-of-001.safetensors is corrupted" in msgs[1]
+
+
+# -- the manifest read as untrusted input --------------------------------------------------------------------------
+
+MALFORMED = {   # name -> (the manifest's new content from the good one, what the refusal says)
+    "a list": (lambda m: [m], "it holds a JSON list, not an object"),
+    "no files": (lambda m: {"format": "stem-nb/1", "step": 2}, "no 'files' object"),
+    "files a list": (lambda m: {"format": "stem-nb/1", "files": list(m["files"])}, "'files' is a JSON list, not an object"),
+    "entry without size": (lambda m: {"format": "stem-nb/1", "files": {k: {"sha256": v["sha256"]} for k, v in m["files"].items()}}, "has no 'size'"),
+    "entry without sha256": (lambda m: {"format": "stem-nb/1", "files": {k: {"size": v["size"]} for k, v in m["files"].items()}}, "has no 'sha256'"),
+    "entry a string": (lambda m: {"format": "stem-nb/1", "files": {k: "x" for k in m["files"]}}, "is a JSON str, not an object"),
+    "size a string": (lambda m: {"format": "stem-nb/1", "files": {k: {**v, "size": str(v["size"])} for k, v in m["files"].items()}}, "not a byte count"),
+    "sha256 a number": (lambda m: {"format": "stem-nb/1", "files": {k: {**v, "sha256": 7} for k, v in m["files"].items()}}, "not 64 hex digits"),
+    "path outside": (lambda m: {"format": "stem-nb/1", "files": {"../../etc/hostname": {"size": 1, "sha256": "0" * 64}}}, "is not a path inside the checkpoint"),
+    "step a string": (lambda m: {**{k: v for k, v in m.items() if k != "self_sha256"}, "format": "stem-nb/1", "step": "2"}, "'step' is '2'"),
+    "unknown format": (lambda m: {k: v for k, v in m.items() if k != "self_sha256"} | {"format": "stem-nb/9"}, "format 'stem-nb/9' is not one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_manifest_that_is_json_but_not_a_manifest_is_a_checkpoint_error(tmp_path, case):
+    m = tiny(); ck = save_checkpoint(tmp_path, 2, m)
+    make, want = MALFORMED[case]
+    (ck / MANIFEST).write_text(json.dumps(make(json.loads((ck / MANIFEST).read_text()))))
+    with pytest.raises(CheckpointError) as err: verify_checkpoint(ck)
+    assert str(err.value).startswith(f"{ck / MANIFEST} is not a valid stem-nb manifest (") and want in str(err.value), err.value
+
+
+def test_a_malformed_newest_manifest_is_skipped_by_every_reader(tmp_path):
+    "load_latest (resume) and resolve_checkpoint (eval, load_model) fall back past it and name it."
+    m = tiny()
+    for s in (1, 2): save_checkpoint(tmp_path, s, m)
+    (tmp_path / "0000000002" / MANIFEST).write_text(json.dumps({"format": "stem-nb/1", "files": {"model_args.json": {"size": 3}}}))
+    msgs = []
+    assert load_latest(tmp_path, tiny(1), log=msgs.append)[0].name == "0000000001"
+    assert "0000000002/MANIFEST.json is not a valid stem-nb manifest (entry 'model_args.json' has no 'sha256')" in msgs[0]
+    assert resolve_checkpoint(tmp_path).name == "0000000001"
+
+
+def test_the_manifest_covers_its_own_fields(tmp_path):
+    m = tiny(); ck = save_checkpoint(tmp_path, 2, m)
+    good = (ck / MANIFEST).read_text()
+    man = json.loads(good)
+    assert man["format"] == "stem-nb/2" and len(man["self_sha256"]) == 64 and verify_checkpoint(ck)["step"] == 2
+    for field, value in (("step", 3), ("world_size", 2), ("created", man["created"] + 1), ("format", "stem-nb/1")):
+        (ck / MANIFEST).write_text(json.dumps({**man, field: value}, indent=1))
+        with pytest.raises(CheckpointError, match=f"{ck / MANIFEST} is corrupted: its self_sha256 does not match its other fields"):
+            verify_checkpoint(ck)
+    i = good.index('"step": 2') + len('"step": ')                    # one flipped byte in a field no file hash covers
+    (ck / MANIFEST).write_text(good[:i] + "3" + good[i + 1:])
+    with pytest.raises(CheckpointError, match="self_sha256 does not match"): verify_checkpoint(ck)
+    # a manifest of an earlier version (stem-nb/1, no self_sha256) still verifies
+    (ck / MANIFEST).write_text(json.dumps({k: v for k, v in man.items() if k != "self_sha256"} | {"format": "stem-nb/1"}))
+    assert verify_checkpoint(ck)["step"] == 2
+    # write_manifest given an old manifest's fields (as tools that re-sign a checkpoint do) signs anew
+    write_manifest(ck, **{k: v for k, v in man.items() if k not in ("format", "created", "files")})
+    assert verify_checkpoint(ck)["self_sha256"] != man["self_sha256"]
+
+
+def test_saving_a_step_again_moves_the_old_one_aside(tmp_path, monkeypatch):
+    m = tiny(); opt = optimizer(m); step(m, opt, 0)
+    old = save_checkpoint(tmp_path, 2, m, opt)
+    before = {p.relative_to(old).as_posix(): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    step(m, opt, 1)
+    new = save_checkpoint(tmp_path, 2, m, opt, keep=1)
+    aside = tmp_path / REPLACED_DIR / "0000000002-1"
+    assert {p.relative_to(aside).as_posix(): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == before
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["0000000002"] and verify_checkpoint(new)
+    prune_checkpoints(tmp_path, 1)
+    assert aside.is_dir()                                             # pruning never touches what was moved aside
+    monkeypatch.setattr(checkpoint, "REPLACE_WAIT_S", 0.3)
+    with pin_checkpoint(new):                                         # a live reader: the save waits, then fails naming it
+        with pytest.raises(CheckpointError, match=rf"checkpoint {new} is being read by process {os.getpid()}"):
+            save_checkpoint(tmp_path, 2, m, opt)
+        assert not [n for n in os.listdir(new) if n.startswith(".pruning-")] and verify_checkpoint(new)   # untouched, no mark left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [REPLACED_DIR, "0000000002"]           # no temp folder left
 
 
 def test_load_latest_falls_back_past_dcp_checkpoint_exception(tmp_path, monkeypatch):
@@ -134,8 +216,8 @@ def test_export_and_load_model(tmp_path):
     m = tiny(); opt = optimizer(m); step(m, opt, 0)
     dump = tmp_path / "dump"
     save_checkpoint(dump / "checkpoints", 7, m, opt)
-    out = export_consolidated(dump / "checkpoints" / "0000000007", tmp_path / "model.pt")
-    obj = torch.load(out, weights_only=True)
+    out = export_consolidated(dump / "checkpoints" / "0000000007", tmp_path / "model.safetensors")
+    obj = load_tensor_file(out)
     assert set(obj) == {"model_args", "model"} and "stem_tables.1.weight" in obj["model"]
     x = torch.randint(0, m.args.vocab_size, (2, 9))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Faults on the checkpoint paths, driven as a user meets them (issue 12).
+"""Faults on the checkpoint paths, driven as a user meets them.
 
 Security: a crafted checkpoint whose loading would run code (a pickle `__reduce__` -> os.system writing a marker file)
 in the DCP `.metadata`, in a DCP bytes item (a model weight, an optimizer moment) or in a table slice, on every load
@@ -9,7 +9,7 @@ non-zero (command line), never create the marker, and leave every file as it was
 Reliability: a full disk during a save (monkeypatched, and a real 1 MB tmpfs where this machine lets us mount one),
 DCP's `CheckpointException` during resume, per-process temp folders.
 
-Round 3 (issue 21): a `.metadata` that changes a class of the loading process through pickle's BUILD (each allowed
+A `.metadata` that changes a class of the loading process through pickle's BUILD (each allowed
 global in turn); memory bombs (deflated zip entries in a `.pt`, a reference shard or a DCP item; sizes declared in
 a reference `.metadata`; model args of an enormous model), each refused before allocating, measured in a subprocess;
 table slices and consolidated files that do not match the model (NaN/inf rows, int64, an extra layer, wrong shape,
@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest, torch
 import torch.distributed.checkpoint as dcp
 
-from stem_nb.checkpoint import (CKPT_DIR, MANIFEST, CheckpointError, _METADATA_GLOBALS, ckpt_name, dcp_load, export_consolidated,
-                                import_reference, list_checkpoints, load_latest, load_model, load_table_shards, pin_checkpoint,
-                                prune_checkpoints, read_dcp_metadata, save_checkpoint, verify_checkpoint, write_manifest,
-                                write_reference_checkpoint)
+from stem_nb.checkpoint import (CKPT_DIR, MANIFEST, REPLACED_DIR, CheckpointError, _METADATA_GLOBALS, ckpt_name, dcp_load,
+                                export_consolidated, import_reference, list_checkpoints, load_latest, load_model, load_table_shards,
+                                load_tensor_file, pin_checkpoint, prune_checkpoints, read_dcp_metadata, save_checkpoint,
+                                save_tensor_file, verify_checkpoint, write_manifest, write_reference_checkpoint)
 from stem_nb.distributed import StemLayout
 from stem_nb.model import Transformer, preset
 from stem_nb.optim import OptimArgs, ModelOptimizer
@@ -112,9 +112,9 @@ def craft(ckpt: Path, where: str, marker: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore"); dcp.save(state, checkpoint_id=str(bb))
         assert not hasattr(read_dcp_metadata(bb).state_dict_metadata[key], "size")     # it is a bytes item now
-    elif where == "table":
-        f = next((ckpt / "stem_tables").glob("slice-*.pt"))
-        torch.save({"P": 1, "slice": 0, "tables": {"1": WritesMarker(marker)}, "optim": {}}, f)
+    elif where == "table":                                       # a slice in the .pt format earlier versions wrote
+        f = next((ckpt / "stem_tables").glob("slice-*"))
+        f.unlink(); torch.save({"P": 1, "slice": 0, "tables": {"1": WritesMarker(marker)}, "optim": {}}, f.with_suffix(".pt"))
     else: raise ValueError(where)
     if (ckpt / "MANIFEST.json").exists(): write_manifest(ckpt, step=int(ckpt.name) if ckpt.name.isdigit() else 0)
 
@@ -484,21 +484,21 @@ def _refused_by_eval(target: Path, dump: Path, want: str):
     assert_unchanged(dump, before)
 
 
-SLICE = "stem_tables/slice-000-of-001.pt"
+SLICE = "stem_tables/slice-000-of-001.safetensors"
 TABLE_FAULTS = {"nan": f"{SLICE}: table '1' holds NaN or inf (row 3)",
                 "inf": f"{SLICE}: table '1' holds NaN or inf (row 3)",
                 "int64": f"{SLICE}: table '1' is int64, expected float32",
                 "extra_layer": f"{SLICE}: unexpected table '7': the model has no such table",
                 "wrong_shape": f"{SLICE}: table '1' has shape [4096, 191], expected [4096, 192]",
                 "no_tables": f"{SLICE}: no 'tables' key: not a stem-nb table slice",
-                "list": f"{SLICE}: holds a list, not a table slice"}
+                "list": "stem_tables/slice-000-of-001.pt: holds a list, not a table slice"}     # only a .pt of earlier versions can
 
 
 @pytest.mark.parametrize("fault", list(TABLE_FAULTS))
 def test_eval_refuses_a_bad_table_slice(trained, tmp_path, fault):
     "Unchecked, NaN rows score acc 0.0 with exit 0, an int64 table is cast silently, an extra layer's is ignored: each is refused."
     dump, ck = _dump_copy(trained, tmp_path)
-    obj = torch.load(ck / SLICE, weights_only=True)
+    obj = load_tensor_file(ck / SLICE)
     t = obj["tables"]["1"]
     if fault == "nan": t[3, 5] = float("nan")
     elif fault == "inf": t[3, 0] = float("-inf")
@@ -506,23 +506,25 @@ def test_eval_refuses_a_bad_table_slice(trained, tmp_path, fault):
     elif fault == "extra_layer": obj["tables"]["7"] = t.clone()
     elif fault == "wrong_shape": obj["tables"]["1"] = t[:, :-1].clone()
     elif fault == "no_tables": del obj["tables"]
-    elif fault == "list": obj = list(obj["tables"].values())
-    torch.save(obj, ck / SLICE); write_manifest(ck, step=2)
+    if fault == "list":
+        (ck / SLICE).unlink(); torch.save(list(obj["tables"].values()), (ck / SLICE).with_suffix(".pt"))
+    else: save_tensor_file(ck / SLICE, obj)
+    write_manifest(ck, step=2)
     _refused_by_eval(dump, dump, TABLE_FAULTS[fault])
 
 
 @pytest.mark.parametrize("fault", ["model_args", "nan_weight", "missing_weight"])
 def test_eval_refuses_a_consolidated_pt_that_does_not_match_its_model_args(trained, tmp_path, fault):
     dump, ck = _dump_copy(trained, tmp_path)
-    f = export_consolidated(ck, dump / "model.pt")
-    obj = torch.load(f, weights_only=True)
+    f = export_consolidated(ck, dump / "model.safetensors")
+    obj = load_tensor_file(f)
     if fault == "model_args": obj["model_args"]["dim"] = 128
     elif fault == "nan_weight": obj["model"]["norm.weight"][7] = float("nan")
     else: del obj["model"]["layers.2.ffn_norm.weight"]
-    torch.save(obj, f)
-    want = {"model_args": "model.pt: weight 'tok_embeddings.weight' has shape [4096, 64], expected [4096, 128]",
-            "nan_weight": "model.pt: weight 'norm.weight' holds NaN or inf (row 7)",
-            "missing_weight": "model.pt: no weight 'layers.2.ffn_norm.weight' (1 missing)"}[fault]
+    save_tensor_file(f, obj)
+    want = {"model_args": "model.safetensors: weight 'tok_embeddings.weight' has shape [4096, 64], expected [4096, 128]",
+            "nan_weight": "model.safetensors: weight 'norm.weight' holds NaN or inf (row 7)",
+            "missing_weight": "model.safetensors: no weight 'layers.2.ffn_norm.weight' (1 missing)"}[fault]
     _refused_by_eval(f, dump, want)
 
 
@@ -536,19 +538,17 @@ def test_eval_refuses_model_args_of_an_enormous_model_before_building_it(trained
 
 # -- round 3: table optimizer state the optimizer refuses -----------------------------------------------------------
 
-class _Refuses:
-    "A table optimizer whose `validate_state` refuses every state (what TableAdamW does with a one-element `row_step`)."
-    def __init__(self): self.state = {}
-    def validate_state(self, p, state): raise ValueError("TableAdamW: state of table 1: 'row_step': expected shape (512,), found (1,)")
-
-
 def test_refused_table_state_is_a_checkpoint_error_naming_the_slice(tmp_path):
+    "A one-element `row_step` (which the row kernel would index past): TableAdamW.validate_state refuses it, naming the slice."
     ck = _small_checkpoint(tmp_path / CKPT_DIR)
+    f = ck / SLICE
+    obj = load_tensor_file(f); obj["optim"]["1"]["row_step"] = obj["optim"]["1"]["row_step"][:1].clone(); save_tensor_file(f, obj)
     m = Transformer(preset("debug", ffn_type="stem", stem_layers="all", n_layers=3, seed=9))
-    w0, opt = {k: t.weight.detach().clone() for k, t in m.stem_tables.items()}, _Refuses()
-    with pytest.raises(CheckpointError, match=r"slice-000-of-001.pt: the optimizer state of table '1' is refused: TableAdamW: .*'row_step'"):
+    w0, opt = {k: t.weight.detach().clone() for k, t in m.stem_tables.items()}, ModelOptimizer(m, OptimArgs(), total_steps=4).tables
+    with pytest.raises(CheckpointError, match=r"slice-000-of-001.safetensors: the optimizer state of table '1' is refused: "
+                                              r"TableAdamW: .*'row_step': expected shape \(512,\), found \(1,\)"):
         load_table_shards(ck, m, StemLayout(1, 0, 1), opt)
-    assert opt.state == {} and all(torch.equal(t.weight, w0[k]) for k, t in m.stem_tables.items())     # nothing was assigned
+    assert not opt.state and all(torch.equal(t.weight, w0[k]) for k, t in m.stem_tables.items())     # nothing was assigned
 
 
 def test_resume_falls_back_past_table_state_the_optimizer_refuses(trained, tmp_path):
@@ -558,9 +558,9 @@ def test_resume_falls_back_past_table_state_the_optimizer_refuses(trained, tmp_p
     dump = tmp_path / "dump"; shutil.copytree(trained, dump)
     assert _train(dump, "steps=4").returncode == 0
     ck = dump / CKPT_DIR / ckpt_name(4)
-    obj = torch.load(ck / SLICE, weights_only=True)
+    obj = load_tensor_file(ck / SLICE)
     obj["optim"]["1"]["row_step"] = obj["optim"]["1"]["row_step"][:1].clone()
-    torch.save(obj, ck / SLICE); write_manifest(ck, step=4)
+    save_tensor_file(ck / SLICE, obj); write_manifest(ck, step=4)
     r = _train(dump, "steps=5")
     assert r.returncode == 0, r.stderr[-3000:]
     log = (dump / "train.log").read_text()
@@ -579,21 +579,6 @@ def test_eval_names_the_corrupt_newer_checkpoint_it_skips(trained, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"WARNING: skipping corrupt checkpoint {newer}: {newer / SLICE} is corrupted" in r.stderr, r.stderr[-3000:]
     assert r.stderr.count("skipping corrupt checkpoint") == 1 and f"using the older {ck}" in r.stderr
-    assert f"scoring {ck.resolve()} (step 2)" in r.stdout
-    assert_unchanged(dump, before)
-
-
-@pytest.mark.parametrize("flip", [('"files"', '"filez"'), ('"size"', '"sizf"'), ('"sha256"', '"sha25\xff"')])
-def test_eval_falls_back_past_a_manifest_that_is_json_but_no_manifest(trained, tmp_path, flip):
-    "A flipped byte in MANIFEST.json that leaves it JSON (or breaks its UTF-8) is a corrupt checkpoint, not a traceback."
-    dump, ck = _dump_copy(trained, tmp_path)
-    newer = dump / CKPT_DIR / ckpt_name(3); shutil.copytree(ck, newer)
-    mf = newer / MANIFEST
-    mf.write_bytes(mf.read_text().replace(*flip, 1).encode("latin-1" if "\xff" in flip[1] else "utf-8"))
-    before = snapshot(dump)
-    r = _eval(dump, "--limit", "2")
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert f"WARNING: skipping corrupt checkpoint {newer}: {mf}" in r.stderr, r.stderr[-3000:]
     assert f"scoring {ck.resolve()} (step 2)" in r.stdout
     assert_unchanged(dump, before)
 
@@ -662,11 +647,97 @@ def test_init_from_a_malformed_file_is_one_clear_error(trained, tmp_path, kind):
     elif kind == "deflated": f.write_bytes(deflate_bomb(BOMB, lambda t: {"model_args": _args_dict(trained), "model": {"tok_embeddings.weight": t}}))
     else:
         export_consolidated(trained / CKPT_DIR / ckpt_name(2), f)
-        obj = torch.load(f, weights_only=True); obj["model_args"]["dim"] = 128; torch.save(obj, f)
-    want = {"garbage": f"{f} is not a torch zip archive", "deflated": f"{f}: entry 'archive/data/0' is compressed",
+        obj = load_tensor_file(f); obj["model_args"]["dim"] = 128; save_tensor_file(f, obj)
+    want = {"garbage": f"{f} is neither a safetensors file nor a torch zip archive", "deflated": f"{f}: entry 'archive/data/0' is compressed",
             "mismatch": f"{f}: weight 'tok_embeddings.weight' has shape [4096, 64], expected [4096, 128]"}[kind]
     before = snapshot(tmp_path)
     r = _train(tmp_path / "new", "steps=2", f"checkpoint.init_from={f}")
     assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"checkpoint.init_from={f}" in r.stderr
     assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("new/")} == before
+
+
+# -- follow-ups: malformed manifests, the manifest's own fields, a step saved again, files of earlier versions, crafted safetensors
+
+def _newer_copy(dump: Path, ck: Path) -> Path:
+    "A second checkpoint (step 3) in `dump`: a copy of `ck`, its manifest signed for step 3."
+    newer = dump / CKPT_DIR / ckpt_name(3)
+    shutil.copytree(ck, newer); write_manifest(newer, step=3, world_size=1)
+    return newer
+
+
+MANIFEST_FAULTS = {   # how the newest MANIFEST.json is spoiled -> what eval says about it (more cases: tests/test_checkpoint.py)
+    "a JSON list": (lambda m: [m], "is not a valid stem-nb manifest (it holds a JSON list, not an object)"),
+    "entry without sha256": (lambda m: {**{k: v for k, v in m.items() if k != "self_sha256"}, "format": "stem-nb/1",
+                                        "files": {k: {"size": v["size"]} for k, v in m["files"].items()}},
+                             "is not a valid stem-nb manifest (entry 'backbone/.metadata' has no 'sha256')"),
+    "step changed": (lambda m: {**m, "step": 4}, "is corrupted: its self_sha256 does not match its other fields"),
+}
+
+
+@pytest.mark.parametrize("fault", list(MANIFEST_FAULTS))
+def test_eval_falls_back_past_a_malformed_newest_manifest(trained, tmp_path, fault):
+    dump, ck = _dump_copy(trained, tmp_path)
+    newer = _newer_copy(dump, ck)
+    spoil, want = MANIFEST_FAULTS[fault]
+    (newer / MANIFEST).write_text(json.dumps(spoil(json.loads((newer / MANIFEST).read_text()))))
+    before = snapshot(dump)
+    r = _eval(dump, "--limit", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"WARNING: skipping corrupt checkpoint {newer}: {newer / MANIFEST} {want}" in r.stderr, r.stderr[-3000:]
+    assert f"using the older {ck}" in r.stderr and "Traceback" not in r.stderr
+    assert f"scoring {ck.resolve()} (step 2)" in r.stdout
+    assert_unchanged(dump, before)
+
+
+def test_eval_of_a_single_checkpoint_with_a_malformed_manifest_is_one_message(trained, tmp_path):
+    dump, ck = _dump_copy(trained, tmp_path)
+    (ck / MANIFEST).write_text(json.dumps({"format": "stem-nb/1", "files": {"model_args.json": {"size": 3}}}))
+    _refused_by_eval(dump, dump, f"{ck / MANIFEST} is not a valid stem-nb manifest (entry 'model_args.json' has no 'sha256')")
+
+
+def test_resume_that_saves_a_skipped_step_again_keeps_the_old_files_aside(trained, tmp_path):
+    """A run whose newest checkpoint (4) is corrupt falls back to 2, trains through 4 again and saves it: the old 4 is
+    moved to checkpoints/.replaced/0000000004-1, byte for byte, instead of being deleted."""
+    dump = tmp_path / "dump"; shutil.copytree(trained, dump)
+    assert _train(dump, "steps=4").returncode == 0
+    four = dump / CKPT_DIR / ckpt_name(4)
+    data = bytearray((four / SLICE).read_bytes()); data[len(data) // 2] ^= 0xFF; (four / SLICE).write_bytes(bytes(data))
+    old = snapshot(four)
+    r = _train(dump, "steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipping checkpoint {four}: {four / SLICE} is corrupted" in r.stderr, r.stderr[-3000:]
+    aside = dump / CKPT_DIR / REPLACED_DIR / f"{ckpt_name(4)}-1"
+    assert snapshot(aside) == old                                          # every file of the corrupt 4, unchanged
+    assert verify_checkpoint(four)["step"] == 4 and snapshot(four) != old  # the new 4, sound
+    assert [p.name for p in list_checkpoints(dump / CKPT_DIR)] == [ckpt_name(2), ckpt_name(4)]
+
+
+def test_a_checkpoint_of_an_earlier_version_loads_and_resumes_bitwise(trained, tmp_path):
+    """The same checkpoint in the format earlier versions wrote (.pt slices through torch.save, a stem-nb/1 manifest)
+    resumes to the same losses, bit for bit, as the current format; what it writes next is safetensors."""
+    from test_safetensors import to_old_format
+    new, old = tmp_path / "new", tmp_path / "old"
+    shutil.copytree(trained, new); shutil.copytree(trained, old)
+    to_old_format(old / CKPT_DIR / ckpt_name(2))
+    before = snapshot(old)
+    assert torch.equal(torch.cat([p.flatten() for p in load_model(old).state_dict().values()]),
+                       torch.cat([p.flatten() for p in load_model(new).state_dict().values()]))
+    for d in (new, old):
+        r = _train(d, "steps=4")
+        assert r.returncode == 0 and f"resumed from {d / CKPT_DIR / ckpt_name(2)}" in (d / "train.log").read_text(), r.stderr[-3000:]
+    rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda d: [(x["step"], x["loss"]) for x in rows(d) if "loss" in x]
+    assert losses(old) == losses(new) and [s for s, _ in losses(old)][-2:] == [3, 4]
+    assert [f.name for f in (old / CKPT_DIR / ckpt_name(4) / "stem_tables").iterdir()] == ["slice-000-of-001.safetensors"]
+    assert {k: v for k, v in snapshot(old).items() if k.startswith(f"{CKPT_DIR}/{ckpt_name(2)}/")} == \
+           {k: v for k, v in before.items() if k.startswith(f"{CKPT_DIR}/{ckpt_name(2)}/")}
+
+
+def test_eval_refuses_a_slice_with_a_crafted_safetensors_header(trained, tmp_path):
+    "Offsets past the end of the file (the manifest rewritten to match): one message naming the file, exit 2, nothing changed."
+    from test_safetensors import rewrite_header
+    dump, ck = _dump_copy(trained, tmp_path)
+    rewrite_header(ck / SLICE, (ck / SLICE).read_bytes(), lambda h: h["tables.1"].update(data_offsets=[0, 2**40]))
+    write_manifest(ck, step=2)
+    _refused_by_eval(dump, dump, f"{ck / SLICE} is refused: tensor 'tables.1'")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest, torch
 
-from stem_nb.checkpoint import MANIFEST, TABLE_DIR, save_checkpoint, write_manifest
+from stem_nb.checkpoint import MANIFEST, TABLE_DIR, load_tensor_file, save_checkpoint, save_tensor_file, write_manifest
 from stem_nb.corpora import needle_haystack
 from stem_nb.data import load_tokenizer
 from stem_nb.model import Transformer, preset
@@ -252,17 +252,17 @@ def test_nan_table_row_is_refused_naming_the_file(tmp_path, task_dir):
     torch.manual_seed(0)
     ck = save_checkpoint(dump / "checkpoints", 1, Transformer(preset("debug", ffn_type="stem", stem_layers="all", vocab_size=258)),
                          config_yaml="data:\n  tokenizer: byte\n")
-    sl = ck / TABLE_DIR / "slice-000-of-001.pt"
-    obj = torch.load(sl, weights_only=True)
+    sl = ck / TABLE_DIR / "slice-000-of-001.safetensors"
+    obj = load_tensor_file(sl)
     layer = next(iter(obj["tables"]))
     obj["tables"][layer][7] = float("nan")
-    torch.save(obj, sl)
+    save_tensor_file(sl, obj)
     man = json.loads((ck / MANIFEST).read_text())
     write_manifest(ck, **{k: v for k, v in man.items() if k not in ("format", "created", "files")})
     before = tree_sums(dump)
     rc, out, err = stem_nb_eval(ck, "--tasks", "stem_bios_mc", "--limit", "1", "--task-dir", task_dir, "--out", tmp_path / "res.json")
     assert rc == 2, (rc, out[-2000:], err[-2000:])
-    assert "slice-000-of-001.pt" in err and re.search(r"nan|finite", err, re.I) and "Traceback" not in err, err[-2000:]
+    assert "slice-000-of-001.safetensors" in err and re.search(r"nan|finite", err, re.I) and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "res.json").exists() and tree_sums(dump) == before
 
 

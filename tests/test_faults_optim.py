@@ -1,5 +1,5 @@
-"""Faults of the table optimizer's state, met as a user (or an attacker who hands over a checkpoint) would meet them
-(issue 21). A table-optimizer state with moments of one row, half the width, a one-element `row_step`, a huge `step`,
+"""Faults of the table optimizer's state, met as a user (or an attacker who hands over a checkpoint) would meet them.
+A table-optimizer state with moments of one row, half the width, a one-element `row_step`, a huge `step`,
 a short `history`, a wrong dtype, or `row_step` outside [origin, step] must be refused with a `ValueError` naming the
 key, the expected and the found value: at `load_state_dict`, and, when set directly past it, at the next settle and
 step, on the numba kernel path and on the torch path alike, and by the kernel's own checks at its entry. These run in
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest, torch
 from torch import nn
 
-from stem_nb.checkpoint import MANIFEST, write_manifest
+from stem_nb.checkpoint import MANIFEST, load_tensor_file, save_tensor_file, write_manifest
 from stem_nb.config import ConfigError
 from stem_nb.optim import OptimArgs, TableAdamW
 from test_faults_train import ENV, ROOT, digest, run, steps_of
@@ -199,11 +199,11 @@ def test_non_finite_settings_refused_from_the_command_line(tmp_path, override):
 
 def craft_row_step(ckpt: Path) -> str:
     "Give the first table of checkpoint `ckpt` a one-element `row_step` and re-write its MANIFEST to match (anyone can); returns the table."
-    f = ckpt / "stem_tables" / "slice-000-of-001.pt"
-    obj = torch.load(f, weights_only=True)
+    f = ckpt / "stem_tables" / "slice-000-of-001.safetensors"
+    obj = load_tensor_file(f)
     name = sorted(obj["optim"])[0]
     obj["optim"][name]["row_step"] = obj["optim"][name]["row_step"][:1].clone()
-    torch.save(obj, f)
+    save_tensor_file(f, obj)
     man = json.loads((ckpt / MANIFEST).read_text())
     write_manifest(ckpt, **{k: v for k, v in man.items() if k not in ("format", "created", "files")})
     return name

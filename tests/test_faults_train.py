@@ -184,7 +184,7 @@ CORRUPTIONS = {   # file of the newest checkpoint -> (how, where a flip goes)
     "MANIFEST.json truncated": ("MANIFEST.json", "truncate", None),
     "MANIFEST.json sha flipped": ("MANIFEST.json", "flip", lambda f: f.read_text().index('"sha256": "') + 20),
     "MANIFEST.json key flipped": ("MANIFEST.json", "flip", lambda f: f.read_text().index('"files"') + 3),   # "fimes"
-    "table slice flipped": ("stem_tables/slice-000-of-001.pt", "flip", _middle),
+    "table slice flipped": ("stem_tables/slice-000-of-001.safetensors", "flip", _middle),
     "DCP .metadata flipped": ("backbone/.metadata", "flip", _middle),
     "DCP data flipped": ("backbone/__0_0.distcp", "flip", _middle),
 }
@@ -218,9 +218,9 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous(finished, tmp_path,
 
 @pytest.fixture(scope="module")
 def consolidated(finished, tmp_path_factory):
-    "The finished run's newest checkpoint as one consolidated .pt."
+    "The finished run's newest checkpoint as one consolidated safetensors file."
     from stem_nb.checkpoint import export_consolidated
-    return export_consolidated(finished / "checkpoints" / "0000000010", tmp_path_factory.mktemp("pt") / "model.pt")
+    return export_consolidated(finished / "checkpoints" / "0000000010", tmp_path_factory.mktemp("st") / "model.safetensors")
 
 
 def _bad_init(kind: str, src: Path, consolidated: Path) -> Path:
@@ -228,17 +228,17 @@ def _bad_init(kind: str, src: Path, consolidated: Path) -> Path:
     src.mkdir()
     if kind == "garbage bytes": (f := src / "weights.pt").write_bytes(random.Random(0).randbytes(4096))
     elif kind == "a JSON file": (f := src / "model.json").write_text(json.dumps({"model_args": {"dim": 64}, "model": {}}))
-    elif kind == "a truncated .pt": (f := src / "model.pt").write_bytes(consolidated.read_bytes()[: consolidated.stat().st_size // 2])
+    elif kind == "a truncated export": (f := src / "model.safetensors").write_bytes(consolidated.read_bytes()[: consolidated.stat().st_size // 2])
     elif kind == "a folder that is no checkpoint": (f := src / "notes").mkdir(); (f / "README.txt").write_text("not a checkpoint\n")
     elif kind == "weights that do not fit the model args":
-        import torch
-        obj = torch.load(consolidated, weights_only=True); obj["model_args"]["n_layers"] = 2
-        torch.save(obj, f := src / "model.pt")
+        from stem_nb.checkpoint import load_tensor_file, save_tensor_file
+        obj = load_tensor_file(consolidated); obj["model_args"]["n_layers"] = 2
+        save_tensor_file(f := src / "model.safetensors", obj)
     else: raise ValueError(kind)
     return f
 
 
-@pytest.mark.parametrize("kind", ["garbage bytes", "a JSON file", "a truncated .pt", "a folder that is no checkpoint",
+@pytest.mark.parametrize("kind", ["garbage bytes", "a JSON file", "a truncated export", "a folder that is no checkpoint",
                                   "weights that do not fit the model args"])
 def test_malformed_init_from_is_one_message(consolidated, tmp_path, kind):
     f = _bad_init(kind, tmp_path / "src", consolidated)

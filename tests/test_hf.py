@@ -300,7 +300,7 @@ TAMPER = {
     "table transposed": (_resave(lambda t: t.update({"model.stem_tables.1.weight": t["model.stem_tables.1.weight"].T.contiguous()})),
                          f"{WEIGHTS}: tensor model.stem_tables.1.weight has shape [192, 4096]"),
     "index outside the folder": (_bad_index, f"{INDEX}: tensor "),
-    "header length": (_huge_header, f"{WEIGHTS} is not a safetensors file: header length {2**62}"),
+    "header length": (_huge_header, f"{WEIGHTS} is refused: its safetensors header length is {2**62:,} bytes, more than the limit"),
     "pickle only": (lambda d: (d / WEIGHTS).rename(d / "pytorch_model.bin"), "no safetensors weights to read"),
     "config not JSON": (lambda d: (d / CONFIG_FILE).write_text("{'vocab_size': 4096"), f"{CONFIG_FILE} is not valid JSON"),
 }
