@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/distributed.html.md"""
 
 # %% ../nbs/07_distributed.ipynb #730d572e
 from __future__ import annotations
-import contextlib, inspect, os
+import contextlib, functools, inspect, os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -16,16 +16,19 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import ConfigError
+from .model import Transformer, TABLE_INIT_CHUNK
 
 # %% auto #0
-__all__ = ['DistributedArgs', 'stem_groups', 'world_info', 'is_main', 'init_distributed', 'barrier', 'destroy_distributed',
-           'StemLayout', 'make_layout', 'gather_group_tokens', 'ShardedStemLookup', 'unwrap', 'shard_stem_tables',
-           'sync_table_grads', 'is_fsdp', 'stem_norm_hook', 'backbone_norm_hook', 'job_tokens', 'ddp_backbone',
-           'fsdp_backbone', 'wrap_backbone', 'parallelize', 'no_backbone_sync', 'stem_comm_bytes', 'fsdp_w3_bytes',
-           'comm_table']
+__all__ = ['AC_MODES', 'DistributedArgs', 'stem_groups', 'world_info', 'is_main', 'init_distributed', 'barrier',
+           'destroy_distributed', 'StemLayout', 'make_layout', 'gather_group_tokens', 'ShardedStemLookup',
+           'slice_stem_tables_', 'unwrap', 'shard_stem_tables', 'sync_table_grads', 'is_fsdp', 'stem_norm_hook',
+           'backbone_norm_hook', 'job_tokens', 'ddp_backbone', 'fsdp_backbone', 'wrap_backbone', 'parallelize',
+           'no_backbone_sync', 'apply_activation_checkpointing', 'materialize_', 'build_parallel_model',
+           'stem_comm_bytes', 'fsdp_w3_bytes', 'comm_table']
 
 # %% ../nbs/07_distributed.ipynb #98449a0e
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+AC_MODES = ("none", "selective", "full")   # activation checkpointing of the transformer blocks
 
 @dataclass
 class DistributedArgs:
@@ -33,6 +36,8 @@ class DistributedArgs:
     stem_parallel_size: int = 1    # P: ranks in a STEM group; each holds a [V, H/P] column slice of every table
     backend: str = "auto"          # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     fsdp_param_dtype: str = "bf16" # FSDP2 mixed precision on GPU: parameter dtype (fp32 reduce)
+    activation_checkpointing: str = "none"      # none | selective (keep matmul and attention outputs) | full (keep block inputs)
+    selective_activation_checkpointing: bool = False   # Lingua's key: true means activation_checkpointing=selective
 
     def __post_init__(self):
         if self.backbone not in ("ddp", "fsdp", "none"):
@@ -43,6 +48,16 @@ class DistributedArgs:
             raise ConfigError(f"distributed.stem_parallel_size must be >= 1, got {self.stem_parallel_size}")
         if self.fsdp_param_dtype not in _DTYPES:
             raise ConfigError(f"distributed.fsdp_param_dtype: {self.fsdp_param_dtype!r} is not one of {sorted(_DTYPES)}")
+        if self.activation_checkpointing not in AC_MODES:
+            raise ConfigError(f"distributed.activation_checkpointing: {self.activation_checkpointing!r} is not one of {AC_MODES}")
+        if self.selective_activation_checkpointing and self.activation_checkpointing == "full":
+            raise ConfigError("distributed.selective_activation_checkpointing=true contradicts distributed.activation_checkpointing=full; "
+                              "set only one of them")
+
+    @property
+    def ac_mode(self) -> str:
+        "The activation checkpointing to apply: `activation_checkpointing`, or `selective` when Lingua's key is true."
+        return "selective" if self.selective_activation_checkpointing else self.activation_checkpointing
 
 # %% ../nbs/07_distributed.ipynb #d627603d
 def stem_groups(world: int, P: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -101,6 +116,12 @@ class StemLayout:
     def slice_index(self) -> int: return self.rank % self.P
     @property
     def n_replicas(self) -> int: return self.world // self.P
+    def columns(self, H: int) -> tuple[int, int]:
+        "(lo, hi): the columns `lo:hi` of every `[V, H]` table that this rank's slice holds."
+        if H % self.P:
+            raise ConfigError(f"distributed.stem_parallel_size={self.P} does not divide the STEM hidden dim H={H}; choose a divisor of {H}")
+        h = H // self.P
+        return self.slice_index * h, (self.slice_index + 1) * h
     def __repr__(self):
         return f"StemLayout(world={self.world}, rank={self.rank}, P={self.P}, group={self.group_index}, slice={self.slice_index})"
 
@@ -167,13 +188,8 @@ class ShardedStemLookup:
                               f"(model.dim={args.dim}); choose a divisor of {self.H}")
         if _group_size(layout.stem_group) != self.P:
             raise RuntimeError(f"{layout}: the STEM group has {_group_size(layout.stem_group)} ranks, expected P={self.P}")
-        self.h, lo = self.H // self.P, layout.slice_index * (self.H // self.P)
-        for name, emb in list(model.stem_tables.items()):
-            w = emb.weight.detach()
-            if w.shape[1] != self.H: raise RuntimeError(f"stem_tables[{name!r}] is already sharded ({tuple(w.shape)})")
-            new = nn.Embedding(self.V, self.h, sparse=emb.sparse, device=w.device, dtype=w.dtype)
-            with torch.no_grad(): new.weight.copy_(w[:, lo:lo + self.h])
-            model.stem_tables[name] = new
+        self.h = self.H // self.P
+        slice_stem_tables_(model, layout)
         self.tables = model.stem_tables
         self._tokens, self._all = None, None
         model.set_stem_lookup(self)
@@ -190,6 +206,18 @@ class ShardedStemLookup:
     def __repr__(self): return f"ShardedStemLookup(P={self.P}, slice={self.layout.slice_index}, V={self.V}, H/P={self.h})"
 
 # %% ../nbs/07_distributed.ipynb #63a34a8f
+def slice_stem_tables_(model, layout: StemLayout):
+    "Replace every `[V, H]` table of `model` (a `Transformer`) by this rank's `[V, H/P]` column slice: a copy, or on the meta device nothing allocated."
+    V, H = model.args.vocab_size, model.args.hidden_dim
+    lo, hi = layout.columns(H)
+    for name, emb in list(model.stem_tables.items()):
+        w = emb.weight.detach()
+        if w.shape[1] != H: raise RuntimeError(f"stem_tables[{name!r}] is already sharded ({tuple(w.shape)})")
+        new = nn.Embedding(V, hi - lo, sparse=emb.sparse, device=w.device, dtype=w.dtype)
+        with torch.no_grad(): new.weight.copy_(w[:, lo:hi])
+        model.stem_tables[name] = new
+    return model
+
 def unwrap(model):
     "The `Transformer` inside a DDP wrapper (FSDP2 shards in place, so it is the model itself)."
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -307,12 +335,15 @@ def fsdp_backbone(model, args: DistributedArgs, device: torch.device):
     return model
 
 # %% ../nbs/07_distributed.ipynb #132e6bd7
+def _check_backbone(args: DistributedArgs, world: int) -> None:
+    if world > 1 and args.backbone == "none":
+        raise ConfigError(f"distributed.backbone=none with {world} ranks: the backbone replicas would drift; use ddp or fsdp")
+
 def wrap_backbone(model, args: DistributedArgs, device: Optional[torch.device] = None):
     "DDP-wrap or FSDP2-shard the backbone of `model` (tables excluded) when there are several ranks; returns the model to call."
     world = world_info()[1]
+    _check_backbone(args, world)
     if world == 1: return model
-    if args.backbone == "none":
-        raise ConfigError(f"distributed.backbone=none with {world} ranks: the backbone replicas would drift; use ddp or fsdp")
     device = device or next(model.parameters()).device
     return ddp_backbone(model, device) if args.backbone == "ddp" else fsdp_backbone(model, args, device)
 
@@ -334,6 +365,104 @@ def no_backbone_sync(model, enabled: bool = True):
         try: yield
         finally: model.set_requires_gradient_sync(True)
     else: yield
+
+# %% ../nbs/07_distributed.ipynb #df7ced73
+def _sac_save_ops() -> set:
+    "The ops whose outputs `selective` keeps (Lingua's no-recompute list): matmuls and every fused attention kernel."
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    return {torch.ops.aten.mm.default} | {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+
+def _sac_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+_SAC_SAVE = _sac_save_ops()
+
+_CHECKPOINTED = {}   # block class -> its checkpointing subclass
+
+def _checkpointed_class(cls):
+    "A subclass of the block class `cls` whose forward checkpoints as the instance's `_ac_mode` says (plain without grad or with a KV cache)."
+    if cls in _CHECKPOINTED: return _CHECKPOINTED[cls]
+    def forward(self, x, cos, sin, tokens, rows=None, start_pos: int = 0, cache=None):
+        from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+        fwd, mode = super(sub, self).forward, self.__dict__.get("_ac_mode", "none")
+        if mode == "none" or cache is not None or not torch.is_grad_enabled(): return fwd(x, cos, sin, tokens, rows, start_pos, cache)
+        kw = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _sac_policy)} if mode == "selective" else {}
+        return checkpoint(fwd, x, cos, sin, tokens, rows, start_pos, None, use_reentrant=False, **kw)
+    sub = _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    _CHECKPOINTED[sub] = sub
+    return sub
+
+def apply_activation_checkpointing(model, mode: str):
+    "Checkpoint every block of `model` (a `Transformer`, or wrapped): `none`, `selective` or `full` (see above). Returns `model`."
+    if mode not in AC_MODES: raise ConfigError(f"distributed.activation_checkpointing: {mode!r} is not one of {AC_MODES}")
+    for layer in unwrap(model).layers:
+        if mode != "none" and type(layer) not in _CHECKPOINTED.values(): layer.__class__ = _checkpointed_class(type(layer))
+        layer._ac_mode = mode
+    return model
+
+# %% ../nbs/07_distributed.ipynb #bf35cb34
+@torch.no_grad()
+def materialize_(model, layout: StemLayout, device, state: Optional[dict] = None, seed: Optional[int] = None,
+                 chunk: int = TABLE_INIT_CHUNK):
+    """Allocate `model` (a `Transformer` built on the meta device, its tables full or already this rank's slices, its
+    backbone maybe FSDP2-sharded) on `device`, then fill it in place: from `Transformer.init_values(seed)` (the
+    single-process init, bitwise), or from the full tensors of `state` (a single-process state dict). A table gets
+    its columns `layout.columns(H)`, an FSDP2 parameter this rank's shard, anything else the whole value. Returns `model`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    m = unwrap(model)
+    V, H = m.args.vocab_size, m.args.hidden_dim
+    params = dict(m.named_parameters())
+    cols = {}
+    for name, p in m.table_parameters():
+        if tuple(p.shape) == (V, H): cols[name] = (0, H)
+        elif tuple(p.shape) == (V, H // layout.P) and H % layout.P == 0: cols[name] = layout.columns(H)
+        else: raise RuntimeError(f"materialize_: {name} has shape {tuple(p.shape)}, neither [V, H] = {[V, H]} nor this layout's "
+                                 f"slice [V, H/P] = {[V, H // layout.P]} ({layout})")
+    def put(name, r0, value):
+        p = params[name]
+        if name in cols: value = value[:, cols[name][0]:cols[name][1]]
+        if isinstance(p, DTensor):                 # FSDP2: this rank's shard of the whole value, no communication
+            if r0 or len(value) != p.shape[0]: raise RuntimeError(f"materialize_: {name} is FSDP2-sharded; it takes its whole value at once")
+            p.copy_(distribute_tensor(value.to(device), p.device_mesh, p.placements, src_data_rank=None))
+        else: p[r0:r0 + len(value)].copy_(value)
+    if state is not None:
+        missing = [n for n in params if n not in state]
+        if missing: raise KeyError(f"materialize_: the state dict has no {missing[0]!r} ({len(missing)} parameters missing)")
+        for name in params:
+            full = (V, H) if name in cols else tuple(params[name].shape)
+            if tuple(state[name].shape) != full:
+                raise RuntimeError(f"materialize_: state[{name!r}] has shape {tuple(state[name].shape)}, the model needs {list(full)}")
+    m.to_empty(device=device); m.reset_buffers()
+    params = dict(m.named_parameters())
+    values = m.init_values(seed, chunk) if state is None else ((name, 0, state[name]) for name in params)
+    for name, r0, value in values:
+        put(name, r0, value)
+        del value                                   # before the next value is drawn
+    return model
+
+def build_parallel_model(margs, args: DistributedArgs, device, state: Optional[dict] = None, compile_blocks: bool = False,
+                         prepare=None, layout: Optional[StemLayout] = None, chunk: int = TABLE_INIT_CHUNK):
+    """The `Transformer` of `margs` for this rank, allocating only what the rank holds. On the meta device, in this
+    order: the tables replaced by this rank's `[V, H/P]` slices and the sharded reader installed (several ranks),
+    `prepare(model)` if given (e.g. float8 linears), activation checkpointing (`args.ac_mode`), `compile_blocks` (each
+    block `compile()`d), FSDP2 on the backbone (`args.backbone == "fsdp"`); then `materialize_` on `device` (the init of
+    `margs.seed`, or the full state dict `state`); DDP last. Returns (model to call, layout)."""
+    world = world_info()[1]
+    _check_backbone(args, world)
+    layout = layout or make_layout(args.stem_parallel_size)
+    with torch.device("meta"): model = Transformer(margs)
+    if world > 1: shard_stem_tables(model, layout)
+    if prepare is not None: prepare(model)
+    apply_activation_checkpointing(model, args.ac_mode)
+    if compile_blocks:
+        for layer in model.layers: layer.compile()      # the blocks; table lookups stay eager (sparse grads)
+    fsdp = world > 1 and args.backbone == "fsdp"
+    if fsdp: fsdp_backbone(model, args, device)
+    materialize_(model, layout, device, state=state, chunk=chunk)
+    if world > 1 and not fsdp: model = ddp_backbone(model, device)
+    return model, layout
 
 # %% ../nbs/07_distributed.ipynb #c9f40157
 def stem_comm_bytes(args, tokens_per_rank: int, P: int, dtype_bytes: int = 4, id_bytes: int = 8,

@@ -7,16 +7,19 @@ Docs: https://stem-nb.github.io/stem-nb/flops.html.md"""
 
 # %% ../nbs/05_flops.ipynb #d9b01886
 from __future__ import annotations
-import statistics, time
+import gc, math, statistics, time
 from typing import Optional
 
 import torch
 
-from .model import ModelArgs, Transformer, FFN_TYPES, TABLE_FFN_TYPES, preset
+from .model import ModelArgs, Transformer, FFN_TYPES, TABLE_FFN_TYPES, TABLE_INIT_CHUNK, preset
 
 # %% auto #0
-__all__ = ['QWEN25', 'PAPER_PARAMS', 'count_params', 'flops_per_token', 'estimate_mfu', 'table1_training_flops',
-           'table1_decode_reads', 'stem_decode_saving', 'stem_flops_saving', 'table1', 'params_table', 'bench_fwd_bwd']
+__all__ = ['QWEN25', 'PAPER_PARAMS', 'AC_PLAN_MODES', 'PRECISIONS', 'count_params', 'flops_per_token', 'estimate_mfu',
+           'table1_training_flops', 'table1_decode_reads', 'stem_decode_saving', 'stem_flops_saving', 'table1',
+           'params_table', 'backbone_shapes', 'activation_bytes', 'alloc_peaks', 'alloc_peak', 'proc_memory',
+           'reset_peak_rss', 'memory_plan', 'plan_precision', 'train_memory_plan', 'format_memory_plan',
+           'bench_fwd_bwd']
 
 # %% ../nbs/05_flops.ipynb #c7aafee8
 def count_params(args: ModelArgs) -> dict:
@@ -112,6 +115,227 @@ def params_table(build: bool = True) -> "pd.DataFrame":
                          total_B=c["total"] / 1e9, active_B=c["active"] / 1e9, GFLOPs=2 * c["active"] / 1e9,
                          paper_total_B=pt, paper_active_B=pa))
     return pd.DataFrame(rows)
+
+# %% ../nbs/05_flops.ipynb #223692f9
+AC_PLAN_MODES = ("none", "selective", "full")     # activation checkpointing, as `distributed.activation_checkpointing`
+PRECISIONS = ("fp32", "autocast", "bf16")
+_N_UP = dict(dense=2, stem=1, stem_gate=1, stem_add=2, hash_moe=2)            # d -> H matmuls in the FFN
+_BODY_AUTOCAST = dict(dense=8, stem=10, stem_gate=12, stem_add=10, hash_moe=8)  # bytes per H the FFN keeps under autocast
+
+def backbone_shapes(args: ModelArgs) -> list[tuple]:
+    "(unit, name, shape) of every backbone parameter; `unit` is FSDP2's: 'root' (embedding, final norm, output) or the block index."
+    d, H, V, kv = args.dim, args.hidden_dim, args.vocab_size, args.kv_heads * args.head_dim
+    out = [("root", "tok_embeddings.weight", (V, d))]
+    replaced = set(args.replaced_layers)
+    for i in range(args.n_layers):
+        out += [(i, f"layers.{i}.attention.{n}.weight", s) for n, s in
+                (("wq", (d, d)), ("wk", (kv, d)), ("wv", (kv, d)), ("wo", (d, d)))]
+        out += [(i, f"layers.{i}.attention_norm.weight", (d,)), (i, f"layers.{i}.ffn_norm.weight", (d,))]
+        kind = args.ffn_type if i in replaced else "dense"
+        names = dict(dense=("w1", "w3"), stem=("w1",), stem_gate=("w3",), stem_add=("w1", "w3"), hash_moe=("w1", "w3"))[kind]
+        prefixes = [f"layers.{i}.feed_forward.experts.{j}" for j in range(args.n_experts)] if kind == "hash_moe" else [f"layers.{i}.feed_forward"]
+        for p in prefixes: out += [(i, f"{p}.{n}.weight", (H, d)) for n in names] + [(i, f"{p}.w2.weight", (d, H))]
+    return out + [("root", "norm.weight", (d,)), ("root", "output.weight", (V, d))]
+
+def _numel(shape) -> int: return math.prod(shape)
+def _shard_numel(shape, world: int) -> int:
+    "Elements of one rank's FSDP2 shard of a parameter (dim 0 split in `world`, padded)."
+    return -(-shape[0] // world) * _numel(shape[1:])
+
+# %% ../nbs/05_flops.ipynb #1c9b7ba1
+def _layer_bytes(args: ModelArgs, kind: str, mode: str, precision: str) -> int:
+    "Bytes per token one block of FFN `kind` keeps for the backward, its input included (see `activation_bytes`)."
+    d, H, nh, kv = args.dim, args.hidden_dim, args.n_heads, args.kv_heads * args.head_dim
+    table, n_up, moe = kind in TABLE_FFN_TYPES, _N_UP[kind], kind == "hash_moe"
+    x_in = 2 * d if precision == "bf16" else 4 * d                       # the residual stream entering the block
+    rows = (2 if precision == "bf16" else 4) * H if table else 0         # the STEM rows, an input of the block
+    if mode == "full": return x_in + rows
+    if mode == "selective":                                              # matmul and attention outputs, and the inputs
+        a = 4 if precision == "fp32" else 2
+        return x_in + rows + a * (4 * d + 2 * kv + n_up * H) + 4 * nh
+    if precision == "fp32": return 4 * (8 * d + 2 * kv + nh + 2 + 4 * H + (d if moe else 0))
+    if precision == "autocast":
+        return 26 * d + 2 * n_up * d + 4 * kv + 4 * nh + 8 + _BODY_AUTOCAST[kind] * H + (6 * d if moe else 0)
+    return 24 * d + 4 * kv + 4 * nh + 8 + 8 * H + (2 * d if moe else 0)   # bf16: norms keep an fp32 copy of their input
+
+def activation_bytes(args: ModelArgs, tokens: int, mode: str = "none", precision: str = "fp32", world: int = 1, P: int = 1) -> dict:
+    """Activation memory of one micro-batch of `tokens` tokens: `saved` (what the forward keeps for the backward),
+    `head_transient` (the loss head's fp32 gradients at the start of the backward), `recompute` (one block
+    recomputed, with checkpointing), `weight_copies` (autocast's bf16 copies of the linear weights) and `peak`."""
+    if mode not in AC_PLAN_MODES: raise ValueError(f"activation_bytes: mode {mode!r} is not one of {AC_PLAN_MODES}")
+    if precision not in PRECISIONS: raise ValueError(f"activation_bytes: precision {precision!r} is not one of {PRECISIONS}")
+    d, V = args.dim, args.vocab_size
+    replaced = set(args.replaced_layers)
+    kinds = [args.ffn_type if i in replaced else "dense" for i in range(args.n_layers)]
+    layers = sum(_layer_bytes(args, k, mode, precision) for k in kinds)
+    head = {"fp32": 4 * (2 * d + 1), "autocast": 6 * d + 4, "bf16": 10 * d + 4}[precision] + 4 * V
+    final = 0 if precision == "bf16" else 4 * d                           # the last block's output, kept by the final norm
+    ids = 16 + (0 if not args.table_layers else 16 if world == 1 else 8 * P)   # token ids: embedding, targets, table reads
+    per_token = layers + head + final + ids
+    recompute = 0 if mode == "none" else max(_layer_bytes(args, k, "none", precision) - _layer_bytes(args, k, mode, precision)
+                                             for k in set(kinds))
+    # autocast's bf16 weight copies, kept for the backward: every linear's, or with checkpointing the output layer's only
+    blocks = sum(_numel(s) for u, _, s in backbone_shapes(args) if u != "root" and len(s) == 2) if mode == "none" else 0
+    out = dict(saved=tokens * per_token, head_transient=tokens * 8 * V, recompute=tokens * recompute,
+               weight_copies=2 * (blocks + V * d) if precision == "autocast" else 0)
+    out["peak"] = out["saved"] + out["weight_copies"] + max(out["head_transient"], out["recompute"])
+    return out
+
+# %% ../nbs/05_flops.ipynb #663c3a7c
+def alloc_peaks(*fns) -> list[tuple]:
+    """Run each `fn()` in turn under one session of the profiler's allocation tracking: for each, (its result, bytes it
+    allocated that are still alive when it returns, the peak of allocated-minus-freed during it). CPU allocations, and
+    CUDA ones when a GPU is used. One session for several functions: starting the profiler costs seconds."""
+    from torch.profiler import profile, record_function, ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    outs, spans = [], []
+    with profile(activities=acts, profile_memory=True) as prof:
+        for i, fn in enumerate(fns):
+            gc.collect()                           # objects freed by the cycle collector during `fn` would count as negative
+            with record_function(f"alloc_peaks.{i}"): outs.append(fn())
+    events = prof.profiler.kineto_results.events()
+    marks = {e.name(): (e.start_ns(), e.end_ns()) for e in events if e.name().startswith("alloc_peaks.")}
+    memory = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    res = []
+    for i, out in enumerate(outs):
+        t0, t1 = marks[f"alloc_peaks.{i}"]
+        live = peak = 0
+        for e in memory:
+            if t0 <= e.start_ns() <= t1: live += e.nbytes(); peak = max(peak, live)
+        res.append((out, live, peak))
+    return res
+
+def alloc_peak(fn) -> tuple:
+    "`alloc_peaks` of one function: (its result, bytes still allocated when it returns, the peak during it)."
+    return alloc_peaks(fn)[0]
+
+def proc_memory() -> dict:
+    "This process's resident memory from /proc/self/status: {'VmRSS': bytes now, 'VmHWM': the peak} (Linux)."
+    out = {}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"): out[k] = int(v.split()[0]) * 1024
+    return out
+
+def reset_peak_rss() -> None:
+    "Reset this process's VmHWM to its current VmRSS (Linux `clear_refs` 5), so the next peak is measured from now."
+    with open("/proc/self/clear_refs", "w") as f: f.write("5")
+
+# %% ../nbs/05_flops.ipynb #8677f8e0
+def memory_plan(args: ModelArgs, batch_size: int, seq_len: int, world: int = 1, stem_parallel_size: int = 1,
+                backbone: str = "fsdp", activation_checkpointing: str = "none", precision: str = "fp32", device: str = "cpu",
+                grad_accum: int = 1, table_optimizer: str = "exact", device_memory: Optional[float] = None) -> dict:
+    """Bytes one rank holds training `args` on micro-batches of `batch_size x seq_len` tokens, `world` ranks, tables in
+    `stem_parallel_size` column slices, the backbone `backbone` (fsdp | ddp), for each part (see above); `peak` is the
+    plan's total, `peak_by_mode` the total under each activation checkpointing mode."""
+    W, P, T, ga = world, stem_parallel_size, batch_size * seq_len, grad_accum
+    V, d, H = args.vocab_size, args.dim, args.hidden_dim
+    if W < 1 or P < 1 or W % P: raise ValueError(f"memory_plan: stem_parallel_size={P} does not divide world={W}")
+    if H % P: raise ValueError(f"memory_plan: stem_parallel_size={P} does not divide the STEM hidden dim H={H}")
+    if backbone not in ("fsdp", "ddp") and not (backbone == "none" and W == 1):
+        raise ValueError(f"memory_plan: backbone {backbone!r} is not fsdp or ddp" + (" (none: one process only)" if backbone == "none" else ""))
+    if device not in ("cpu", "cuda"): raise ValueError(f"memory_plan: device {device!r} is not cpu or cuda")
+    kind = "one" if W == 1 else backbone
+    shapes = backbone_shapes(args)
+    n_bb = sum(_numel(s) for _, _, s in shapes)
+    shard = sum(_shard_numel(s, W) for _, _, s in shapes) if kind == "fsdp" else n_bb
+    padded = lambda unit: sum(_shard_numel(s, W) * W for u, _, s in shapes if u == unit)
+    out = dict(world=W, P=P, backbone=kind, activation_checkpointing=activation_checkpointing, precision=precision,
+               device=device, tokens=T, grad_accum=ga,
+               backbone_params=4 * shard, backbone_grads=4 * shard, backbone_optim=8 * shard,
+               ddp_buckets=4 * n_bb if kind == "ddp" else 0)
+    # tables: this rank's [V, h] slices, their moments and bookkeeping, the row-sparse gradients
+    nt, h = len(args.table_layers), (H // P if W > 1 else H)
+    row = 4 * h + 8                                                       # one gradient row and its int64 id
+    keep = dict(exact=8 * V + 1024 * 5 * 8, row_local=16 * V, dense=0)[table_optimizer]
+    out.update(table_params=nt * 4 * V * h, table_optim=nt * 8 * V * h, table_bookkeeping=nt * keep)
+    if W > 1:
+        U = min(V, W * T * ga)                                             # distinct rows of the job after the sync
+        group_rows = min(V, P * T * ga)                                    # one replica's distinct rows, coalesced
+        out["table_grads"] = nt * P * T * ga * row + U * row               # before the sync, and one table coalesced
+        out["table_grads_synced"] = nt * U * row
+        n_rep = W // P
+        sync = 0 if n_rep == 1 else min(2 * n_rep * group_rows * row, 2 * V * (4 * h + 4))   # sparse gather or dense all-reduce
+    else:
+        U = min(V, T)
+        out["table_grads"] = out["table_grads_synced"] = nt * ga * U * row
+        sync = 0
+    # activations of one micro-batch, for each checkpointing mode
+    acts = {m: activation_bytes(args, T, m, precision, W, P) for m in AC_PLAN_MODES}
+    act = acts[activation_checkpointing] if activation_checkpointing in acts else \
+        activation_bytes(args, T, activation_checkpointing, precision, W, P)
+    out.update(activations=act["saved"], activation_peak=act["peak"])
+    # FSDP2: unsharded parameters (root from the forward to the end of the backward, two blocks), unsharded gradients
+    pb = 2 if precision == "bf16" else 4
+    blocks = max((padded(i) for i in range(args.n_layers)), default=0)
+    if kind == "fsdp":
+        root = padded("root")
+        fsdp_params = pb * (root + 2 * blocks)
+        first_grad = pb * V * d                                            # output.weight's unsharded gradient
+        end_grads = (pb + 4) * root + (pb + 4) * blocks                    # root and one block: gradients + reduce-scatter copy
+        accumulated = 4 * sum(_shard_numel(s, W) * W for _, _, s in shapes) if ga > 1 else 0   # no reduce until the last micro-batch
+    else:
+        fsdp_params, first_grad, end_grads, accumulated = 0, 4 * V * d, 0, 0
+    out.update(fsdp_unsharded=fsdp_params + end_grads + accumulated)
+    # optimizer step temporaries: AdamW (fused on plain tensors; per parameter on CPU DTensors; foreach on GPU), tables
+    max_shard = max(_shard_numel(s, W) if kind == "fsdp" else _numel(s) for _, _, s in shapes)
+    bb_step = 0 if kind != "fsdp" else (4 * shard if device == "cuda" else 8 * max_shard)
+    tb_step = 16 * U * h if device == "cuda" and nt else 16 * P * T * ga * min(nt, 1)
+    out["step_transient"] = max(bb_step, tb_step, sync)
+    out["persistent"] = (out["backbone_params"] + out["backbone_optim"] + out["ddp_buckets"] + out["table_params"]
+                         + out["table_optim"] + out["table_bookkeeping"])
+    def peak(a):
+        start = a["peak"] + fsdp_params + first_grad + accumulated
+        end = out["backbone_grads"] + out["table_grads"] + fsdp_params + end_grads + accumulated
+        step = out["backbone_grads"] + out["table_grads_synced"] + out["step_transient"]
+        return out["persistent"] + max(start, end, step), dict(backward_start=start, backward_end=end, step=step)
+    out["peak"], out["phases"] = peak(act)
+    out["peak_by_mode"] = {m: peak(a)[0] for m, a in acts.items()}
+    out["activations_by_mode"] = {m: a["saved"] for m, a in acts.items()}
+    # the build (`distributed.build_parallel_model`): parameters, then one backbone parameter or one table row block in flight
+    biggest = max(_numel(s) for _, _, s in shapes)    # its value and trunc_normal_'s three fp32 temporaries and bool mask, its shard
+    param_init = 17 * biggest + (4 * -(-biggest // W) if kind == "fsdp" else 0)
+    rows_per_block = max(1, TABLE_INIT_CHUNK // H)
+    out["build_peak"] = out["backbone_params"] + out["table_params"] + max(param_init, 4 * rows_per_block * H if nt else 0)
+    out["device_memory"] = device_memory
+    out["headroom"] = None if device_memory is None else device_memory - out["peak"]
+    return out
+
+def plan_precision(dtype: str, device: str, backbone: str, world: int, fsdp_param_dtype: str = "bf16") -> str:
+    "The plan's precision for the trainer's `dtype` (auto | bf16 | fp32) on `device`: bf16 (FSDP2 gathering bf16 on GPU), fp32 or autocast."
+    if device == "cuda" and world > 1 and backbone == "fsdp" and fsdp_param_dtype in ("bf16", "fp16"): return "bf16"
+    return "fp32" if dtype == "fp32" or (dtype == "auto" and device != "cuda") else "autocast"
+
+def train_memory_plan(args, world: int = 1, device: str = "cpu", device_memory: Optional[float] = None) -> dict:
+    """`memory_plan` of a training config (`stem_nb.train.TrainArgs`: `model`, `data.batch_size` (per rank), `data.seq_len`,
+    `grad_accum`, `dtype`, `distributed.*`, `optim.table_optimizer`) run on `world` ranks of `device`."""
+    d = args.distributed
+    return memory_plan(args.model, args.data.batch_size, args.data.seq_len, world=world, stem_parallel_size=d.stem_parallel_size,
+                       backbone=d.backbone, activation_checkpointing=d.ac_mode,
+                       precision=plan_precision(args.dtype, device, d.backbone, world, d.fsdp_param_dtype), device=device,
+                       grad_accum=args.grad_accum, table_optimizer=args.optim.table_optimizer, device_memory=device_memory)
+
+def format_memory_plan(plan: dict) -> str:
+    "The plan as a table in GiB: each owner's parameters, gradients and optimizer state; activations by mode; the peak against the device."
+    g = lambda b: f"{b / 2**30:9.3f}"
+    lines = [f"memory per rank: world {plan['world']}, stem_parallel_size {plan['P']}, backbone {plan['backbone']}, "
+             f"{plan['precision']} on {plan['device']}, {plan['tokens']} tokens per micro-batch x {plan['grad_accum']}, "
+             f"activation checkpointing {plan['activation_checkpointing']}",
+             f"{'':28s}{'params':>9s} {'grads':>9s} {'optim':>9s}   GiB",
+             f"{'backbone':28s}{g(plan['backbone_params'])} {g(plan['backbone_grads'])} {g(plan['backbone_optim'])}",
+             f"{'tables (this rank slices)':28s}{g(plan['table_params'])} {g(plan['table_grads'])} "
+             f"{g(plan['table_optim'] + plan['table_bookkeeping'])}"]
+    extra = [("DDP gradient buckets", plan["ddp_buckets"]), ("FSDP unsharded (transient)", plan["fsdp_unsharded"]),
+             ("optimizer step (transient)", plan["step_transient"]), ("activations kept", plan["activations"]),
+             ("activations at their peak", plan["activation_peak"])]
+    lines += [f"{k:28s}{g(v)}" for k, v in extra if v]
+    lines.append("activations kept, by mode:  " + ", ".join(f"{m} {v / 2**30:.3f}" for m, v in plan["activations_by_mode"].items()))
+    lines.append("peak, by mode:              " + ", ".join(f"{m} {v / 2**30:.3f}" for m, v in plan["peak_by_mode"].items()))
+    lines.append(f"{'PEAK (plan)':28s}{g(plan['peak'])}   (build {plan['build_peak'] / 2**30:.3f})")
+    if plan["device_memory"]:
+        ok = "fits" if plan["headroom"] >= 0 else "DOES NOT FIT"
+        lines.append(f"{'device memory':28s}{g(plan['device_memory'])}   {ok}: headroom {plan['headroom'] / 2**30:.3f} GiB")
+    return "\n".join(lines)
 
 # %% ../nbs/05_flops.ipynb #4de9ba64
 def bench_fwd_bwd(model_preset: str = "cpu", ffn_types=("dense", "stem"), stem_layers="all",

@@ -19,10 +19,10 @@ from .config import ConfigError
 
 # %% auto #0
 __all__ = ['FFN_TYPES', 'TABLE_FFN_TYPES', 'TABLE_PREFIX', 'STEM_LAYERS_FORMS', 'PRESETS', 'KNUTH_MULT', 'HASH_BITS',
-           'FFN_CLASSES', 'is_table_key', 'resolve_stem_layers', 'ModelArgs', 'preset', 'RMSNorm', 'rope_cos_sin',
-           'apply_rope', 'KVCache', 'Attention', 'FeedForward', 'StemFeedForward', 'StemGateFeedForward',
-           'StemAddFeedForward', 'hash_expert', 'HashMoEFeedForward', 'compact_row_grad', 'mark_compact_grad',
-           'TableRows', 'TransformerBlock', 'Transformer']
+           'FFN_CLASSES', 'TABLE_INIT_CHUNK', 'is_table_key', 'resolve_stem_layers', 'ModelArgs', 'preset', 'RMSNorm',
+           'rope_cos_sin', 'apply_rope', 'KVCache', 'Attention', 'FeedForward', 'StemFeedForward',
+           'StemGateFeedForward', 'StemAddFeedForward', 'hash_expert', 'HashMoEFeedForward', 'compact_row_grad',
+           'mark_compact_grad', 'TableRows', 'TransformerBlock', 'table_row_blocks', 'Transformer']
 
 # %% ../nbs/04_model.ipynb #6fd8bdaa
 FFN_TYPES = ("dense", "stem", "stem_gate", "stem_add", "hash_moe")
@@ -245,7 +245,7 @@ class HashMoEFeedForward(nn.Module):
         out = torch.zeros_like(flat)
         for i, expert in enumerate(self.experts):
             idx = (e == i).nonzero(as_tuple=True)[0]
-            if idx.numel(): out.index_copy_(0, idx, expert(flat.index_select(0, idx)))
+            if idx.numel(): out.index_copy_(0, idx, expert(flat.index_select(0, idx)).to(out.dtype))   # bf16 under autocast
         return out.view_as(u)
 
 FFN_CLASSES = dict(dense=FeedForward, stem=StemFeedForward, stem_gate=StemGateFeedForward, stem_add=StemAddFeedForward)
@@ -297,6 +297,19 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h), tokens, rows)
 
 # %% ../nbs/04_model.ipynb #201a5e54
+TABLE_INIT_CHUNK = 1 << 22   # values per row block of a table's init draw (16 MB in fp32)
+
+def table_row_blocks(V: int, H: int, std: float, g: torch.Generator, chunk: int = TABLE_INIT_CHUNK):
+    "Yield `(row0, block)`: `torch.randn(V, H, generator=g) * std` in row blocks of about `chunk` values, bitwise."
+    if chunk < 1: raise ValueError(f"table_row_blocks: chunk must be >= 1 value, got {chunk}")
+    q = 16 // math.gcd(H, 16)                            # rows per block: a multiple of q makes the block a multiple of 16 values
+    rows = max(q, chunk // H // q * q)
+    starts = list(range(0, V, rows))
+    if len(starts) > 1 and (V - starts[-1]) * H < 16: starts.pop()   # a last block under 16 values joins the one before
+    for r0, r1 in zip(starts, starts[1:] + [V]):
+        yield r0, torch.randn((r1 - r0, H), generator=g).mul_(std)
+
+# %% ../nbs/04_model.ipynb #a7e11524
 class Transformer(nn.Module):
     "Llama/Lingua decoder with optional STEM layers. `forward(tokens)` -> logits (B, S, V); with `targets` -> mean CE."
     def __init__(self, args: ModelArgs):
@@ -343,27 +356,54 @@ class Transformer(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if is_table_key(n)]
 
     # -- init as the reference ----------------------------------------------------------------------
+    def init_values(self, seed: Optional[int] = None, chunk: int = TABLE_INIT_CHUNK):
+        """The initial value of every parameter, in the order one generator seeded `seed` (default `model.seed`) draws
+        them: yields `(name, row0, value)`, `value` the rows `row0:row0 + len(value)` of parameter `name` (on the CPU,
+        fp32). Truncated normal (+-3 sigma), sigma = d^-0.5 (H^-0.5 for w2); norms 1; then each table xavier-normal,
+        full width `[V, H]` (whatever slice of it the model holds), in row blocks of about `chunk` values
+        (`table_row_blocks`). Needs only the shapes: a model on the meta device, or sharded, yields the same values."""
+        g = torch.Generator().manual_seed(self.args.seed if seed is None else seed)
+        d, V, H = self.args.dim, self.args.vocab_size, self.args.hidden_dim
+        def tn(name, shape, std):
+            return name, 0, nn.init.trunc_normal_(torch.empty(shape), 0.0, std, -3 * std, 3 * std, generator=g)
+        yield tn("tok_embeddings.weight", self.tok_embeddings.weight.shape, d ** -0.5)
+        for i, layer in enumerate(self.layers):
+            for nm in ("wq", "wk", "wv", "wo"):
+                yield tn(f"layers.{i}.attention.{nm}.weight", getattr(layer.attention, nm).weight.shape, d ** -0.5)
+            ff = layer.feed_forward
+            ffns = ([(f"layers.{i}.feed_forward.experts.{j}", e) for j, e in enumerate(ff.experts)]
+                    if isinstance(ff, HashMoEFeedForward) else [(f"layers.{i}.feed_forward", ff)])
+            for prefix, f in ffns:
+                for nm in ("w1", "w3"):
+                    if hasattr(f, nm): yield tn(f"{prefix}.{nm}.weight", getattr(f, nm).weight.shape, d ** -0.5)
+                yield tn(f"{prefix}.w2.weight", f.w2.weight.shape, H ** -0.5)
+            for nm in ("attention_norm", "ffn_norm"): yield f"layers.{i}.{nm}.weight", 0, torch.ones(d)
+        yield "norm.weight", 0, torch.ones(d)
+        yield tn("output.weight", self.output.weight.shape, d ** -0.5)
+        for name in self.stem_tables:
+            for r0, block in table_row_blocks(V, H, math.sqrt(2.0 / (V + H)), g, chunk):
+                yield f"{TABLE_PREFIX}.{name}.weight", r0, block
+                del block                                 # one block alive at a time: drop it before drawing the next
+
     @torch.no_grad()
     def reset_parameters(self, seed: Optional[int] = None):
-        "Truncated normal (+-3 sigma), sigma = d^-0.5 (H^-0.5 for w2); tables xavier-normal; norms 1."
+        "Every parameter set to `init_values(seed)` (nothing on the meta device)."
         if any(p.is_meta for p in self.parameters()): return
-        g = torch.Generator().manual_seed(self.args.seed if seed is None else seed)
-        d, H = self.args.dim, self.args.hidden_dim
-        def tn(w, std): w.copy_(nn.init.trunc_normal_(torch.empty(w.shape), 0.0, std, -3 * std, 3 * std, generator=g))
-        tn(self.tok_embeddings.weight, d ** -0.5)
-        for layer in self.layers:
-            for w in (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo): tn(w.weight, d ** -0.5)
-            ffns = layer.feed_forward.experts if isinstance(layer.feed_forward, HashMoEFeedForward) else [layer.feed_forward]
-            for f in ffns:
-                for nm in ("w1", "w3"):
-                    if hasattr(f, nm): tn(getattr(f, nm).weight, d ** -0.5)
-                tn(f.w2.weight, H ** -0.5)
-            layer.attention_norm.reset_parameters(); layer.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        tn(self.output.weight, d ** -0.5)
-        for t in self.stem_tables.values():
-            V, Ht = t.weight.shape
-            t.weight.copy_(torch.randn(t.weight.shape, generator=g) * math.sqrt(2.0 / (V + Ht)))
+        V, H = self.args.vocab_size, self.args.hidden_dim
+        for name, t in self.stem_tables.items():
+            if tuple(t.weight.shape) != (V, H):
+                raise RuntimeError(f"reset_parameters: stem_tables[{name!r}] holds {tuple(t.weight.shape)}, not the full [V, H] = "
+                                   f"{[V, H]}; initialise a sharded model with stem_nb.distributed.materialize_")
+        params = dict(self.named_parameters())
+        for name, r0, value in self.init_values(seed):
+            params[name][r0:r0 + len(value)].copy_(value)
+            del value
+
+    def reset_buffers(self):
+        "Recompute the RoPE tables (non-persistent buffers: after `to_empty` from the meta device)."
+        a = self.args
+        cos, sin = rope_cos_sin(a.head_dim, a.max_seq_len, a.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, tokens, targets=None, start_pos: int = 0, cache: Optional[list] = None, ignore_index: int = -100):

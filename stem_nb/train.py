@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #9e271858
 from __future__ import annotations
-import contextlib, copy, dataclasses, fcntl, json, math, os, random, re, resource, shutil, statistics, subprocess, sys, tempfile, time, typing
+import contextlib, copy, dataclasses, fcntl, json, math, os, random, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, threading, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
@@ -23,7 +23,8 @@ from .model import ModelArgs, Transformer, PRESETS
 from .flops import flops_per_token, estimate_mfu
 from .data import DataArgs, DataError
 from .optim import OptimArgs, ModelOptimizer
-from .distributed import (DistributedArgs, StemLayout, barrier, init_distributed, world_info, unwrap, parallelize,
+from .distributed import (DistributedArgs, StemLayout, barrier, init_distributed, world_info, unwrap, make_layout,
+                                 build_parallel_model,
                                  sync_table_grads, stem_norm_hook, backbone_norm_hook, job_tokens, no_backbone_sync)
 from .checkpoint import (CKPT_DIR, MANIFEST, MODEL_ARGS, CheckpointError, save_checkpoint, load_checkpoint, verify_checkpoint,
                                 prune_checkpoints, list_checkpoints, rng_state, set_rng_state)
@@ -33,13 +34,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 __all__ = ['WANDB_MODES', 'FSDP_TYPES', 'REFERENCE_HINTS', 'LINGUA_TOKENIZERS', 'FLOAT8_CAPABILITY', 'FLOAT8_FILTER', 'LOCK_FILE',
            'CODE_FILES', 'BENCH_VARIANTS', 'CheckpointArgs', 'ProfilingArgs', 'LoggingArgs', 'TrainDistributedArgs',
            'TrainArgs', 'unknown_keys', 'from_reference', 'load_train_config', 'resolve_device', 'autocast_ctx',
-           'load_init_from', 'build_model', 'peak_flops', 'ac_mode', 'recompute_flops_per_token',
-           'hardware_flops_per_token', 'float8_problem', 'require_float8', 'float8_linears', 'convert_float8',
-           'n_float8', 'to_device', 'build_data', 'span', 'clip_hooks', 'train_step', 'validation_loss',
-           'DivergedError', 'truncate_metrics', 'read_metrics', 'progress_line', 'parse_progress', 'StepProfiler',
-           'check_tracking', 'Trackers', 'DumpDirError', 'DumpLock', 'check_writable', 'has_run', 'protected_dir',
-           'refuse_moving', 'move_aside', 'Run', 'setup_run', 'code_root', 'code_record', 'slurm_script', 'code_dir',
-           'relaunchable', 'resume_run', 'flush_rows', 'save_run', 'run_loop', 'run_summary', 'TrainInterrupted',
+           'load_init_from', 'build_model', 'peak_flops', 'recompute_flops_per_token', 'hardware_flops_per_token',
+           'float8_problem', 'require_float8', 'float8_linears', 'convert_float8', 'n_float8', 'to_device',
+           'build_data', 'span', 'clip_hooks', 'train_step', 'validation_loss', 'DivergedError', 'truncate_metrics',
+           'read_metrics', 'progress_line', 'parse_progress', 'StepProfiler', 'check_tracking', 'Trackers',
+           'DumpDirError', 'DumpLock', 'check_writable', 'has_run', 'protected_dir', 'refuse_moving', 'move_aside',
+           'Run', 'setup_run', 'code_root', 'code_record', 'slurm_script', 'code_dir', 'relaunchable', 'resume_run',
+           'flush_rows', 'save_run', 'TrainPreempted', 'request_stop', 'run_loop', 'run_summary', 'TrainInterrupted',
            'train', 'cli', 'gpu_check_float8', 'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb', 'bench_train']
 
 # %% ../nbs/09_train.ipynb #d74883fa
@@ -255,16 +256,20 @@ def load_init_from(args: TrainArgs) -> Transformer:
     if diff: raise ConfigError(f"checkpoint.init_from={src} holds another model: {diff} in it; set model.* to its model args")
     return m
 
-def build_model(args: TrainArgs, device: torch.device, init: Optional[Transformer] = None) -> Transformer:
-    "The `Transformer` of `args.model` (seeded by `model.seed`) on `device`, with the weights of `init` (default: `checkpoint.init_from`'s); float8 linears with `distributed.float8`."
+def build_model(args: TrainArgs, device: torch.device, init: Optional[Transformer] = None,
+                layout: Optional[StemLayout] = None):
+    """The `Transformer` of `args.model` for this rank on `device`, built on the meta device so that a rank allocates
+    only what it holds (`distributed.build_parallel_model`: its `[V, H/P]` table slices, its FSDP2 shard of the
+    backbone): initialised as a single-process build seeded by `model.seed` would be, bitwise, or with the weights of
+    `init` (default: `checkpoint.init_from`'s); float8 linears with `distributed.float8`, activation checkpointing
+    with `distributed.activation_checkpointing`, compiled blocks with `compile`. `layout` is this rank's (default:
+    one process). Returns the model to call: the `Transformer` itself in one process, else wrapped."""
     float8 = getattr(args.distributed, "float8", False)
     if float8: require_float8(device)
-    model = Transformer(args.model).to(device)
     if init is None and args.checkpoint.init_from: init = load_init_from(args)
-    if init is not None: model.load_state_dict(init.state_dict())
-    if float8: convert_float8(model)
-    if args.compile:
-        for layer in model.layers: layer.compile()     # the blocks; table lookups stay eager (sparse grads)
+    model, _ = build_parallel_model(args.model, args.distributed, device, compile_blocks=args.compile,
+                                    state=None if init is None else init.state_dict(),
+                                    prepare=convert_float8 if float8 else None, layout=layout or StemLayout(1, 0, 1))
     return model
 
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}  # dense bf16
@@ -277,13 +282,6 @@ def peak_flops(args: TrainArgs, device: torch.device) -> Optional[float]:
     return next((v * 1e12 for k, v in _PEAK_TFLOPS.items() if k in name), None)
 
 # %% ../nbs/09_train.ipynb #748fe06b
-def ac_mode(dist) -> str:
-    "The activation-checkpointing mode (none | selective | full) of `distributed` settings: their `ac_mode`, else from `activation_checkpointing` / Lingua's `selective_activation_checkpointing`."
-    m = getattr(dist, "ac_mode", None)
-    if isinstance(m, str): return m
-    if getattr(dist, "selective_activation_checkpointing", False) is True: return "selective"
-    return getattr(dist, "activation_checkpointing", None) or "none"
-
 def recompute_flops_per_token(margs: ModelArgs, seq_len: int, mode: str) -> float:
     "Forward FLOPs per token that activation checkpointing `mode` computes a second time: 0 for none and selective, the blocks' forward for full."
     if mode in ("none", "selective"): return 0.0
@@ -747,10 +745,9 @@ def setup_run(args: TrainArgs, config_file=None) -> Run:
         if rank == 0: check_writable(dump)
         barrier()
         _seed_all(args.seed + rank)
-        model = build_model(args, device, init)
+        layout = make_layout(args.distributed.stem_parallel_size) if world > 1 else StemLayout(1, 0, 1)
+        model = build_model(args, device, init, layout)
         del init
-        layout = StemLayout(1, 0, 1)
-        if world > 1: model, layout = parallelize(model, args.distributed, device)
         optimizer = ModelOptimizer(unwrap(model), args.optim, args.steps)
         loader, val_fn = build_data(args, rank, world)
     except BaseException:
@@ -772,14 +769,6 @@ def _check_same_model(ckpt_dir, margs: ModelArgs):
         raise ConfigError(f"{diff} in the checkpoint {ckpt_dir} this run would resume; "
                           f"use a new dump_dir, or checkpoint.resume=false to move the old run aside and start over")
 
-def _verify(ckpt_dir):
-    "`verify_checkpoint`, with any failure (a manifest that is valid JSON but not a manifest, too) a `CheckpointError`."
-    try: verify_checkpoint(ckpt_dir)
-    except CheckpointError: raise
-    except Exception as e:
-        raise CheckpointError(f"{Path(ckpt_dir) / MANIFEST} is unusable ({type(e).__name__}: {e}): checkpoint {ckpt_dir} "
-                              "is corrupted") from None
-
 def _load_newest(run: Run):
     "Load the newest verified, loadable checkpoint into `run` (model, optimizer, data position, RNG, counters), warning about each one skipped."
     existing = list_checkpoints(run.ckroot)
@@ -787,7 +776,7 @@ def _load_newest(run: Run):
     res = None
     for d in reversed(existing):
         try:
-            _verify(d)
+            verify_checkpoint(d)
             _check_same_model(d, run.args.model)     # a ConfigError: the checkpoint is sound, the config differs
             res = d, load_checkpoint(d, run.model, run.optimizer, run.layout, verify=False)
             break
@@ -946,13 +935,31 @@ def save_run(run: Run):
     run.rep.log(f"saved checkpoint {run.last_ckpt}", console=False)
 
 # %% ../nbs/09_train.ipynb #c3947b63
+class TrainPreempted(RuntimeError):
+    "The run stopped on request (`request_stop`: a scheduler's signal before a time limit or a preemption) after saving a checkpoint; the same command resumes from it."
+
+_STOP = threading.Event()
+
+def request_stop(signum=None, frame=None):
+    "Ask the training loop to save a checkpoint after the current step and stop (`TrainPreempted`). A signal handler as it is: it only sets a flag."
+    _STOP.set()
+
+def _stop_agreed(run) -> bool:
+    "Whether any rank was asked to stop (every rank calls this after the same step)."
+    if run.world == 1: return _STOP.is_set()
+    import torch.distributed as dist
+    t = torch.tensor([float(_STOP.is_set())], device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+# %% ../nbs/09_train.ipynb #bc904441
 def run_loop(run: Run) -> Run:
     "Train from `run.step` to `args.steps`."
     args, ck = run.args, run.args.checkpoint
     seq = args.data.seq_len
     margs = unwrap(run.model).args
     run.fpt, run.peak = flops_per_token(margs, seq), peak_flops(args, run.device)
-    run.hfpt = hardware_flops_per_token(margs, seq, ac_mode(args.distributed))
+    run.hfpt = hardware_flops_per_token(margs, seq, args.distributed.ac_mode)
     if run.peak is None:
         run.rep.log(f"mfu and hfu are null in metrics.jsonl: no peak FLOP/s is known for {run.device.type}"
                     + (f" ({torch.cuda.get_device_name(run.device)})" if run.device.type == "cuda" else "")
@@ -983,6 +990,12 @@ def run_loop(run: Run) -> Run:
                 flush_rows(run, metrics_f)
             if save: save_run(run)
             prof.after_step(run.step)
+            if _stop_agreed(run):
+                flush_rows(run, metrics_f)
+                if not save: save_run(run)
+                _STOP.clear()
+                raise TrainPreempted(f"stopped on request after step {run.step} of {args.steps} (a scheduler's signal before "
+                                     f"its time limit, or a preemption); saved {run.last_ckpt}; the same command resumes from it")
         flush_rows(run, metrics_f)
     return run
 
@@ -1015,6 +1028,7 @@ def _interrupted(run: Optional[Run]) -> TrainInterrupted:
 def train(args: TrainArgs, config_file=None) -> dict:
     "Train (or resume) the run `args` describes (loaded from `config_file`, if any: base_config.yaml); returns a summary. Records go to `args.dump_dir` (layout below)."
     run, exit_code = None, 1
+    _STOP.clear()
     try:
         run = setup_run(args, config_file)
         resume_run(run)
@@ -1025,6 +1039,9 @@ def train(args: TrainArgs, config_file=None) -> dict:
         msg = f"{e}; last good checkpoint: {run.last_ckpt or 'none'} (nothing was saved after it)"
         run.rep.log("STOPPED: " + msg)
         raise DivergedError(msg) from None
+    except TrainPreempted as e:
+        run.rep.log(f"STOPPED: {e}")
+        raise
     except KeyboardInterrupt:
         e = _interrupted(run)
         if run is not None and run.rep is not None: run.rep.log(f"STOPPED: {e}", console=False)
@@ -1049,7 +1066,12 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         try: args = load_train_config(path, argv)
         except ConfigError as e:
             print(f"stem-nb train: {e}", file=sys.stderr); return 2
+        stop_signal = getattr(signal, os.environ.get("STEM_NB_STOP_SIGNAL", "SIGUSR2"), None)
+        if stop_signal is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(stop_signal, request_stop)
         try: summary = train(args, config_file=path)
+        except TrainPreempted as e:
+            print(f"stem-nb train: {e}", file=sys.stderr, flush=True); return 75
         except DivergedError as e:
             print(f"stem-nb train: {e}", file=sys.stderr); return 1
         except (ConfigError, CheckpointError, DataError) as e:

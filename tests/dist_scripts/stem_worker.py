@@ -1,5 +1,6 @@
 """One rank of a tiny sharded STEM job (launched by torchrun from tests/test_distributed.py), plus the
-single-process reference the test compares with. Usage: stem_worker.py CASE OUT_DIR P BACKBONE [CKPT]"""
+single-process reference the test compares with. Usage: stem_worker.py CASE OUT_DIR P BACKBONE [CKPT]
+(STEM_BUILD=meta: the model is built on the meta device by `build_parallel_model` instead of whole then sharded)."""
 import json, os, sys
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch.distributed as dist
 
 from stem_nb.model import Transformer, preset, is_table_key
 from stem_nb.distributed import (DistributedArgs, init_distributed, parallelize, unwrap, sync_table_grads, stem_norm_hook,
-                                 backbone_norm_hook, job_tokens, destroy_distributed)
+                                 backbone_norm_hook, job_tokens, destroy_distributed, build_parallel_model)
 from stem_nb.checkpoint import save_checkpoint, load_checkpoint, ckpt_name
 from stem_nb.optim import OptimArgs, ModelOptimizer
 
@@ -51,9 +52,11 @@ def train_step(model, layout, opt, step, rank, world):
 
 
 def setup(P, backbone):
+    "The model of this rank: built whole then sharded (`parallelize`), or with STEM_BUILD=meta built on meta (`build_parallel_model`)."
     args = DistributedArgs(backbone=backbone, stem_parallel_size=P)
     rank, world, device = init_distributed(args)
-    model, layout = parallelize(Transformer(model_args()), args, device)
+    if os.environ.get("STEM_BUILD") == "meta": model, layout = build_parallel_model(model_args(), args, device)
+    else: model, layout = parallelize(Transformer(model_args()), args, device)
     return model, layout, rank, world
 
 
