@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A prepared GPU check (issue 13 §4): on one GPU, within ~8 minutes, prints a compact table last:
+# A prepared GPU check: on one GPU, within ~8 minutes, prints a compact table last:
 #   bf16 + torch.compile training of the paper-350m architecture, dense vs STEM 1/3 (tokens/s, MFU);
 #   decode tokens/s; how much offload copy time the prefetch stream hides; FSDP2 + NCCL under torchrun.
 # Each section that fails prints "n/a: <reason>"; the table is printed anyway. Record the table in LOG.md.

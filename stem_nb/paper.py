@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/paper.html.md"""
 
 # %% ../nbs/15_paper.ipynb #89e28007
 from __future__ import annotations
-import copy, json, math, time
+import copy, hashlib, json, math, os, time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,12 +15,14 @@ from .config import config_hash, ConfigError, write_atomic
 
 # %% auto #0
 __all__ = ['TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT', 'PAPER_LONGBENCH_BY_LEN', 'PAPER_NEEDLE',
-           'NO_OFFLINE_SOURCE', 'STAND_INS', 'FAMILY_EVAL_TASKS', 'VARIANTS', 'HEADLINE_METRICS', 'PAPER_TOKENS',
-           'PAPER_GLOBAL_BATCH', 'PAPER_SEQ_LEN', 'write_table', 'experiment_params', 'train_overrides', 'train_key',
-           'train_cached', 'load_metrics', 'val_loss_source', 'subsample_size', 'eval_cached', 'task_stats',
+           'NO_OFFLINE_SOURCE', 'STAND_INS', 'FAMILY_EVAL_TASKS', 'VARIANTS', 'CACHED_ONLY', 'VAL_SOURCE',
+           'HEADLINE_METRICS', 'PAPER_TOKENS', 'PAPER_GLOBAL_BATCH', 'PAPER_SEQ_LEN', 'VARIANTS_1B', 'GPU_MEMORY_GIB',
+           'write_table', 'experiment_params', 'train_overrides', 'train_key', 'train_cached', 'load_metrics',
+           'val_loss_source', 'subsample_size', 'eval_file', 'eval_batch_size', 'eval_cached', 'task_stats',
            'task_metric', 'recorded_source', 'task_columns', 'run_family', 'mean_pm', 'acc_cell', 'compare_gain',
-           'family_table', 'family_gains', 'arith_eval', 'midtrain_block', 'paper_recipe', 'format_recipe',
-           'check_recipe_inputs']
+           'family_table', 'family_gains', 'arith_eval', 'arith_file', 'arith_cached', 'midtrain_block', 'paper_recipe',
+           'format_recipe', 'check_recipe_inputs', 'run_spec', 'eval_spec', 'eval_outputs', 'experiment_runs',
+           'preset_memory_plans', 'format_preset_memory']
 
 # %% ../nbs/15_paper.ipynb #9664bb0b
 def write_table(df, name: str, figures_dir: str | Path, title: str, notes: Sequence[str] = ()) -> Path:
@@ -113,20 +115,30 @@ def train_key(overrides: Sequence[str]) -> tuple:
     d = to_dict(args); d.pop("dump_dir"); d.pop("progress", None)
     return args, config_hash(d)
 
+CACHED_ONLY = "STEM_NB_CACHED_ONLY"   # set: train_cached / eval_cached / arith_cached read results, never compute them
+
+def _cached_only(what: str, where: Path):
+    if os.environ.get(CACHED_ONLY):
+        raise ConfigError(f"{what} has no result at {where} and {CACHED_ONLY} is set: the notebook asks for a run the job plan "
+                          "(stem_nb.paper.experiment_runs) does not hold; `stem-nb reproduce ... --status` lists the planned runs")
+
 def train_cached(overrides: Sequence[str], runs_dir: str | Path, log=print) -> dict:
     "Train the run the overrides describe, or return the summary of the identical run already finished."
     from stem_nb.train import train
+    from stem_nb.distributed import world_info
     args, key = train_key(overrides)
     dump = Path(runs_dir) / "train" / key
     done = dump / "summary.json"
     if done.exists(): return json.loads(done.read_text())
+    _cached_only(f"training run {key}", done)
     args.dump_dir, args.progress = str(dump), "lines"
     t0 = time.time()
     s = train(args)
     s["key"] = key
-    write_atomic(done, json.dumps(s, indent=1))
-    log(f"trained {key} ({args.model.ffn_type}, layers {args.model.stem_layers}, seed {args.seed}) in {time.time()-t0:.0f}s: "
-        f"loss {s['loss']:.3f}, val {s['val_loss']}")
+    if world_info()[0] == 0:
+        write_atomic(done, json.dumps(s, indent=1))
+        log(f"trained {key} ({args.model.ffn_type}, layers {args.model.stem_layers}, seed {args.seed}) in {time.time()-t0:.0f}s: "
+            f"loss {s['loss']:.3f}, val {s['val_loss']}")
     return s
 
 # %% ../nbs/15_paper.ipynb #cdf4dcaf
@@ -137,12 +149,26 @@ def load_metrics(dump_dir: str | Path) -> "pd.DataFrame":
     return pd.DataFrame(read_metrics(dump_dir))
 
 # %% ../nbs/15_paper.ipynb #22029496
+VAL_SOURCE = "val_loss_source.json"   # beside the run: the sentence, keyed by the sha256 of its config.yaml
+
 def val_loss_source(dump_dir: str | Path) -> str:
-    "One sentence: which held-out windows the run's `val_loss` averages (sources, windows), replayed from its config."
+    "One sentence: which held-out windows the run's `val_loss` averages (sources, windows), replayed from its config once and kept beside the run."
+    cfg, cache = Path(dump_dir) / "config.yaml", Path(dump_dir) / VAL_SOURCE
+    sha = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
+    try:
+        got = json.loads(cache.read_text())
+        if got.get("config_sha256") == sha and isinstance(got.get("text"), str): return got["text"]
+    except (OSError, ValueError, AttributeError): pass
+    text = _val_loss_source(cfg)
+    try: write_atomic(cache, json.dumps({"config_sha256": sha, "text": text}))
+    except OSError: pass                                  # a read-only run still gets its sentence
+    return text
+
+def _val_loss_source(cfg: Path) -> str:
     from collections import Counter
     from stem_nb.train import TrainArgs, build_data
     from stem_nb.config import load_config
-    args = load_config(TrainArgs, Path(dump_dir) / "config.yaml")
+    args = load_config(TrainArgs, cfg)
     if args.val_batches <= 0: return "no validation loss (val_batches=0)"
     loader, _ = build_data(args)
     n = Counter()
@@ -162,14 +188,36 @@ def subsample_size(subsample: int | dict | None, task: str) -> int | None:
     return subsample.get("default")
 
 # %% ../nbs/15_paper.ipynb #219e7853
-def eval_cached(dump_dir: str | Path, tasks: Sequence[str], limit=None, task_dir: str | Path | None = None,
-                batch_size: int = 32, subsample: int | dict | None = None, seed: int = 0) -> dict:
-    "lm-eval `tasks` on the finished run `dump_dir` through `stem_nb.eval.evaluate`, cached beside it; `subsample`: see `subsample_size`."
-    from stem_nb.eval import evaluate, StemLM, run_info
+def eval_file(dump_dir: str | Path, tasks: Sequence[str], limit=None, task_dir: str | Path | None = None,
+              subsample: int | dict | None = None, seed: int = 0) -> Path:
+    "Where `eval_cached` keeps these results: `dump_dir/eval-<hash of tasks, limit, task dir, subsample, seed>.json` (the batch size and device are not part of it)."
     key = config_hash(dict(tasks=list(tasks), limit=limit, task_dir=str(task_dir), subsample=subsample, seed=seed))
-    out = Path(dump_dir) / f"eval-{key}.json"
+    return Path(dump_dir) / f"eval-{key}.json"
+
+def eval_batch_size(model, device) -> int:
+    "A batch size that fills the device: on CUDA the largest power of two <= 512 whose forward at the model's length fits twice over; 32 elsewhere."
+    import torch
+    if torch.device(device).type != "cuda": return 32
+    b = 1024
+    while b > 1:
+        b //= 2
+        try:
+            with torch.no_grad(): model(torch.zeros(2 * b, model.args.max_seq_len, dtype=torch.long, device=device))
+            return b
+        except torch.cuda.OutOfMemoryError: pass
+        finally: torch.cuda.empty_cache()
+    return 1
+
+def eval_cached(dump_dir: str | Path, tasks: Sequence[str], limit=None, task_dir: str | Path | None = None,
+                batch_size: int | str = 32, subsample: int | dict | None = None, seed: int = 0, device: str = "cpu") -> dict:
+    "lm-eval `tasks` on the finished run `dump_dir` through `stem_nb.eval.evaluate`, cached beside it; `subsample`: see `subsample_size`; `batch_size` 'auto': `eval_batch_size`."
+    from stem_nb.eval import evaluate, StemLM, run_info
+    out = eval_file(dump_dir, tasks, limit, task_dir, subsample, seed)
     if out.exists(): return json.loads(out.read_text())
-    lm, run = StemLM.from_checkpoint(dump_dir, batch_size=batch_size), run_info(dump_dir)
+    _cached_only(f"the evaluation of {list(tasks)} on {dump_dir}", out)
+    lm, run = StemLM.from_checkpoint(dump_dir, batch_size=1), run_info(dump_dir)
+    model = lm.model.to(device)
+    lm = StemLM(model, lm.tokenizer, batch_size=eval_batch_size(model, device) if batch_size == "auto" else batch_size)
     by_size: dict = {}
     for t in tasks: by_size.setdefault(subsample_size(subsample, t), []).append(t)
     merged = {k: {} for k in ("results", "groups", "n-samples", "sources", "gold_bpb")}
@@ -371,6 +419,22 @@ def arith_eval(model, tokenizer, n: int = 100, seed: int = 12345, max_new_tokens
     return dict(exact_match=sum(hits) / max(1, len(hits)), n=len(hits),
                 examples=[dict(prompt=p["prompt"][-80:], answer=p["answer"], output=o) for p, o in list(zip(probs, outs))[:3]])
 
+# %% ../nbs/15_paper.ipynb #c0774bdc
+def arith_file(dump_dir: str | Path, n: int = 100, seed: int = 12345, max_new_tokens: int = 16) -> Path:
+    "Where `arith_cached` keeps its result: `dump_dir/arith-<hash of n, seed, max_new_tokens>.json`."
+    return Path(dump_dir) / f"arith-{config_hash(dict(n=n, seed=seed, max_new_tokens=max_new_tokens))}.json"
+
+def arith_cached(dump_dir: str | Path, n: int = 100, seed: int = 12345, max_new_tokens: int = 16, device: str = "cpu") -> dict:
+    "`arith_eval` of the run `dump_dir` (its newest checkpoint and its own tokenizer), cached beside it."
+    from stem_nb.checkpoint import load_model
+    from stem_nb.eval import run_tokenizer
+    out = arith_file(dump_dir, n, seed, max_new_tokens)
+    if out.exists(): return json.loads(out.read_text())
+    _cached_only(f"the arithmetic evaluation of {dump_dir}", out)
+    res = arith_eval(load_model(dump_dir, device).eval(), run_tokenizer(dump_dir), n, seed, max_new_tokens)
+    write_atomic(out, json.dumps(res, indent=1))
+    return res
+
 # %% ../nbs/15_paper.ipynb #12ddbcd1
 PAPER_TOKENS = {"paper-350m": {"train_350m": 100e9}, "paper-1b": {"train_1b": 1e12, "midtrain": 100e9}}
 PAPER_GLOBAL_BATCH, PAPER_SEQ_LEN = 512, 4096
@@ -437,3 +501,67 @@ def check_recipe_inputs(preset: dict, name: str = "", root: str | Path | None = 
         msg = "; ".join(f"{p} is missing: run `{provides.get(p, 'stem-nb prepare <corpus> ' + p)}`" for p in missing)
         raise ConfigError(f"preset {name!r}: {msg}")
     return need
+
+# %% ../nbs/15_paper.ipynb #dfa37cdd
+VARIANTS_1B = ["Baseline", "STEM 1/3"]   # the rows of the 1B table and of the mid-training table
+
+def run_spec(block: dict, variant: str, seed: int, runs_dir: str | Path, label: str, evals: Sequence[dict] = (),
+             after: Sequence[str] = (), **extra) -> dict:
+    "One planned training run: its overrides (`train_overrides`), key, dump dir, steps, the runs it starts after, its evaluations."
+    ov = train_overrides(block, variant, seed, **extra)
+    args, key = train_key(ov)
+    return dict(key=key, label=label, variant=variant, seed=seed, overrides=ov, dump_dir=str(Path(runs_dir) / "train" / key),
+                steps=args.steps, after=list(after), evals=[dict(e) for e in evals])
+
+def eval_spec(tasks: Sequence[str], subsample=None, limit=None, task_dir=None, seed: int = 0, arith_n: int | None = None) -> dict:
+    "The arguments of one `eval_cached` call (and of `arith_cached` when `arith_n`)."
+    return dict(tasks=list(tasks), limit=limit, task_dir=task_dir, subsample=subsample, seed=seed, arith_n=arith_n)
+
+def eval_outputs(dump_dir: str | Path, ev: dict) -> list[Path]:
+    "The files an evaluation of `eval_spec` writes beside the run: its `eval-*.json` (and `arith-*.json`)."
+    out = [eval_file(dump_dir, ev["tasks"], ev["limit"], ev["task_dir"], ev["subsample"], ev["seed"])]
+    return out + ([arith_file(dump_dir, ev["arith_n"])] if ev.get("arith_n") else [])
+
+def experiment_runs(experiment: str, params: dict, runs_dir: str | Path) -> list[dict]:
+    "The training runs (`run_spec`) that `experiments/<experiment>.ipynb` reads with `params`, each with the evaluations it asks for."
+    p = params
+    if experiment in ("table_350m", "table_1b"):
+        blk, variants = ("train_350m", p.get("variants") or list(VARIANTS)) if experiment == "table_350m" else ("train_1b", VARIANTS_1B)
+        ev = eval_spec(FAMILY_EVAL_TASKS, p.get("eval_subsample"))          # run_family's call of eval_cached
+        return [run_spec(p[blk], v, sd, runs_dir, f"{blk} {v} seed {sd}", [ev]) for v in variants for sd in p["seeds"]]
+    if experiment == "table_midtrain":
+        ev = eval_spec(TASKS8 + ["gsm8k", "mmlu"] + list(STAND_INS), p.get("eval_subsample"), arith_n=p.get("arith_n", 100))
+        out = []
+        for v in VARIANTS_1B:
+            for sd in p["seeds"]:
+                base = run_spec(p["train_1b"], v, sd, runs_dir, f"train_1b {v} seed {sd}")
+                out += [base, run_spec(midtrain_block(p["train_1b"], p["midtrain"]), v, sd, runs_dir, f"midtrain {v} seed {sd}",
+                                       [ev], [base["key"]], **{"checkpoint.init_from": base["dump_dir"]})]
+        return out
+    return []
+
+# %% ../nbs/15_paper.ipynb #c8ee2a0b
+GPU_MEMORY_GIB = {"H100": 80, "H200": 141, "A100": 80, "L40S": 48, "A10G": 24, "4090": 24}   # per device
+
+def preset_memory_plans(name: str, presets: dict, runs_dir: str | Path = "runs", world: int | None = None,
+                        device: str = "cuda", gpu: str = "H100") -> list[tuple[list[str], dict]]:
+    """([labels], `train_memory_plan`) for each distinct training shape the experiments of preset `name` plan
+    (`experiment_runs`), on `world` ranks (default: the preset's `world_size`) of `device` (the memory of `gpu`, a name or a device name holding one, on cuda)."""
+    from stem_nb.flops import train_memory_plan
+    pr = presets[name]
+    world = world or pr.get("world_size") or 1
+    mem = next((v * 2**30 for k, v in GPU_MEMORY_GIB.items() if k in gpu), None) if device == "cuda" else None
+    shapes: dict = {}
+    for exp in pr.get("experiments") or {}:
+        for r in experiment_runs(exp, experiment_params(exp, name, presets), runs_dir):
+            args, _ = train_key(r["overrides"])
+            plan = train_memory_plan(args, world=world, device=device, device_memory=mem or None)
+            labels = shapes.setdefault(json.dumps(plan, sort_keys=True, default=str), ([], plan))[0]
+            if r["label"] not in labels: labels.append(r["label"])
+    return list(shapes.values())
+
+def format_preset_memory(plans: list[tuple[list[str], dict]]) -> str:
+    "The plans of `preset_memory_plans` as the dry run prints them: which runs, then the table."
+    from stem_nb.flops import format_memory_plan
+    return "\n\n".join(f"# memory plan of {len(labels)} run(s): {', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''}\n"
+                        + format_memory_plan(plan) for labels, plan in plans)

@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/reproduce.html.md"""
 
 # %% ../nbs/16_reproduce.ipynb #905653aa
 from __future__ import annotations
-import argparse, hashlib, json, os, re, shutil, sys, tempfile, threading, time
+import argparse, copy, hashlib, json, os, re, shutil, sys, tempfile, threading, time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,9 +16,10 @@ import yaml
 from .config import config_hash, ConfigError, repo_root, tmp_name, write_atomic
 
 # %% auto #0
-__all__ = ['DRIVER_PARAMS', 'README_START', 'README_END', 'notebook_code_hash', 'declared_parameters', 'load_presets', 'plan',
-           'figures_dir_for', 'run_dir_for', 'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute',
-           'completed', 'reproduce', 'results_markdown', 'update_readme', 'cli', 'print_plan']
+__all__ = ['DRIVER_PARAMS', 'PRESET_KEYS', 'README_START', 'README_END', 'notebook_code_hash', 'declared_parameters',
+           'load_presets', 'apply_sets', 'plan', 'figures_dir_for', 'run_dir_for', 'failed_dir_for', 'promote',
+           'quarantine', 'TrainWatch', 'execute', 'completed', 'reproduce', 'results_markdown', 'update_readme',
+           'parser', 'selected', 'cli', 'run_cli', 'report', 'print_plan']
 
 # %% ../nbs/16_reproduce.ipynb #3926e2b0
 def notebook_code_hash(path: str | Path, n: int = 12) -> str:
@@ -59,6 +60,35 @@ def _check_selection(preset: str, only, presets: dict) -> dict:
     if bad: raise ConfigError(f"unknown experiment {bad[0]!r} for preset {preset!r}; known: {list(exps)}")
     return exps
 
+# %% ../nbs/16_reproduce.ipynb #d23369bb
+PRESET_KEYS = ("description", "dry_run_only", "world_size", "gpus_per_node", "eval_batch_size", "cost", "provides",
+               "params", "experiments", "launch")     # a preset's own keys; every other `--set` KEY starts in its params
+
+def apply_sets(preset: dict, sets: Sequence[str] = (), name: str = "") -> dict:
+    "A copy of `preset` with each `KEY=VALUE` of `sets` applied in order (VALUE: YAML; KEY: a dotted path, see above)."
+    out = copy.deepcopy(preset)
+    for s in sets:
+        key, sep, raw = str(s).partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(p.strip() for p in path): raise ConfigError(f"--set {s!r} is not of the form KEY=VALUE (KEY a dotted path)")
+        try: value = yaml.safe_load(raw)
+        except yaml.YAMLError as e: raise ConfigError(f"--set {key}: {raw!r} is not a YAML value ({getattr(e, 'problem', e)})") from None
+        if path[0] in PRESET_KEYS: node = out
+        else:
+            node = out.setdefault("params", {})
+            if path[0] not in node:
+                raise ConfigError(f"--set {key}: preset {name!r} has no key {path[0]!r}; its keys: "
+                                  f"{', '.join(list(node) + [k for k in PRESET_KEYS if k != 'params'])}")
+        if path[0] == "experiments" and len(path) > 1 and path[1] not in (out.get("experiments") or {}):
+            raise ConfigError(f"--set {key}: preset {name!r} has no experiment {path[1]!r}; known: {list(out.get('experiments') or {})}")
+        for i, k in enumerate(path[:-1]):
+            if node.get(k) is None: node[k] = {}
+            elif not isinstance(node[k], dict):
+                raise ConfigError(f"--set {key}: {'.'.join(path[:i + 1])} holds {node[k]!r}, not a mapping")
+            node = node[k]
+        node[path[-1]] = value
+    return out
+
 # %% ../nbs/16_reproduce.ipynb #ba0bb485
 def plan(preset: str = "cpu", only: Sequence[str] | None = None, presets: dict | None = None,
          root: Path | None = None) -> list[dict]:
@@ -82,9 +112,10 @@ def plan(preset: str = "cpu", only: Sequence[str] | None = None, presets: dict |
     return out
 
 # %% ../nbs/16_reproduce.ipynb #b2319c8e
-def figures_dir_for(preset: str, root: Path | None = None) -> Path:
+def figures_dir_for(preset: str, root: Path | None = None, sets: Sequence[str] = ()) -> Path:
+    "`figures/` for the cpu preset as it is; `runs/<preset>/figures/` for every other preset, and for any preset run with `--set`."
     root = root or repo_root()
-    return root / "figures" if preset == "cpu" else root / "runs" / preset / "figures"
+    return root / "figures" if preset == "cpu" and not sets else root / "runs" / preset / "figures"
 
 def run_dir_for(run: dict, root: Path | None = None) -> Path:
     return (root or repo_root()) / "runs" / run["preset"] / run["name"] / run["hash"]
@@ -246,15 +277,16 @@ def _run_one(bar, run: dict, root: Path, figs: Path, force: bool, kernel_name: s
 
 # %% ../nbs/16_reproduce.ipynb #3ad2431f
 def reproduce(preset: str = "cpu", only: Sequence[str] | None = None, force: bool = False,
-              root: Path | None = None, progress: bool = True, kernel_name: str = "python3") -> list[dict]:
-    "Run the experiment grid of `preset` through papermill; returns one status dict per experiment (recorded even on Ctrl-C)."
+              root: Path | None = None, progress: bool = True, kernel_name: str = "python3", sets: Sequence[str] = ()) -> list[dict]:
+    "Run the experiment grid of `preset` (changed by `sets`, see `apply_sets`) through papermill; returns one status dict per experiment (recorded even on Ctrl-C)."
     from tqdm.auto import tqdm
     root = Path(root or repo_root())
     presets = load_presets(root / "experiments" / "presets.yaml")
+    if preset in presets and sets: presets[preset] = apply_sets(presets[preset], sets, preset)
     runs = plan(preset, only, presets, root)
     missing = [r["notebook"] for r in runs if r["code"] == "missing"]
     if missing: raise ConfigError(f"experiment notebook not found: {root / missing[0]} (listed in presets.yaml, preset {preset!r})")
-    figs = figures_dir_for(preset, root); (figs / "tables").mkdir(parents=True, exist_ok=True)
+    figs = figures_dir_for(preset, root, sets); (figs / "tables").mkdir(parents=True, exist_ok=True)
     status = []
     try:
         for run in (bar := tqdm(runs, desc=f"reproduce[{preset}]", disable=not progress, unit="nb", dynamic_ncols=True)):
@@ -262,7 +294,7 @@ def reproduce(preset: str = "cpu", only: Sequence[str] | None = None, force: boo
     finally:                                         # what finished is recorded, even when a Ctrl-C stops the rest
         all_names = [r["name"] for r in plan(preset, presets=presets, root=root)]
         merged = _merge_status(root / "runs" / preset / "status.json", status, all_names)
-        if preset == "cpu" and (root / "README.md").exists(): update_readme(root / "README.md", figs, merged)
+        if preset == "cpu" and not sets and (root / "README.md").exists(): update_readme(root / "README.md", figs, merged)
     return status
 
 # %% ../nbs/16_reproduce.ipynb #52cb6d77
@@ -301,27 +333,44 @@ def update_readme(readme: Path, figures_dir: Path, status: Sequence[dict] = ()):
     write_atomic(readme, head + results_markdown(figures_dir, status) + tail)
 
 # %% ../nbs/16_reproduce.ipynb #251588a8
-def cli(argv: Sequence[str] = ()) -> int:
+def parser() -> argparse.ArgumentParser:
+    "The options of `stem-nb reproduce` that run notebooks (`stem_nb.cli` adds the options that submit jobs)."
     p = argparse.ArgumentParser(prog="stem-nb reproduce", description="Regenerate the paper's tables and figures through papermill.")
     p.add_argument("--preset", default="cpu", help="smoke | cpu | paper-350m | paper-1b (default: cpu)")
     p.add_argument("--only", nargs="*", default=None, help="run only these experiments")
     p.add_argument("--force", action="store_true", help="re-run experiments already complete (the previous results stay until the new run succeeds)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (params, hashes, launch commands) and exit")
-    a = p.parse_args(argv)
-    try:
-        presets = load_presets()
-        runs = plan(a.preset, a.only, presets)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset key by dotted path, VALUE as YAML (repeatable): train_350m.optim.lr=0.0015, world_size=8, "
+                        "'eval_subsample={default: 4}'")
+    return p
+
+def selected(a: argparse.Namespace) -> tuple[dict, list[dict]]:
+    "(the presets with `a.preset` changed by `a.sets`, the plan of `a.preset`) of parsed options; `ConfigError` on a bad preset, experiment or override."
+    presets = load_presets()
+    if a.preset in presets and a.sets: presets[a.preset] = apply_sets(presets[a.preset], a.sets, a.preset)
+    return presets, plan(a.preset, a.only, presets)
+
+def cli(argv: Sequence[str] = ()) -> int: return run_cli(parser().parse_args(list(argv)))
+
+def run_cli(a: argparse.Namespace) -> int:
+    "`stem-nb reproduce` without a job executor: print the plan (dry run, or a paper preset on a machine without a GPU), or run the notebooks."
+    try: presets, runs = selected(a)
     except ConfigError as e:
         print(f"stem-nb reproduce: {e}", file=sys.stderr); return 2
     dry = a.dry_run or presets[a.preset].get("dry_run_only", False) and not _has_gpu()
     if dry:
-        print_plan(a.preset, runs, presets)
+        print_plan(a.preset, runs, presets, sets=a.sets)
         return 0
     if presets[a.preset].get("world_size"):
         from stem_nb.paper import check_recipe_inputs
         try: check_recipe_inputs(presets[a.preset], a.preset)
         except ConfigError as e: print(f"stem-nb reproduce: {e}", file=sys.stderr); return 2
-    status = reproduce(a.preset, a.only, a.force)
+    status = reproduce(a.preset, a.only, a.force, sets=a.sets)
+    return report(status)
+
+def report(status: Sequence[dict]) -> int:
+    "Print one line per experiment (and why a failed one failed); 1 when one failed."
     for s in status:
         secs = "(earlier run)" if s["status"].startswith("skipped") else f"{s['seconds']:.1f} s"
         print(f"{s['name']:28s} {s['status'][:70]:70s} {secs}")
@@ -335,20 +384,24 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 # %% ../nbs/16_reproduce.ipynb #a6b70415
-def print_plan(preset: str, runs: list[dict], presets: dict | None = None, root: Path | None = None):
-    "What a preset would run: experiments and keys, parameters, and for paper presets the recipe, inputs, parameter/FLOP table and launch commands."
-    from stem_nb.paper import paper_recipe, format_recipe, check_recipe_inputs
+def print_plan(preset: str, runs: list[dict], presets: dict | None = None, root: Path | None = None, sets: Sequence[str] = (),
+               device: str = "cuda", gpu: str = "H100"):
+    "What a preset would run: experiments and keys, parameters, and for paper presets the recipe, the memory per rank of each run (on `device`, `gpu`'s memory on cuda), inputs, parameter/FLOP table and launch commands."
+    from stem_nb.paper import paper_recipe, format_recipe, check_recipe_inputs, preset_memory_plans, format_preset_memory
     presets = presets or load_presets()
     pr = presets[preset]
     print(f"# preset {preset}: {pr.get('description', '')}")
+    if sets: print("# overrides (--set): " + "  ".join(sets))
     for r in runs: print(f"- {r['name']:24s} key={r['hash']}  code={r['code']}  notebook={r['notebook']}")
     print("\n# parameters\n" + yaml.safe_dump(pr.get("params", {}), sort_keys=False))
     if pr.get("world_size"):
         print(format_recipe(paper_recipe(pr, preset)))
+        try: print(format_preset_memory(preset_memory_plans(preset, presets, device=device, gpu=gpu)))
+        except (ValueError, ConfigError) as e: print(f"# memory plan: none, the runs cannot be laid out: {e}")
         try: print(f"# inputs: all present ({', '.join(check_recipe_inputs(pr, preset, root))})")
         except ConfigError as e: print("# inputs:\n" + "\n".join(f"#   {part}" for part in str(e).split("; ")))
-    if str(pr.get("params", {}).get("model_preset", "")).startswith("paper"):
+    if str(pr.get("params", {}).get("model_preset", "")).startswith("paper") and not sets:   # the paper's dims (overrides may change them)
         from stem_nb.flops import params_table
         t = params_table(build=True)
         print("# parameter / FLOP table (meta device)\n" + t[t.preset == pr["params"]["model_preset"]].round(3).to_string(index=False))
-    for cmd in pr.get("launch", []): print("# launch: " + cmd)
+    for cmd in pr.get("launch", []) if not sets else []: print("# launch: " + cmd)   # one run by hand, as the preset file has it

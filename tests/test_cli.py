@@ -1,6 +1,6 @@
 """Crosses notebooks: the console script, the model family end to end, accounting vs instantiated models; config and
 launcher refusals from the command line (a job with no node, a NaN in a config, a secret from the environment)."""
-import json, math, os, subprocess, sys
+import json, math, os, re, subprocess, sys
 from pathlib import Path
 
 import pytest, torch, yaml
@@ -113,12 +113,15 @@ def test_gpu_check_dry_run_prints_every_section(tmp_path):
     took = time.time() - t0
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert {x["section"] for x in rows} == {"train", "decode", "offload", "fsdp"}
+    assert {x["section"] for x in rows} == {"train", "paper-step", "decode", "offload", "fsdp", "float8"}
+    assert next(x for x in rows if x["section"] == "float8")["item"] == "refused on the CPU"          # float8 needs sm89+
+    mem = next(x for x in rows if x["section"] == "paper-step" and x["item"].startswith("peak memory"))
+    assert float(mem["value"]) > 0 and "plan " in mem["note"], mem
     assert not [x for x in rows if x["item"] == "-"], rows                 # no section failed
     for x in rows:
         if x["item"].endswith("tokens/s"): assert float(x["value"]) > 0, x
     table = r.stdout.strip().splitlines()
-    assert table[-len(rows) - 2].startswith("section | item") and "FSDP2 STEM 1/3 tokens/s" in table[-1]
+    assert re.match(r"section +\| item", table[-len(rows) - 2]) and "float8" in table[-1]
     assert took < 120, f"gpu_check --dry-run took {took:.0f} s"
 
 

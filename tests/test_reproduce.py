@@ -92,3 +92,17 @@ def test_skip_key_follows_notebook_code(tmp_path):
     (tmp_path / "experiments" / "table1_efficiency.ipynb").write_text(json.dumps(nb))
     after = {r["name"]: r["hash"] for r in plan("smoke", root=tmp_path)}
     assert [n for n in before if before[n] != after[n]] == ["table1_efficiency"]
+
+
+def test_set_changes_a_cpu_run_but_never_the_readme_or_committed_figures(tmp_path):
+    "`--set` reaches the notebook's parameters (and skip key); a cpu run with overrides writes runs/cpu/figures/, not figures/ or the README."
+    from test_faults_reproduce import make_clone, run
+    root = make_clone(tmp_path)
+    readme = (root / "README.md").read_bytes()
+    r = run(root, "--preset", "cpu", "--only", "toy", "--set", "experiments.toy.v=9")
+    assert r.returncode == 0, r.stderr
+    assert (root / "runs" / "cpu" / "figures" / "tables" / "toy.md").read_text() == "### toy 9 (complete)\n"
+    assert not (root / "figures").exists() and (root / "README.md").read_bytes() == readme
+    r = run(root, "--preset", "cpu", "--only", "toy")                          # without overrides: the preset's value, a new key
+    assert r.returncode == 0 and "toy" in r.stdout and "skipped" not in r.stdout, r.stdout
+    assert (root / "figures" / "tables" / "toy.md").read_text() == "### toy 7 (complete)\n"
