@@ -445,7 +445,7 @@ def test_tokenizer_file_neither_kind(tmp_path):
 
 # ---------------------------------------------------------------- the run record and held-out text
 def test_heldout_never_in_training_with_seed_1(tmp_path):
-    "issue 12: a run with data.seed=1, split_seed=0; eval rebuilds the held-out split from the run record."
+    "A run with data.seed=1, split_seed=0; eval rebuilds the held-out split from the run record."
     args = _args(tmp_path, seed=1, split_seed=0, sources={"bios": 1.0, "math_code": 1.0})
     dl = data.PackedLoader(args)
     rec = json.loads(json.dumps(dl.run_record()))
@@ -531,7 +531,7 @@ def test_batches_pinned_when_cuda(tmp_path, monkeypatch):
 
 
 def test_corpus_counts_match_their_docstrings():
-    "issue 15: counts are what the code says (n_per_length needles per length; exactly n arithmetic problems)."
+    "Counts are what the code says (n_per_length needles per length; exactly n arithmetic problems)."
     needles = corpora.needle_haystack((64, 128, 256), n_per_length=7, tokenizer=get_tokenizer("byte"))
     assert [d["length"] for d in needles] == [64] * 7 + [128] * 7 + [256] * 7
     assert len(corpora.EMBEDDED["needle"](lengths=(64, 128), n_per_length=20)) == 40

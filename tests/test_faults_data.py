@@ -1,4 +1,4 @@
-"""Data faults from the command line, as a user meets them (issues 12 and 21): one clear message, exit code 2, nothing
+"""Data faults from the command line, as a user meets them: one clear message, exit code 2, nothing
 lost. Among them: a token cache holding ids past the vocabulary, and bios options the corpus cannot make."""
 import os, subprocess, sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Reproduce re-runs as a user meets them (issues 12 and 21), from the command line in a scratch copy of the repo:
+"""Reproduce re-runs as a user meets them, from the command line in a scratch copy of the repo:
 `--force` on a failing notebook keeps the previous results, a failed run is quarantined and reported, an edited
 notebook re-runs, a deleted output table re-runs its experiment, Ctrl-C exits 130 without a traceback, and a
 second clone writes into itself.
