@@ -28,10 +28,11 @@ reproduce: env
 smoke: env
 	$(OFFLINE) $(BIN)/stem-nb smoke
 
-# pytest exits 5 when it collects no test: that is a failure too (any non-zero code stops make)
+# pytest exits 5 when it collects no test: that is a failure too (any non-zero code stops make); two pytest
+# workers, each taking whole files (--dist loadfile), so a module's fixtures are built once
 test: env
 	$(OFFLINE) $(BIN)/nbdev-test --n-workers 2 --timing
-	$(OFFLINE) $(BIN)/python -m pytest -q tests
+	$(OFFLINE) $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: env
 	$(OFFLINE) $(BIN)/stem-nb bench
