@@ -736,18 +736,10 @@ class JobRunner:
 
     def lock(self):
         "Hold runs/<preset>/.state.lock for this call: one call submits for a preset at a time."
-        import fcntl
-        from stem_nb.config import ConfigError
+        from stem_nb.config import pid_lock
         f = self.state_file.with_name(".state.lock"); f.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ConfigError(f"another `stem-nb reproduce --preset {self.name}` is running (pid {holder}, lock {f}): wait for it, "
-                              f"or follow it with `stem-nb reproduce --preset {self.name} --status`") from None
-        os.ftruncate(fd, 0); os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = pid_lock(f, lambda pid: f"another `stem-nb reproduce --preset {self.name}` is running (pid {pid}, lock {f}): "
+                                                f"wait for it, or follow it with `stem-nb reproduce --preset {self.name} --status`")
 
     # -- one pass over the jobs --
     def _rec(self, j: dict) -> dict:

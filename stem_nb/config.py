@@ -18,8 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 # %% auto #0
 __all__ = ['T', 'ENV_ATTR', 'ConfigError', 'env_interpolated', 'load_config', 'to_dict', 'unresolved_dict', 'resolve_env',
-           'dump_config', 'repo_root', 'tmp_name', 'write_atomic', 'sha256_file', 'config_hash', 'time_interleaved',
-           'paired_speedup', 'bench_summary', 'peak_rss_mb']
+           'dump_config', 'repo_root', 'tmp_name', 'write_atomic', 'pid_lock', 'sha256_file', 'config_hash',
+           'time_interleaved', 'paired_speedup', 'bench_summary', 'peak_rss_mb']
 
 # %% ../nbs/00_config.ipynb #11d359fb
 class ConfigError(ValueError):
@@ -187,6 +187,20 @@ def write_atomic(path, data) -> Path:
     finally:
         if tmp.exists(): tmp.unlink()
     return path
+
+def pid_lock(path, busy: Callable[[str], str]) -> int:
+    """Hold `path` (created if missing) with an exclusive, non-blocking `flock` and write this process's pid into it;
+    returns the open descriptor, whose closing releases the lock (also when the process dies). When another process
+    holds it: `ConfigError(busy(pid))`, with the pid the holder wrote. `OSError` when `path` cannot be opened."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(busy(holder)) from None
+    os.ftruncate(fd, 0); os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
     "sha256 of a file's bytes, read in chunks (archives, checkpoint manifests)."

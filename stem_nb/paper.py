@@ -546,11 +546,12 @@ GPU_MEMORY_GIB = {"H100": 80, "H200": 141, "A100": 80, "L40S": 48, "A10G": 24, "
 def preset_memory_plans(name: str, presets: dict, runs_dir: str | Path = "runs", world: int | None = None,
                         device: str = "cuda", gpu: str = "H100") -> list[tuple[list[str], dict]]:
     """([labels], `train_memory_plan`) for each distinct training shape the experiments of preset `name` plan
-    (`experiment_runs`), on `world` ranks (default: the preset's `world_size`) of `device` (the memory of `gpu`, a name or a device name holding one, on cuda)."""
+    (`experiment_runs`), on `world` ranks (default: the preset's `world_size`) of `device` (the memory of `gpu`, a name or a device name holding one, on cuda; this machine's memory on cpu)."""
     from stem_nb.flops import train_memory_plan
     pr = presets[name]
     world = world or pr.get("world_size") or 1
-    mem = next((v * 2**30 for k, v in GPU_MEMORY_GIB.items() if k in gpu), None) if device == "cuda" else None
+    if device == "cuda": mem = next((v * 2**30 for k, v in GPU_MEMORY_GIB.items() if k in gpu), None)
+    else: mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")     # this machine's memory
     shapes: dict = {}
     for exp in pr.get("experiments") or {}:
         for r in experiment_runs(exp, experiment_params(exp, name, presets), runs_dir):

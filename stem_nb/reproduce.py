@@ -386,7 +386,7 @@ def _has_gpu() -> bool:
 # %% ../nbs/16_reproduce.ipynb #a6b70415
 def print_plan(preset: str, runs: list[dict], presets: dict | None = None, root: Path | None = None, sets: Sequence[str] = (),
                device: str = "cuda", gpu: str = "H100"):
-    "What a preset would run: experiments and keys, parameters, and for paper presets the recipe, the memory per rank of each run (on `device`, `gpu`'s memory on cuda), inputs, parameter/FLOP table and launch commands."
+    "What a preset would run: experiments and keys, parameters, and the memory per rank of each planned training run (paper presets on `device`, `gpu`'s memory on cuda; the others on this machine's CPU and memory), for paper presets the recipe, inputs, parameter/FLOP table and launch commands."
     from stem_nb.paper import paper_recipe, format_recipe, check_recipe_inputs, preset_memory_plans, format_preset_memory
     presets = presets or load_presets()
     pr = presets[preset]
@@ -394,10 +394,10 @@ def print_plan(preset: str, runs: list[dict], presets: dict | None = None, root:
     if sets: print("# overrides (--set): " + "  ".join(sets))
     for r in runs: print(f"- {r['name']:24s} key={r['hash']}  code={r['code']}  notebook={r['notebook']}")
     print("\n# parameters\n" + yaml.safe_dump(pr.get("params", {}), sort_keys=False))
+    if pr.get("world_size"): print(format_recipe(paper_recipe(pr, preset)))
+    try: print(format_preset_memory(preset_memory_plans(preset, presets, device=device if pr.get("world_size") else "cpu", gpu=gpu)))
+    except (ValueError, ConfigError) as e: print(f"# memory plan: none, the runs cannot be laid out: {e}")
     if pr.get("world_size"):
-        print(format_recipe(paper_recipe(pr, preset)))
-        try: print(format_preset_memory(preset_memory_plans(preset, presets, device=device, gpu=gpu)))
-        except (ValueError, ConfigError) as e: print(f"# memory plan: none, the runs cannot be laid out: {e}")
         try: print(f"# inputs: all present ({', '.join(check_recipe_inputs(pr, preset, root))})")
         except ConfigError as e: print("# inputs:\n" + "\n".join(f"#   {part}" for part in str(e).split("; ")))
     if str(pr.get("params", {}).get("model_preset", "")).startswith("paper") and not sets:   # the paper's dims (overrides may change them)

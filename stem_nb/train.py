@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #9e271858
 from __future__ import annotations
-import contextlib, copy, dataclasses, fcntl, json, math, os, random, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, threading, time, typing
+import contextlib, copy, dataclasses, json, math, os, random, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, threading, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch.profiler import record_function
 
-from .config import (ConfigError, load_config, dump_config, config_hash, write_atomic, time_interleaved,
+from .config import (ConfigError, load_config, dump_config, config_hash, write_atomic, pid_lock, time_interleaved,
                             paired_speedup, bench_summary, repo_root, unresolved_dict)
 from .model import ModelArgs, Transformer, PRESETS
 from .flops import flops_per_token, estimate_mfu
@@ -604,20 +604,14 @@ class DumpLock:
 
     def acquire(self) -> "DumpLock":
         f = self.dump / LOCK_FILE
+        busy = lambda pid: (f"dump_dir {self.dump} is in use by another trainer (pid {pid}, lock {f}): "
+                            "wait for it to finish or stop it, or use another dump_dir")
         try:
             self.dump.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = pid_lock(f, busy)
         except OSError as e:
             raise DumpDirError(f"dump_dir {self.dump} is not writable ({e.filename or f}: {e.strerror}); "
                                "use a dump_dir this user can write") from None
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ConfigError(f"dump_dir {self.dump} is in use by another trainer (pid {holder}, lock {f}): "
-                              f"wait for it to finish or stop it, or use another dump_dir") from None
-        os.ftruncate(fd, 0); os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
         return self
 
     def release(self):

@@ -1,5 +1,5 @@
 "The main job through papermill: the smoke preset end to end, skip-when-complete, and the paper presets' dry run."
-import json, shutil, subprocess, sys
+import json, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pandas as pd
@@ -65,6 +65,17 @@ def test_paper_preset_dry_run_prints_plan_params_and_launch():
     assert r.returncode == 0, r.stderr
     assert "table_1b" in r.stdout and "torchrun" in r.stdout and "6.668" in r.stdout   # STEM 1/3 total params (B)
     assert "tokens/step" in r.stdout and "is missing: run `" in r.stdout                 # the recipe and its inputs
+    assert "# memory plan of 2 run(s): train_1b STEM 1/3 seed 0, midtrain STEM 1/3 seed 0" in r.stdout, r.stdout
+
+
+def test_cpu_preset_dry_run_prints_the_memory_of_each_run_against_this_machine():
+    r = subprocess.run([str(BIN / "stem-nb"), "reproduce", "--preset", "cpu", "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plans = r.stdout.split("# memory plan of ")[1:]
+    labels = [l for p in plans for l in p.splitlines()[0].split(": ", 1)[1].split(", ")]
+    assert len(labels) == len(set(labels)) and "train_350m STEM 1/3 seed 1" in labels and "midtrain Baseline seed 0" in labels, labels
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    assert all("fp32 on cpu" in p and re.search(rf"device memory +{ram:.3f} +fits", p) for p in plans), plans[0]
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu"])
