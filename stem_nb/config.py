@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 # %% auto #0
 __all__ = ['T', 'ENV_ATTR', 'ConfigError', 'env_interpolated', 'load_config', 'to_dict', 'unresolved_dict', 'resolve_env',
            'dump_config', 'repo_root', 'tmp_name', 'write_atomic', 'pid_lock', 'sha256_file', 'config_hash',
-           'time_interleaved', 'paired_speedup', 'bench_summary', 'peak_rss_mb']
+           'time_interleaved', 'paired_speedup', 'bench_summary', 'proc_memory', 'reset_peak_rss', 'peak_rss_mb']
 
 # %% ../nbs/00_config.ipynb #11d359fb
 class ConfigError(ValueError):
@@ -248,13 +248,30 @@ def bench_summary(times: Mapping[str, Sequence[float]], ours: str, peers: Sequen
     ratios = {f"{ours}_vs_{p}": round(paired_speedup(times, ours, p), 3) for p in peers}
     return {f"median_{unit}": out, "paired_ratio": ratios, "rounds": len(next(iter(times.values())))}
 
-def peak_rss_mb(fn: Callable[[], Any]) -> Optional[float]:
-    "Peak resident memory (MB) of this process while `fn()` runs: resets the kernel's high-water mark (`clear_refs` 5) then reads `VmHWM`. None where /proc does not allow it."
+def proc_memory() -> dict:
+    """This process's resident memory in bytes: {'VmRSS': now, 'VmHWM': the peak since start or since `reset_peak_rss`}
+    from /proc/self/status (Linux); elsewhere {'VmHWM': the peak since start} from `getrusage`."""
+    out = {}
+    try:
+        for line in open("/proc/self/status"):
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"): out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        import resource, sys
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["VmHWM"] = r if sys.platform == "darwin" else r * 1024
+    return out
+
+def reset_peak_rss() -> bool:
+    "Reset this process's VmHWM to its current VmRSS (Linux `clear_refs` 5), so the next peak is measured from now; False where that is not allowed."
     try:
         with open("/proc/self/clear_refs", "w") as f: f.write("5")
-    except OSError:
+        return True
+    except OSError: return False
+
+def peak_rss_mb(fn: Callable[[], Any]) -> Optional[float]:
+    "Peak resident memory (MB) of this process while `fn()` runs (`reset_peak_rss`, then `proc_memory`'s VmHWM). None where the peak cannot be reset."
+    if not reset_peak_rss():
         fn(); return None
     fn()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"): return round(int(line.split()[1]) / 1024, 1)
-    return None
+    return round(proc_memory()["VmHWM"] / 2**20, 1)

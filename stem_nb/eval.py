@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 import yaml
+from fastcore.basics import patch
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -86,6 +87,7 @@ class StemLM(LM):
 
 # %% ../nbs/12_eval.ipynb #2fce18b1
 @torch.no_grad()
+@patch
 def _score(self: StemLM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
     "(sum log p(cont | ctx), cont is the greedy continuation) for each token pair."
     from tqdm.auto import tqdm
@@ -122,10 +124,11 @@ def _score(self: StemLM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[t
     bar.close()
     return out
 
-StemLM._score = _score
+
 
 # %% ../nbs/12_eval.ipynb #de0541c6
 @torch.no_grad()
+@patch
 def _score_shared(self: StemLM, ctxs, conts, idx, out):
     "Contexts of one length prefilled together once; the continuations `conts[j]` of `ctxs[j]` then run in batches from copies of its KV cache."
     m, C = self.model, len(ctxs[0])
@@ -150,7 +153,7 @@ def _score_shared(self: StemLM, ctxs, conts, idx, out):
         sums = _sums(torch.cat(rows), [t for _, x, _ in part for t in x], [len(x) for _, x, _ in part])
         for (_, _, i), r in zip(part, sums): out[i] = r
 
-StemLM._score_shared = _score_shared
+
 
 # %% ../nbs/12_eval.ipynb #ad120697
 def _loglikelihood(self: StemLM, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -189,12 +192,13 @@ def _generate_until(self: StemLM, requests, disable_tqdm: bool = False) -> list[
             out[i] = t; self.cache_hook.add_partial("generate_until", args[i], t)
     return out
 
-def _model_info(self: StemLM) -> dict:
+@patch
+def get_model_info(self: StemLM) -> dict:
     a = self.model.args
     return dict(model_ffn_type=a.ffn_type, model_dim=a.dim, model_n_layers=a.n_layers, model_stem_layers=a.stem_layers,
                 model_vocab_size=a.vocab_size, max_length=self.max_length, tokenizer=self.tokenizer.name)
 
-StemLM.get_model_info = _model_info
+
 
 # %% ../nbs/12_eval.ipynb #5721b8f9
 SUITES = {

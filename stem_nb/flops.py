@@ -17,9 +17,8 @@ from .model import ModelArgs, Transformer, FFN_TYPES, TABLE_FFN_TYPES, TABLE_INI
 # %% auto #0
 __all__ = ['QWEN25', 'PAPER_PARAMS', 'AC_PLAN_MODES', 'PRECISIONS', 'count_params', 'flops_per_token', 'estimate_mfu',
            'table1_training_flops', 'table1_decode_reads', 'stem_decode_saving', 'stem_flops_saving', 'table1',
-           'params_table', 'backbone_shapes', 'activation_bytes', 'alloc_peaks', 'alloc_peak', 'proc_memory',
-           'reset_peak_rss', 'memory_plan', 'plan_precision', 'train_memory_plan', 'format_memory_plan',
-           'bench_fwd_bwd']
+           'params_table', 'backbone_shapes', 'activation_bytes', 'alloc_peaks', 'alloc_peak', 'memory_plan',
+           'plan_precision', 'train_memory_plan', 'format_memory_plan', 'bench_fwd_bwd']
 
 # %% ../nbs/05_flops.ipynb #c7aafee8
 def count_params(args: ModelArgs) -> dict:
@@ -208,18 +207,6 @@ def alloc_peaks(*fns) -> list[tuple]:
 def alloc_peak(fn) -> tuple:
     "`alloc_peaks` of one function: (its result, bytes still allocated when it returns, the peak during it)."
     return alloc_peaks(fn)[0]
-
-def proc_memory() -> dict:
-    "This process's resident memory from /proc/self/status: {'VmRSS': bytes now, 'VmHWM': the peak} (Linux)."
-    out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"): out[k] = int(v.split()[0]) * 1024
-    return out
-
-def reset_peak_rss() -> None:
-    "Reset this process's VmHWM to its current VmRSS (Linux `clear_refs` 5), so the next peak is measured from now."
-    with open("/proc/self/clear_refs", "w") as f: f.write("5")
 
 # %% ../nbs/05_flops.ipynb #8677f8e0
 def memory_plan(args: ModelArgs, batch_size: int, seq_len: int, world: int = 1, stem_parallel_size: int = 1,

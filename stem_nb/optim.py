@@ -10,6 +10,7 @@ from __future__ import annotations
 import math, numbers, types
 import numpy as np
 from contextlib import contextmanager
+from fastcore.basics import patch
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -739,7 +740,8 @@ def _validate(self, p, state, group) -> None:
     problem = _state_problem(p, state, group["mode"])
     if problem: raise ValueError(_state_message(self, group, problem))
 
-def _validate_state(self, p: Tensor, state: dict) -> None:
+@patch
+def validate_state(self: TableAdamW, p: Tensor, state: dict) -> None:
     "Raise `ValueError` (naming the table, the key, the expected and the found value) unless `state` is sound for table `p` of this optimizer, in its group's mode."
     group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
     if group is None: raise ValueError(f"TableAdamW.validate_state: the tensor of shape {tuple(p.shape)} is not a table of this optimizer")
@@ -756,7 +758,7 @@ def _check_row_steps(self, p, st, t0: Tensor) -> None:
     a, b = torch.aminmax(t0)
     if int(a) < int(st["origin"]) or int(b) > int(st["step"]): _refuse_state(self, p, st)
 
-TableAdamW.validate_state = _validate_state
+
 
 # %% ../nbs/06_optim.ipynb #b45a9696
 def _grads(params) -> list:

@@ -184,7 +184,7 @@ def _ipc_kernel_manager(sock_dir: str, log):
         _launch_kernel = _async_launch_kernel
     return IPCKernelManager
 
-def _interrupted(e: BaseException) -> bool:
+def _is_interruption(e: BaseException) -> bool:
     return isinstance(e, KeyboardInterrupt) or getattr(e, "ename", None) == "KeyboardInterrupt"
 
 def _error_line(e: BaseException) -> str:
@@ -210,7 +210,7 @@ def execute(run: dict, root: Path, figures_dir: Path, kernel_name: str = "python
                                 cwd=str(root), progress_bar=False, kernel_name=kernel_name, language="python",
                                 stdout_file=log, stderr_file=log, kernel_manager_class=_ipc_kernel_manager(socks, log))
     except BaseException as e:
-        if _interrupted(e):
+        if _is_interruption(e):
             shutil.rmtree(stage, ignore_errors=True)
             raise KeyboardInterrupt from None
         if not isinstance(e, Exception): raise

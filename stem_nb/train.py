@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #9e271858
 from __future__ import annotations
-import contextlib, copy, dataclasses, json, math, os, random, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, threading, time, typing
+import contextlib, copy, dataclasses, json, math, os, random, re, shutil, signal, statistics, subprocess, sys, tempfile, threading, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
@@ -17,12 +17,12 @@ import torch
 import yaml
 from torch.profiler import record_function
 
-from .config import (ConfigError, load_config, dump_config, config_hash, write_atomic, pid_lock, time_interleaved,
+from .config import (ConfigError, load_config, dump_config, config_hash, write_atomic, pid_lock, proc_memory, time_interleaved,
                             paired_speedup, bench_summary, repo_root, unresolved_dict)
 from .model import ModelArgs, Transformer, PRESETS
 from .flops import flops_per_token, estimate_mfu
 from .data import DataArgs, DataError
-from .optim import OptimArgs, ModelOptimizer
+from .optim import OptimArgs, ModelOptimizer, zipf_tokens
 from .distributed import (DistributedArgs, StemLayout, barrier, init_distributed, world_info, unwrap, make_layout,
                                  build_parallel_model,
                                  sync_table_grads, stem_norm_hook, backbone_norm_hook, job_tokens, no_backbone_sync)
@@ -994,10 +994,6 @@ def run_loop(run: Run) -> Run:
     return run
 
 # %% ../nbs/09_train.ipynb #5aa27c5d
-def _peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 if sys.platform != "darwin" else r / 2**20
-
 def run_summary(run: Run) -> dict:
     "The JSON summary `stem-nb train` prints."
     return {"dump_dir": str(run.dump), "step": run.step, "steps": run.args.steps,
@@ -1006,7 +1002,7 @@ def run_summary(run: Run) -> dict:
             "tokens_per_s": round(run.sess_tok / run.sess_t, 1) if run.sess_t else None,
             "checkpoint": str(run.last_ckpt) if run.last_ckpt else None,
             "resumed_from": str(run.resumed) if run.resumed else None,
-            "peak_rss_mb": round(_peak_rss_mb(), 1), "params": sum(p.numel() for p in unwrap(run.model).parameters()),
+            "peak_rss_mb": round(proc_memory()["VmHWM"] / 2**20, 1), "params": sum(p.numel() for p in unwrap(run.model).parameters()),
             **({"float8_linears": n_float8(run.model)} if getattr(run.args.distributed, "float8", False) else {}),
             **({"profiling": [str(p) for p in run.profiler.written]} if run.profiler is not None and run.profiler.written else {})}
 
@@ -1014,7 +1010,7 @@ def run_summary(run: Run) -> dict:
 class TrainInterrupted(KeyboardInterrupt):
     "Ctrl-C during training; the message says at which step and from which checkpoint the same command resumes."
 
-def _interrupted(run: Optional[Run]) -> TrainInterrupted:
+def _interruption(run: Optional[Run]) -> TrainInterrupted:
     if run is None: return TrainInterrupted("interrupted before training started; re-run the same command to resume")
     where = f"from {run.last_ckpt}" if run.last_ckpt else "from the start: no checkpoint yet"
     return TrainInterrupted(f"interrupted at step {run.step}; re-run the same command to resume ({where})")
@@ -1037,7 +1033,7 @@ def train(args: TrainArgs, config_file=None) -> dict:
         run.rep.log(f"STOPPED: {e}")
         raise
     except KeyboardInterrupt:
-        e = _interrupted(run)
+        e = _interruption(run)
         if run is not None and run.rep is not None: run.rep.log(f"STOPPED: {e}", console=False)
         raise e from None
     finally:
@@ -1108,9 +1104,8 @@ def gpu_check_float8(setup: dict, work) -> list[dict]:
 BENCH_VARIANTS = {"dense": ("dense", "none"), "stem_1/3": ("stem", "1/3"), "stem_all": ("stem", "all")}
 
 def _bench_batch(V: int, batch_size: int, seq_len: int, seed: int = 0):
-    "(x, y): Zipf-distributed token ids, as text has (a few rows of each table are hot)."
-    ids = np.random.default_rng(seed).zipf(1.2, size=(batch_size, seq_len + 1)) % V
-    t = torch.from_numpy(ids.astype(np.int64))
+    "(x, y): Zipf-distributed token ids (`optim.zipf_tokens`, exponent 1.2), as text has (a few rows of each table are hot)."
+    t = zipf_tokens(batch_size * (seq_len + 1), V, a=1.2, seed=seed).view(batch_size, seq_len + 1)
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 def stem_step_fn(margs: ModelArgs, batch_size: int, seq_len: int, optim: Optional[OptimArgs] = None, steps: int = 1000):
