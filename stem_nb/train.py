@@ -41,7 +41,8 @@ __all__ = ['WANDB_MODES', 'FSDP_TYPES', 'REFERENCE_HINTS', 'LINGUA_TOKENIZERS', 
            'DumpDirError', 'DumpLock', 'check_writable', 'has_run', 'protected_dir', 'refuse_moving', 'move_aside',
            'Run', 'setup_run', 'code_root', 'code_record', 'slurm_script', 'code_dir', 'relaunchable', 'resume_run',
            'flush_rows', 'save_run', 'TrainPreempted', 'request_stop', 'run_loop', 'run_summary', 'TrainInterrupted',
-           'train', 'cli', 'gpu_check_float8', 'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb', 'bench_train']
+           'train', 'train_usage', 'cli', 'gpu_check_float8', 'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb',
+           'bench_train']
 
 # %% ../nbs/09_train.ipynb #d74883fa
 @dataclass
@@ -1043,14 +1044,20 @@ def train(args: TrainArgs, config_file=None) -> dict:
             if run.lock is not None: run.lock.release()
 
 # %% ../nbs/09_train.ipynb #fecca6a8
+def train_usage() -> str:
+    "`stem-nb train --help`, from `TrainArgs`: its keys, a block of settings as `block.*`."
+    import textwrap
+    block = lambda f: f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+    keys = [f"{f.name}.*" if block(f) else f.name for f in dataclasses.fields(TrainArgs)]
+    return ("usage: stem-nb train [CONFIG.yaml] key=value ...\n" + textwrap.fill("keys: " + ", ".join(keys), 110, initial_indent="  ",
+                                                                             subsequent_indent="        ")
+            + "\n  CONFIG.yaml may be one of the reference's (Meta Lingua's shape)")
+
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     "`stem-nb train [CONFIG.yaml] key=value ...`"
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: stem-nb train [CONFIG.yaml] key=value ...\n  keys: dump_dir, name, steps, seed, grad_accum, eval_every, "
-              "val_batches, log_every, compile, dtype, device, model.*, data.*, optim.*, checkpoint.*, distributed.*, "
-              "profiling.*, logging.*\n  CONFIG.yaml may be one of the reference's (Meta Lingua's shape)")
-        return 0
+        print(train_usage()); return 0
     try:
         path = argv.pop(0) if argv and "=" not in argv[0] else None
         try: args = load_train_config(path, argv)
