@@ -21,9 +21,8 @@ __all__ = ['BUILDERS', 'SHAKESPEARE_SPEC', 'SHAKESPEARE_ARCHIVE', 'SHAKESPEARE_S
            'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'BIO_TEMPLATES', 'BIO_PROMPTS', 'N_NAMES', 'PASSKEY_FILLER',
            'NEEDLE_KEYS', 'EMBEDDED', 'SOURCE_OPTIONS', 'HUB_SOURCES', 'DataError', 'DataWarning', 'data_dir',
            'local_files', 'read_documents', 'fetch_package', 'strip_gutenberg', 'read_shakespeare_archive',
-           'shakespeare', 'make_people', 'bio_text', 'make_bios', 'bios_facts', 'save_ground_truth', 'needle_haystack',
-           'make_math_code', 'arithmetic_problems', 'check_source_kwargs', 'HubUnavailable', 'hub_unreachable',
-           'prepare', 'n_heldout']
+           'shakespeare', 'make_people', 'bio_text', 'make_bios', 'bios_facts', 'needle_haystack', 'make_math_code',
+           'arithmetic_problems', 'check_source_kwargs', 'HubUnavailable', 'hub_unreachable', 'prepare', 'n_heldout']
 
 # %% ../nbs/02_corpora.ipynb #2c86a778
 class DataError(ValueError):
@@ -301,12 +300,6 @@ def make_bios(n_people: int = 1000, seed: int = 0, n_paraphrases: int = 4, permu
 def bios_facts(n_people: int = 1000, seed: int = 0) -> list[dict]:
     "The recall probes of `make_bios(n_people, seed)`: [{'person','name','attribute','prompt','answer'}]."
     return make_bios(n_people, seed, n_paraphrases=1)["facts"]
-
-def save_ground_truth(bios: dict, path) -> Path:
-    "Write the people and facts of `make_bios` as JSON."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(people=bios["people"], facts=bios["facts"]), indent=0))
-    return path
 
 # %% ../nbs/02_corpora.ipynb #adda973d
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

@@ -19,12 +19,12 @@ from .config import ConfigError
 from .model import Transformer, TABLE_INIT_CHUNK
 
 # %% auto #0
-__all__ = ['AC_MODES', 'DistributedArgs', 'stem_groups', 'world_info', 'is_main', 'init_distributed', 'barrier',
-           'destroy_distributed', 'StemLayout', 'make_layout', 'gather_group_tokens', 'ShardedStemLookup',
-           'slice_stem_tables_', 'unwrap', 'shard_stem_tables', 'sync_table_grads', 'is_fsdp', 'stem_norm_hook',
-           'backbone_norm_hook', 'job_tokens', 'ddp_backbone', 'fsdp_backbone', 'wrap_backbone', 'parallelize',
-           'no_backbone_sync', 'apply_activation_checkpointing', 'materialize_', 'build_parallel_model',
-           'stem_comm_bytes', 'fsdp_w3_bytes', 'comm_table']
+__all__ = ['AC_MODES', 'DistributedArgs', 'stem_groups', 'world_info', 'init_distributed', 'barrier', 'destroy_distributed',
+           'StemLayout', 'make_layout', 'gather_group_tokens', 'ShardedStemLookup', 'slice_stem_tables_', 'unwrap',
+           'shard_stem_tables', 'sync_table_grads', 'is_fsdp', 'stem_norm_hook', 'backbone_norm_hook', 'job_tokens',
+           'ddp_backbone', 'fsdp_backbone', 'wrap_backbone', 'parallelize', 'no_backbone_sync',
+           'apply_activation_checkpointing', 'materialize_', 'build_parallel_model', 'stem_comm_bytes', 'fsdp_w3_bytes',
+           'comm_table']
 
 # %% ../nbs/07_distributed.ipynb #98449a0e
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -77,7 +77,6 @@ def world_info() -> tuple[int, int, int]:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), local
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local
 
-def is_main() -> bool: return world_info()[0] == 0
 
 def init_distributed(args: Optional[DistributedArgs] = None) -> tuple[int, int, torch.device]:
     "Create the default process group when launched by torchrun; returns (rank, world_size, device)."

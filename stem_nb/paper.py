@@ -14,13 +14,13 @@ from typing import Any, Sequence
 from .config import config_hash, ConfigError, write_atomic
 
 # %% auto #0
-__all__ = ['TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT', 'PAPER_LONGBENCH_BY_LEN', 'PAPER_NEEDLE',
-           'NO_OFFLINE_SOURCE', 'STAND_INS', 'FAMILY_EVAL_TASKS', 'VARIANTS', 'CACHED_ONLY', 'VAL_SOURCE',
-           'HEADLINE_METRICS', 'PAPER_TOKENS', 'PAPER_GLOBAL_BATCH', 'PAPER_SEQ_LEN', 'VARIANTS_1B', 'GPU_MEMORY_GIB',
-           'write_table', 'experiment_params', 'train_overrides', 'train_key', 'train_cached', 'load_metrics',
-           'val_loss_source', 'subsample_size', 'eval_file', 'eval_batch_size', 'eval_cached', 'task_stats',
-           'task_metric', 'recorded_source', 'task_columns', 'run_family', 'mean_pm', 'acc_cell', 'compare_gain',
-           'family_table', 'family_gains', 'arith_eval', 'arith_file', 'arith_cached', 'midtrain_block', 'paper_recipe',
+__all__ = ['TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT', 'PAPER_NEEDLE', 'NO_OFFLINE_SOURCE',
+           'STAND_INS', 'FAMILY_EVAL_TASKS', 'VARIANTS', 'CACHED_ONLY', 'VAL_SOURCE', 'HEADLINE_METRICS',
+           'PAPER_TOKENS', 'PAPER_GLOBAL_BATCH', 'PAPER_SEQ_LEN', 'VARIANTS_1B', 'GPU_MEMORY_GIB', 'write_table',
+           'experiment_params', 'train_overrides', 'train_key', 'train_cached', 'load_metrics', 'val_loss_source',
+           'subsample_size', 'eval_file', 'eval_batch_size', 'eval_cached', 'task_stats', 'task_metric',
+           'recorded_source', 'task_columns', 'run_family', 'mean_pm', 'acc_cell', 'compare_gain', 'family_table',
+           'family_gains', 'arith_eval', 'arith_file', 'arith_cached', 'midtrain_block', 'paper_recipe',
            'format_recipe', 'check_recipe_inputs', 'run_spec', 'eval_spec', 'eval_outputs', 'experiment_runs',
            'preset_memory_plans', 'format_preset_memory']
 
@@ -56,7 +56,6 @@ PAPER_CONTEXT = {  # BBH, MuSR, LongBench multi-hop <4k/4-8k/>=8k, code <4k/4-8k
     "Baseline": [24.87, 35.85, 5.72, 6.20, 6.19, 45.37, 44.64, 41.30],
     "STEM 1/3": [27.55, 36.38, 10.20, 8.63, 7.82, 52.68, 52.53, 49.60],
 }
-PAPER_LONGBENCH_BY_LEN = {"Baseline": [24.0, 23.8, 22.1, 22.3, 21.9, 21.1, 23.5], "STEM 1/3": [27.6, 27.6, 24.4, 22.7, 23.0, 21.7, 24.2]}
 PAPER_NEEDLE = "STEM's lead over dense grows from 8.4% (8k) to 13% (32k); absolute values unpublished"
 NO_OFFLINE_SOURCE = "n/a: no offline source"   # BBH, MuSR, LongBench: no package ships their data
 STAND_INS = {"stem_bios_mc": "Bios recall MC (stand-in, chance 0.25)", "stem_heldout_ppl": "held-out Shakespeare bits/byte (stand-in)"}

@@ -37,12 +37,11 @@ __all__ = ['WANDB_MODES', 'FSDP_TYPES', 'REFERENCE_HINTS', 'LINGUA_TOKENIZERS', 
            'load_init_from', 'build_model', 'peak_flops', 'recompute_flops_per_token', 'hardware_flops_per_token',
            'float8_problem', 'require_float8', 'float8_linears', 'convert_float8', 'n_float8', 'to_device',
            'build_data', 'span', 'clip_hooks', 'train_step', 'validation_loss', 'DivergedError', 'truncate_metrics',
-           'read_metrics', 'progress_line', 'parse_progress', 'StepProfiler', 'check_tracking', 'Trackers',
-           'DumpDirError', 'DumpLock', 'check_writable', 'has_run', 'protected_dir', 'refuse_moving', 'move_aside',
-           'Run', 'setup_run', 'code_root', 'code_record', 'slurm_script', 'code_dir', 'relaunchable', 'resume_run',
-           'flush_rows', 'save_run', 'TrainPreempted', 'request_stop', 'run_loop', 'run_summary', 'TrainInterrupted',
-           'train', 'train_usage', 'cli', 'gpu_check_float8', 'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb',
-           'bench_train']
+           'read_metrics', 'progress_line', 'StepProfiler', 'check_tracking', 'Trackers', 'DumpDirError', 'DumpLock',
+           'check_writable', 'has_run', 'protected_dir', 'refuse_moving', 'move_aside', 'Run', 'setup_run', 'code_root',
+           'code_record', 'slurm_script', 'code_dir', 'relaunchable', 'resume_run', 'flush_rows', 'save_run',
+           'TrainPreempted', 'request_stop', 'run_loop', 'run_summary', 'TrainInterrupted', 'train', 'train_usage',
+           'cli', 'gpu_check_float8', 'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb', 'bench_train']
 
 # %% ../nbs/09_train.ipynb #d74883fa
 @dataclass
@@ -434,20 +433,11 @@ def _in_notebook() -> bool:
         return bool(IN_NOTEBOOK)
     except ImportError: return False
 
-_PROGRESS_RE = re.compile(r"step (\d+)/(\d+) loss (\S+) .*?tok/s (\d+)(?: .*?eta (\d+)s)?")
-
 def progress_line(r: dict, steps: int, eta_s: Optional[float]) -> str:
     "The log line of metrics row `r`: `step N/M loss L lr R gnorm G tok/s T eta Ss [val_loss V]`."
     return (f"step {r['step']}/{steps} loss {r['loss']:.4f} lr {r['lr']:.3e} gnorm {r['grad_norm']:.3f} "
             f"tok/s {r['tokens_per_s']:.0f}" + (f" eta {eta_s:.0f}s" if eta_s is not None else "")
             + (f" val_loss {r['val_loss']:.4f}" if "val_loss" in r else ""))
-
-def parse_progress(line: str) -> Optional[dict]:
-    "{step, steps, loss, tokens_per_s, eta_s} of a progress line (None for any other line)."
-    m = _PROGRESS_RE.search(line)
-    if not m: return None
-    return dict(step=int(m[1]), steps=int(m[2]), loss=float(m[3]), tokens_per_s=int(m[4]),
-                eta_s=int(m[5]) if m[5] is not None else None)
 
 # %% ../nbs/09_train.ipynb #135b730f
 class _Reporter:
