@@ -26,7 +26,7 @@ from .config import ConfigError
 from .tokenizer import Tokenizer, SentencePieceTokenizer, BOS_TOKEN, EOS_TOKEN
 from .model import FFN_TYPES, ModelArgs, Transformer, resolve_stem_layers
 from .checkpoint import (CheckpointError, load_model, read_train_state, resolve_checkpoint, save_checkpoint,
-                                read_safetensors_header, _ST_DTYPES)
+                                read_safetensors_header, _ST_NAMES)
 from .train import read_metrics, _in_notebook
 from .eval import EvalError, results_table, run_info, run_tokenizer
 
@@ -392,7 +392,7 @@ def read_header(path) -> dict[str, dict]:
     except CheckpointError as e: raise HFError(str(e)) from None
     out = {}
     for name, (dt, shape, off) in entries.items():
-        code = next(k for k, v in _ST_DTYPES.items() if v == dt)
+        code = _ST_NAMES[dt]                            # the safetensors name of the dtype
         if code not in _DTYPES: raise HFError(f"{path}: tensor {name} has dtype {code}; expected one of {sorted(_DTYPES)}")
         out[name] = dict(dtype=code, shape=list(shape), data_offsets=list(off))
     return out
