@@ -1,7 +1,7 @@
 """Build the documentation site into `_docs/` (`make docs`): nbdev's doc pipeline, rendered by pandoc.
 
   .venv/bin/python scripts/build_docs.py                  # the whole site
-  .venv/bin/python scripts/build_docs.py --only 04_model  # the index and one notebook (for working on the site)
+  .venv/bin/python scripts/build_docs.py --only 06_model  # the index and one notebook (for working on the site)
   .venv/bin/python scripts/build_docs.py --render-only    # render again what the last build ran (styles, layout)
 
 1. stage    nbs/*.ipynb -> _docs_run/, without the cells flagged with one of `tst_flags` (`#| slow`, `#| gpu`,
@@ -289,7 +289,7 @@ def render(cfg, proc: Path, out_dir: Path, n_workers: int = 1):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", nargs="*", default=[], help="notebook names (e.g. 04_model); the index always comes")
+    ap.add_argument("--only", nargs="*", default=[], help="notebook names (e.g. 06_model); the index always comes")
     ap.add_argument("--n-workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--render-only", action="store_true", help="render the notebooks the last build ran (_proc/)")
     a = ap.parse_args(argv)

@@ -162,13 +162,13 @@ def runs_in_docs(cell: dict) -> bool:
 
 
 def test_model_page_renders_formula_and_check_outputs(browser, pages):
-    "Each `$$...$$` of 04_model is typeset math on the page (same TeX, visible), and each printing check shows output."
-    cells = nb_cells("04_model.ipynb")
+    "Each `$$...$$` of 06_model is typeset math on the page (same TeX, visible), and each printing check shows output."
+    cells = nb_cells("06_model.ipynb")
     formulas = [f.strip() for c in cells if c["cell_type"] == "markdown"
                 for f in re.findall(r"\$\$(.+?)\$\$", "".join(c["source"]), re.S)]
     printing = [c for c in cells if runs_in_docs(c) and re.search(r"^\s*print\(", "".join(c["source"]), re.M)]
     checks = [c for c in cells if runs_in_docs(c) and "test_eq(" in "".join(c["source"])]
-    assert formulas and printing and checks, "04_model has no display formula, printing cell or check left to test"
+    assert formulas and printing and checks, "06_model has no display formula, printing cell or check left to test"
     browser.open((SITE / "model.html").as_uri())
     got = browser.eval("""(() => ({
       maths: [...document.querySelectorAll('math[display="block"]')].map(m => {

@@ -554,7 +554,7 @@ def test_refused_table_state_is_a_checkpoint_error_naming_the_slice(tmp_path):
 def test_resume_falls_back_past_table_state_the_optimizer_refuses(trained, tmp_path):
     "A one-element `row_step` in the newest checkpoint: resume names it and falls back to the previous checkpoint."
     from stem_nb.optim import TableAdamW
-    if not hasattr(TableAdamW, "validate_state"): pytest.skip("TableAdamW.validate_state (06_optim) is not exported yet")
+    if not hasattr(TableAdamW, "validate_state"): pytest.skip("TableAdamW.validate_state (10_optim) is not exported yet")
     dump = tmp_path / "dump"; shutil.copytree(trained, dump)
     assert _train(dump, "steps=4").returncode == 0
     ck = dump / CKPT_DIR / ckpt_name(4)
