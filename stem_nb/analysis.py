@@ -157,6 +157,7 @@ def edit_mapping(m: int, n: int, strategy: str):
         elif strategy == "subset": keep[i] = True
     return A, keep
 
+# %% ../nbs/23_analysis.ipynb #76068ba3
 class EditHandle:
     "The rows an edit overwrote; `undo()` restores them. Also a context manager."
     def __init__(self, saved, info): self.saved, self.info, self.active = saved, info, True
@@ -173,6 +174,7 @@ def entity_token_ids(tokenizer, name: str, forms: Sequence[str] = ("{}", " {}"))
     "The token ids of `name` in each surface form (e.g. with a leading space)."
     return [tokenizer.encode(f.format(name)) for f in forms]
 
+# %% ../nbs/23_analysis.ipynb #dd85497c
 @torch.no_grad()
 def edit(model: Transformer, tokenizer, source: str, target: str, strategy: str = "pad",
          layers: Optional[Sequence[int]] = None, where: Optional[str] = None,
@@ -203,8 +205,8 @@ def edit(model: Transformer, tokenizer, source: str, target: str, strategy: str 
 def _bios_people(bios):
     "(people [{name, attr: value}], templates {attr: '... {name} ...'}) from a bios corpus object or a (people, templates) pair."
     if isinstance(bios, tuple) and len(bios) == 2: return list(bios[0]), dict(bios[1])
-    if isinstance(bios, dict) and "people" in bios:                   # stem_nb.data.make_bios(...)
-        from stem_nb.corpora import BIO_PROMPTS
+    if isinstance(bios, dict) and "people" in bios:                   # stem_nb.synthetic.make_bios(...)
+        from stem_nb.synthetic import BIO_PROMPTS
         return list(bios["people"]), dict(bios.get("templates", BIO_PROMPTS))
     people = getattr(bios, "people", None)
     templates = getattr(bios, "templates", None) or getattr(bios, "question_templates", None) or getattr(bios, "prompts", None)
@@ -228,6 +230,7 @@ def _answers(model, tokenizer, person, templates, values):
     return {a: values[a][int(answer_scores(model, tokenizer, t.format(name=person["name"], n=person["name"]), values[a]).argmax())]
             for a, t in templates.items()}
 
+# %% ../nbs/23_analysis.ipynb #866e8d0c
 def measure_editing(model: Transformer, tokenizer, bios, n_pairs: int = 20, strategy: str = "pad",
                     where: Optional[str] = None, n_locality: int = 10, seed: int = 0, max_candidates: int = 32) -> dict:
     "Edit success, success on known facts, source kept, locality and base accuracy over `n_pairs` random (A -> B) edits."
@@ -274,7 +277,7 @@ def train_bios_pair(n_people: int = 40, steps: int = 500, batch: int = 8, seq: i
                     vocab_size: int = 1024, lr: float = 3e-3, seed: int = 0, tokenizer_path: str = "/tmp/stem_bios_bpe.tiktoken",
                     log=print) -> tuple:
     "(bios, tokenizer, {'stem': model, 'dense': model}): small models that memorize `n_people` biographies."
-    from stem_nb.corpora import make_bios
+    from stem_nb.synthetic import make_bios
     from stem_nb.tokenizer import train_bpe
     bios = make_bios(n_people=n_people, seed=seed, n_paraphrases=8)
     tok = train_bpe(bios["docs"], vocab_size, tokenizer_path)

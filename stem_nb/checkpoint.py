@@ -1,5 +1,5 @@
-"""Atomic, verified, resumable checkpoints that never run code when loaded: backbone
-through DCP, tables and their Adam moments in their own files, train state as JSON.
+"""The layout of a checkpoint folder and how it is saved: atomically, verified by a manifest, backbone through DCP,
+tables and their optimizer state as safetensors slices, train state as JSON; listing, pinning and pruning.
 
 Docs: https://stem-nb.github.io/stem-nb/checkpoint.html.md"""
 
@@ -7,39 +7,27 @@ Docs: https://stem-nb.github.io/stem-nb/checkpoint.html.md"""
 
 # %% ../nbs/13_checkpoint.ipynb #265ddd83
 from __future__ import annotations
-import base64, collections, contextlib, dataclasses, hashlib, io, json, math, os, pickle, random, re, secrets, shutil, sys, time, warnings, zipfile
+import base64, contextlib, dataclasses, hashlib, json, math, os, random, re, secrets, shutil, time, warnings
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import numpy as np
-import psutil
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
-from torch.distributed.checkpoint.metadata import (Metadata, TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata,
-                                                   TensorProperties, MetadataIndex, StorageMeta)
-from torch.distributed.checkpoint.planner import LoadItemType
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .config import sha256_file, write_atomic
-from .model import ModelArgs, Transformer, is_table_key
-from .flops import count_params
+from .files import sha256_file, write_atomic
+from .model import is_table_key
 from .distributed import StemLayout, barrier, world_info, unwrap
+from .tensor_files import CheckpointError, save_tensor_file, _first_failure, _short
 
 # %% auto #0
-__all__ = ['CKPT_DIR', 'MANIFEST', 'MODEL_ARGS', 'OPTIMIZER_HPARAMS', 'MANIFEST_FORMAT', 'MAX_MANIFEST_BYTES',
-           'SAFETENSORS_MAX_HEADER', 'TREE_KEY', 'TREE_FORMAT', 'TABLE_DIR', 'BACKBONE_DIR', 'REPLACED_DIR',
-           'REPLACE_WAIT_S', 'REF_PREFIX', 'REF_SHARDS', 'CheckpointError', 'ckpt_name', 'train_state_file',
-           'write_manifest', 'verify_checkpoint', 'read_dcp_metadata', 'available_memory', 'GuardedReader', 'dcp_load',
-           'save_tensor_file', 'read_safetensors_header', 'load_safetensors', 'load_tensor_file', 'rng_state',
-           'set_rng_state', 'save_table_shards', 'table_slices', 'load_table_shards', 'full_tables', 'save_backbone',
-           'load_backbone', 'list_checkpoints', 'CheckpointPruned', 'pin_checkpoint', 'prune_checkpoints',
-           'move_aside_checkpoint', 'save_checkpoint', 'read_train_state', 'model_args_from', 'read_model_args',
-           'load_checkpoint', 'load_latest', 'export_consolidated', 'resolve_checkpoint', 'reading_checkpoint',
-           'load_model', 'write_reference_checkpoint', 'import_reference']
+__all__ = ['CKPT_DIR', 'MANIFEST', 'MODEL_ARGS', 'OPTIMIZER_HPARAMS', 'MANIFEST_FORMAT', 'MAX_MANIFEST_BYTES', 'TABLE_DIR',
+           'BACKBONE_DIR', 'REPLACED_DIR', 'REPLACE_WAIT_S', 'ckpt_name', 'train_state_file', 'write_manifest',
+           'verify_checkpoint', 'rng_state', 'set_rng_state', 'save_table_shards', 'table_slices', 'save_backbone',
+           'list_checkpoints', 'CheckpointPruned', 'pin_checkpoint', 'prune_checkpoints', 'move_aside_checkpoint',
+           'save_checkpoint']
 
 # %% ../nbs/13_checkpoint.ipynb #0c57b9ed
 CKPT_DIR = "checkpoints"
@@ -47,9 +35,6 @@ MANIFEST = "MANIFEST.json"
 MODEL_ARGS = "model_args.json"
 OPTIMIZER_HPARAMS = "optimizer_hparams"     # the train-state key of `ModelOptimizer.hparams()`
 _STEP_RE = re.compile(r"^\d{10}$")
-
-class CheckpointError(RuntimeError):
-    "A checkpoint that cannot be used: missing, truncated, corrupted or unsafe. The message names the file."
 
 def ckpt_name(step: int) -> str: return f"{int(step):010d}"
 
@@ -105,6 +90,7 @@ def _manifest_files(mf: Path, d: Path, man) -> dict:
             raise bad(f"entry {rel!r}: 'sha256' is {info['sha256']!r}, not 64 hex digits")
     return files
 
+# %% ../nbs/13_checkpoint.ipynb #6bd7e093
 def verify_checkpoint(ckpt_dir, hashes: bool = True) -> dict:
     "The manifest of `ckpt_dir` after checking it and every file's presence, size and (if `hashes`) sha256; else `CheckpointError`."
     d = Path(ckpt_dir)
@@ -125,434 +111,6 @@ def verify_checkpoint(ckpt_dir, hashes: bool = True) -> dict:
         if size != info["size"]: raise CheckpointError(f"{p} is truncated or altered: {size} bytes, manifest says {info['size']}")
         if hashes and sha256_file(p) != info["sha256"]: raise CheckpointError(f"{p} is corrupted: its sha256 differs from {mf}")
     return man
-
-# %% ../nbs/13_checkpoint.ipynb #57ba9c67
-_METADATA_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
-    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
-_STATEFUL = (Metadata, TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata, TensorProperties, MetadataIndex,
-             StorageMeta, _StorageInfo)                                    # the only types BUILD may give state to
-_FRESH = {dict, list, set, collections.OrderedDict, *_STATEFUL}            # constructing one always makes a new object
-
-def _what(obj) -> str:
-    "How an unpickled object is named in a refusal: the class or function itself, or the type of an instance."
-    if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__"):
-        return f"{'the class' if isinstance(obj, type) else 'the function'} {obj.__module__}.{obj.__qualname__}"
-    return f"a {type(obj).__module__}.{type(obj).__qualname__}"
-
-class _MetadataUnpickler(pickle._Unpickler):
-    "Resolves only the classes a DCP `.metadata` file contains (os.system, eval, ... are refused) and changes only objects it created."
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def __init__(self, file):
-        super().__init__(file)
-        self._made: dict[int, object] = {}          # id -> object this load created (the reference keeps the id unique)
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_GLOBALS: return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype): return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
-
-    def _own(self, obj, op: str):
-        if self._made.get(id(obj)) is not obj:
-            raise pickle.UnpicklingError(f"{op} applied to {_what(obj)}, which this file did not create "
-                                         "(a crafted file changing a class or object of the loading process)")
-
-    def _build(self):
-        state = self.stack.pop()
-        inst = self.stack[-1]
-        self._own(inst, "BUILD")
-        cls = type(inst)
-        if cls not in _STATEFUL: raise pickle.UnpicklingError(f"BUILD applied to {_what(inst)}: only DCP metadata objects take state")
-        if "__setstate__" in vars(cls): return cls.__setstate__(inst, state)      # TensorProperties: sets its own fields
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(state, dict) or not all(isinstance(k, str) and k in names for k in state):
-            raise pickle.UnpicklingError(f"BUILD of {cls.__name__} with a state that is not a dict of its fields {sorted(names)}")
-        inst.__dict__.update(state)
-    dispatch[pickle.BUILD[0]] = _build
-
-def _tracked(op: bytes):
-    "The unpickler's handler of an opcode that creates an object, recording it when its type always makes a new one."
-    load = pickle._Unpickler.dispatch[op[0]]
-    def run(self):
-        load(self)
-        if type(self.stack[-1]) in _FRESH: self._made[id(self.stack[-1])] = self.stack[-1]
-    return run
-
-def _guarded(op: bytes, name: str, target):
-    "The unpickler's handler of an opcode that changes the object `target(self)`: only one this load created."
-    load = pickle._Unpickler.dispatch[op[0]]
-    def run(self):
-        self._own(target(self), name)
-        load(self)
-    return run
-
-for _op in (pickle.EMPTY_DICT, pickle.EMPTY_LIST, pickle.EMPTY_SET, pickle.DICT, pickle.LIST, pickle.REDUCE, pickle.NEWOBJ,
-            pickle.NEWOBJ_EX, pickle.OBJ, pickle.INST):
-    _MetadataUnpickler.dispatch[_op[0]] = _tracked(_op)
-for _op, _name, _target in ((pickle.SETITEM, "SETITEM", lambda u: u.stack[-3]), (pickle.APPEND, "APPEND", lambda u: u.stack[-2]),
-                            (pickle.SETITEMS, "SETITEMS", lambda u: u.metastack[-1][-1]),
-                            (pickle.APPENDS, "APPENDS", lambda u: u.metastack[-1][-1]),
-                            (pickle.ADDITEMS, "ADDITEMS", lambda u: u.metastack[-1][-1])):
-    _MetadataUnpickler.dispatch[_op[0]] = _guarded(_op, _name, _target)
-
-def _refuse(f, why: str) -> CheckpointError: return CheckpointError(f"{f} is refused: {why}")
-
-def _check_metadata(f: Path, meta, path):
-    "The structure stem-nb relies on: tensor entries with a shape and a dtype, storage entries naming a file inside `path`."
-    if not isinstance(meta, Metadata): raise _refuse(f, f"it holds a {type(meta).__name__}, not DCP Metadata")
-    sdm = meta.state_dict_metadata
-    if not isinstance(sdm, dict): raise _refuse(f, "its state_dict_metadata is not a dict")
-    for k, v in sdm.items():
-        if isinstance(v, BytesStorageMetadata): continue
-        ok = isinstance(k, str) and isinstance(v, TensorStorageMetadata) and isinstance(v.size, torch.Size) and \
-            all(n >= 0 for n in v.size) and isinstance(v.properties, TensorProperties) and isinstance(v.properties.dtype, torch.dtype)
-        if not ok: raise _refuse(f, f"entry {k!r} is not a tensor of known shape and dtype")
-    for info in (meta.storage_data or {}).values():
-        rel = getattr(info, "relative_path", None)
-        if not isinstance(info, _StorageInfo) or not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
-            raise _refuse(f, f"storage entry {rel!r} is not a file name inside {path}")
-        if not all(type(n) is int and n >= 0 for n in (info.offset, info.length)):
-            raise _refuse(f, f"storage entry in {rel!r} has offset {info.offset!r} and length {info.length!r}")
-        if info.transform_descriptors:
-            raise _refuse(f, f"storage entry in {rel!r} is stored through the stream transforms {list(info.transform_descriptors)} "
-                             "(compression, ...); stem-nb reads plain torch.save items only")
-
-def read_dcp_metadata(path) -> Metadata:
-    "The `Metadata` of the DCP folder `path`, unpickled with only DCP's own classes allowed; else `CheckpointError`."
-    f = Path(path) / ".metadata"
-    if not f.is_file(): raise CheckpointError(f"{f} is missing: {path} is not a DCP checkpoint")
-    try: meta = _MetadataUnpickler(io.BytesIO(f.read_bytes())).load()
-    except Exception as e:
-        raise CheckpointError(f"{f} is refused: {type(e).__name__}: {e}. Loading never runs code from a checkpoint; "
-                              "this file is corrupted or crafted") from None
-    _check_metadata(f, meta, path)
-    return meta
-
-# %% ../nbs/13_checkpoint.ipynb #b178889a
-class _Window(io.RawIOBase):
-    "Bytes [offset, offset + length) of an open file, as the seekable read-only file `zipfile` needs."
-    def __init__(self, f, offset: int, length: int): super().__init__(); self.f, self.offset, self.length, self.pos = f, offset, length, 0
-    def readable(self): return True
-    def seekable(self): return True
-    def tell(self): return self.pos
-    def seek(self, pos, whence=0):
-        self.pos = max(0, (pos, self.pos + pos, self.length + pos)[whence]); return self.pos
-    def readinto(self, b):
-        self.f.seek(self.offset + self.pos)
-        data = self.f.read(max(0, min(len(b), self.length - self.pos)))
-        b[:len(data)] = data; self.pos += len(data)
-        return len(data)
-
-def available_memory() -> int:
-    "Bytes this process may still allocate: the system's available memory, capped by this cgroup's limit where there is one."
-    avail = psutil.virtual_memory().available
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max": avail = min(avail, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError): pass
-    return max(avail, 0)
-
-def _check_archive(f, what: str, nbytes: int, in_memory: bool):
-    "Refuse the torch archive in file object `f` (`nbytes` long) unless its entries are stored and fit in it (and in memory)."
-    try:
-        with zipfile.ZipFile(f) as z: infos = z.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as e:
-        raise CheckpointError(f"{what} is not a torch zip archive ({type(e).__name__}: {e}); torch.save writes one, "
-                              "and the legacy formats (which declare sizes before any data) are not read") from None
-    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size]
-    if packed:
-        raise CheckpointError(f"{what}: entry {packed[0]!r} is compressed; torch.save stores every entry, and a compressed entry "
-                              "can declare far more bytes than the file holds: refusing it")
-    declared = sum(i.file_size for i in infos)
-    if declared > nbytes:
-        raise CheckpointError(f"{what}: its entries declare {declared:,} bytes, more than the {nbytes:,} bytes it holds "
-                              "(overlapping entries): refusing it")
-    if in_memory and declared > (avail := available_memory()):
-        raise CheckpointError(f"{what} needs {declared:,} bytes of memory, {avail:,} are available: refusing to load it")
-
-# %% ../nbs/13_checkpoint.ipynb #98d9761a
-class GuardedReader(FileSystemReader):
-    "DCP's `FileSystemReader` with `read_dcp_metadata` for the metadata (or `metadata`, read so already), no bytes items, bounded tensor items."
-    def __init__(self, path, metadata: Optional[Metadata] = None):
-        super().__init__(path)
-        self.metadata = metadata
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        meta = self.metadata if self.metadata is not None else read_dcp_metadata(self.path)
-        if getattr(meta, "storage_meta", None) is not None: meta.storage_meta.load_id = self.load_id
-        return meta
-
-    def read_data(self, plan, planner):
-        by_file: dict[str, list] = {}
-        for item in plan.items:
-            if item.type == LoadItemType.BYTE_IO:
-                raise CheckpointError(f"{self.path}: entry {item.dest_index.fqn!r} is a pickled object (a DCP bytes item); "
-                                      "stem-nb checkpoints hold tensors only and never unpickle objects: refusing to load it")
-            info = self.storage_data[item.storage_index]
-            by_file.setdefault(info.relative_path, []).append((item, info))
-        # every tensor item is a torch.save archive inside the file, which DCP reads with torch.load(weights_only=True):
-        # check it first (bytes items, which DCP would read with weights_only=False, were refused above)
-        for rel, items in by_file.items():
-            f = Path(self.path) / rel
-            try:
-                size = f.stat().st_size
-                with open(f, "rb") as fh:
-                    for item, info in items:
-                        what = f"{f} (entry {item.dest_index.fqn!r})"
-                        if info.offset + info.length > size:
-                            raise CheckpointError(f"{what} lies at bytes [{info.offset:,}, {info.offset + info.length:,}) "
-                                                  f"of a {size:,}-byte file: the file is truncated or the metadata crafted")
-                        _check_archive(_Window(fh, info.offset, info.length), what, info.length, in_memory=True)
-            except OSError as e: raise CheckpointError(f"{f} could not be read ({type(e).__name__}: {e})") from None
-        return super().read_data(plan, planner)
-
-# %% ../nbs/13_checkpoint.ipynb #c27b4ca6
-def _short(e: BaseException) -> str:
-    "`Type: first line` of an error; torch's weights-only refusal (whose advice is to unpickle anyway) in our words."
-    msg = (str(e).splitlines() or [""])[0]
-    if msg.startswith("Weights only load failed"): msg = "weights_only=True found something other than tensors and plain containers"
-    return f"{type(e).__name__}: {msg[:300]}"
-
-def _first_failure(exc: BaseException) -> BaseException:
-    "The first rank's error inside DCP's `CheckpointException` (which wraps every failure); other errors as they are."
-    for wrapped in getattr(exc, "failures", {}).values():
-        return wrapped[0] if isinstance(wrapped, tuple) else wrapped
-    return exc
-
-def _failure_message(exc: CheckpointException, path) -> str:
-    "The message of a failed DCP load: ours verbatim, others in short."
-    inner = _first_failure(exc)
-    return str(inner) if isinstance(inner, CheckpointError) else f"{path} could not be loaded: {_short(inner)}"
-
-def _flat(state: dict, prefix: str = "") -> dict:
-    "The tensors of a nested state dict by DCP's flattened key ('model.layers.0.attention.wq.weight')."
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, dict): out.update(_flat(v, f"{prefix}{k}."))
-        elif torch.is_tensor(v): out[f"{prefix}{k}"] = v
-    return out
-
-def dcp_load(state: dict, path, complete: tuple = ()) -> dict:
-    """Fill the tensors of `state` in place from the DCP folder `path` through `GuardedReader`; every failure is a `CheckpointError`.
-    Each entry must have the shape and dtype of its tensor; under the key prefixes `complete`, the folder may hold no entry `state` lacks."""
-    path = Path(path)
-    meta = read_dcp_metadata(path)                           # a clear message before DCP's planning (and on every rank)
-    sdm = meta.state_dict_metadata
-    flat = _flat(state)
-    for k, v in flat.items():
-        e = sdm.get(k)
-        if isinstance(e, TensorStorageMetadata) and (tuple(e.size) != tuple(v.shape) or e.properties.dtype != v.dtype):
-            raise CheckpointError(f"{path}: entry {k!r} is {str(e.properties.dtype)[6:]} {list(e.size)} in its .metadata, "
-                                  f"the model's is {str(v.dtype)[6:]} {list(v.shape)}")
-    extra = [k for k in sdm if k.startswith(complete) and k not in flat] if complete else []
-    if extra: raise CheckpointError(f"{path}: unexpected entry {extra[0]!r} ({len(extra)} the model does not have)")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(state, storage_reader=GuardedReader(path, meta))
-    except CheckpointException as e: raise CheckpointError(_failure_message(e, path)) from None
-    except CheckpointError: raise
-    except Exception as e: raise CheckpointError(f"{path} could not be loaded: {_short(e)}") from None
-    return state
-
-# %% ../nbs/13_checkpoint.ipynb #0a6e8647
-SAFETENSORS_MAX_HEADER = 16 << 20                     # bytes of JSON header; a checkpoint file's needs kilobytes
-TREE_KEY, TREE_FORMAT = "stem-nb.tree", "stem-nb/tree-1"
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_TENSOR = "__tensor__"
-
-def _umask() -> int:
-    "This process's umask, read without changing it (other threads may be creating files)."
-    try: return int(re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M).group(1), 8)
-    except (OSError, AttributeError, ValueError): m = os.umask(0); os.umask(m); return m
-
-def _to_tree(obj, name: str, tensors: dict, storages: set):
-    "The JSON tree of `obj` (tensors moved into `tensors` by their dotted path `name`, replaced by `{'__tensor__': name}`)."
-    if torch.is_tensor(obj):
-        t = obj.detach()
-        if t.layout != torch.strided or t.dtype not in _ST_NAMES:
-            raise TypeError(f"{name}: a {t.layout} {t.dtype} tensor cannot be stored: safetensors holds dense tensors of {', '.join(_ST_DTYPES)}")
-        t = t.cpu().contiguous()
-        if t.numel():                                      # safetensors refuses tensors sharing memory: copy the second
-            if t.untyped_storage().data_ptr() in storages: t = t.clone()
-            storages.add(t.untyped_storage().data_ptr())
-        if name in tensors: raise ValueError(f"two tensors would be stored as {name!r}")
-        tensors[name] = t
-        return {_TENSOR: name}
-    if isinstance(obj, dict):
-        for k in obj:
-            if not isinstance(k, str) or k == _TENSOR: raise TypeError(f"{name or 'the object'}: key {k!r} cannot be stored (str keys other than {_TENSOR!r})")
-        return {k: _to_tree(v, f"{name}.{k}" if name else k, tensors, storages) for k, v in obj.items()}
-    json.dumps(obj, allow_nan=False)                       # anything else must be plain, finite JSON
-    return obj
-
-def save_tensor_file(path, obj: dict) -> Path:
-    "Write the dict `obj` (nested dicts of tensors and JSON values) to `path` as safetensors, atomically; `load_tensor_file` reads it back."
-    if not isinstance(obj, dict): raise TypeError(f"save_tensor_file: expected a dict, got a {type(obj).__name__}")
-    tensors: dict = {}
-    tree = _to_tree(obj, "", tensors, set())
-    meta = {"format": "pt", TREE_KEY: json.dumps({"format": TREE_FORMAT, "tree": tree}, allow_nan=False)}
-    def write(tmp):
-        save_file(tensors, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o666 & ~_umask())                   # safetensors creates 0600; a checkpoint's files are as readable as others
-    return write_atomic(path, write)
-
-# %% ../nbs/13_checkpoint.ipynb #ade61806
-def _unique_keys(pairs: list) -> dict:
-    "A JSON object without duplicate keys (two readers of one header must not see different tensors)."
-    d = dict(pairs)
-    if len(d) != len(pairs): raise ValueError(f"duplicate key {next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))!r}")
-    return d
-
-def read_safetensors_header(path) -> tuple[dict, dict]:
-    """({tensor name: (dtype, shape, (begin, end))}, the `__metadata__` strings) of safetensors file `path`, read and checked
-    without the safetensors library (see above); else `CheckpointError` naming the file."""
-    path = Path(path)
-    def bad(why: str): return CheckpointError(f"{path} is refused: {why}")
-    try:
-        with open(path, "rb") as fh:
-            size, head = os.fstat(fh.fileno()).st_size, fh.read(8)
-            if len(head) < 8: raise bad(f"{size} bytes, too short for a safetensors file")
-            n = int.from_bytes(head, "little")
-            if n > SAFETENSORS_MAX_HEADER:
-                raise bad(f"its safetensors header length is {n:,} bytes, more than the limit of {SAFETENSORS_MAX_HEADER:,}")
-            if n > size - 8: raise bad(f"its safetensors header length is {n:,} bytes, the file holds {size - 8:,} after it: truncated or crafted")
-            raw = fh.read(n)
-    except OSError as e: raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {e})") from None
-    try: hdr = json.loads(raw, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError) as e: raise bad(f"its safetensors header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(hdr, dict): raise bad(f"its safetensors header is a JSON {type(hdr).__name__}, not an object")
-    meta = hdr.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()): raise bad("its __metadata__ is not an object of strings")
-    entries, data = {}, size - 8 - n
-    for name, e in hdr.items():
-        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-            raise bad(f"tensor {name!r}: its entry {str(e)[:100]} is not {{dtype, shape, data_offsets}}")
-        dt, shape, off = e["dtype"], e["shape"], e["data_offsets"]
-        if dt not in _ST_DTYPES: raise bad(f"tensor {name!r} has dtype {str(dt)[:20]!r}, not one of {list(_ST_DTYPES)}")
-        if not isinstance(shape, list) or len(shape) > 8 or not all(type(s) is int and s >= 0 for s in shape):
-            raise bad(f"tensor {name!r} has shape {str(shape)[:100]}, not a list of at most 8 sizes")
-        if not isinstance(off, list) or len(off) != 2 or not all(type(o) is int for o in off) or not 0 <= off[0] <= off[1]:
-            raise bad(f"tensor {name!r} has data_offsets {str(off)[:100]}, not [begin, end] with 0 <= begin <= end")
-        nbytes = math.prod(shape) * _ST_DTYPES[dt].itemsize
-        if off[1] - off[0] != nbytes:
-            raise bad(f"tensor {name!r} ({dt} {shape}, {nbytes:,} bytes) has data_offsets {off}, which span {off[1] - off[0]:,} bytes")
-        if off[1] > data:
-            raise bad(f"tensor {name!r} lies at bytes [{off[0]:,}, {off[1]:,}) of the data, past its end ({data:,} bytes): truncated or crafted")
-        entries[name] = (_ST_DTYPES[dt], tuple(shape), tuple(off))
-    spans = sorted((off, name) for name, (_, _, off) in entries.items())
-    for ((a0, b0), prev), ((a, b), name) in zip(spans, spans[1:]):
-        if a < b0: raise bad(f"tensor {name!r} at bytes [{a:,}, {b:,}) overlaps tensor {prev!r} at [{a0:,}, {b0:,})")
-    end = 0
-    for (a, b), name in spans:
-        if a > end: raise bad(f"bytes [{end:,}, {a:,}) before tensor {name!r} belong to no tensor")
-        end = b
-    if end != data: raise bad(f"its tensors end at byte {end:,} of the data, the file holds {data:,}: trailing bytes")
-    return entries, meta
-
-class _Ref(str): "A tensor's name in a tree being rebuilt."
-
-def _from_tree(node, entries: dict, used: set, bad, depth: int = 0):
-    "The tree `node` with each `{'__tensor__': name}` replaced by `_Ref(name)`, every name checked against the file's `entries`."
-    if depth > 32: raise bad("its stem-nb.tree is nested deeper than 32 levels")
-    if isinstance(node, dict):
-        if _TENSOR in node:
-            name = node[_TENSOR]
-            if len(node) != 1 or not isinstance(name, str): raise bad(f"its stem-nb.tree holds a malformed tensor reference {str(node)[:100]}")
-            if name not in entries: raise bad(f"its stem-nb.tree names tensor {name!r}, which the file does not hold")
-            if name in used: raise bad(f"its stem-nb.tree names tensor {name!r} twice")
-            used.add(name)
-            return _Ref(name)
-        return {k: _from_tree(v, entries, used, bad, depth + 1) for k, v in node.items()}
-    if isinstance(node, list): return [_from_tree(v, entries, used, bad, depth + 1) for v in node]
-    return node
-
-def _fill(node, f, entries: dict, mmap: bool):
-    "The tree with every `_Ref` replaced by its tensor read from the open safetensors `f` (a copy unless `mmap`)."
-    if isinstance(node, _Ref):
-        t = f.get_tensor(str(node))
-        dtype, shape, _ = entries[str(node)]
-        if t.dtype != dtype or tuple(t.shape) != shape: raise CheckpointError(f"tensor {str(node)!r} changed while being read")
-        return t if mmap else t.clone()
-    if isinstance(node, dict): return {k: _fill(v, f, entries, mmap) for k, v in node.items()}
-    if isinstance(node, list): return [_fill(v, f, entries, mmap) for v in node]
-    return node
-
-def load_safetensors(path, mmap: bool = False) -> dict:
-    "What `save_tensor_file` wrote to `path`, after `read_safetensors_header`; tensors memory-mapped if `mmap` (else read, within the memory available)."
-    path = Path(path)
-    def bad(why: str): return CheckpointError(f"{path} is refused: {why}")
-    entries, meta = read_safetensors_header(path)
-    if TREE_KEY not in meta: raise bad(f"a safetensors file without stem-nb's {TREE_KEY!r} metadata: not a file stem-nb wrote")
-    try: doc = json.loads(meta[TREE_KEY], object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError) as e: raise bad(f"its {TREE_KEY} metadata is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(doc, dict) or doc.get("format") != TREE_FORMAT or not isinstance(doc.get("tree"), dict):
-        raise bad(f"its {TREE_KEY} metadata is not a {TREE_FORMAT} tree")
-    used: set = set()
-    tree = _from_tree(doc["tree"], entries, used, bad)
-    extra = sorted(set(entries) - used)
-    if extra: raise bad(f"unexpected tensor {extra[0]!r}: it is not part of the file's {TREE_KEY} ({len(extra)} such)")
-    declared = sum(b - a for _, _, (a, b) in entries.values())
-    if not mmap and declared > (avail := available_memory()):
-        raise bad(f"it needs {declared:,} bytes of memory, {avail:,} are available")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f: return _fill(tree, f, entries, mmap)
-    except CheckpointError as e: raise bad(str(e)) from None
-    except Exception as e: raise CheckpointError(f"{path} could not be loaded by safetensors ({_short(e)})") from None
-
-# %% ../nbs/13_checkpoint.ipynb #a9a68983
-def load_tensor_file(path, mmap: bool = False):
-    """A safetensors file stem-nb wrote (`load_safetensors`), or a `torch.save` zip archive read with `torch.load(weights_only=True)`
-    after `_check_archive` (tensors and plain containers only, sizes bounded); else `CheckpointError` naming `path`."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            head, size = fh.read(9), os.fstat(fh.fileno()).st_size
-            if head[:4] == b"PK\x03\x04": _check_archive(fh, str(path), size, in_memory=not mmap)
-    except OSError as e: raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {e})") from None
-    if head[:4] != b"PK\x03\x04":
-        if head[8:9] != b"{":
-            raise CheckpointError(f"{path} is neither a safetensors file nor a torch zip archive (what earlier versions wrote with "
-                                  "torch.save; the legacy formats, which declare sizes before any data, are not read)")
-        return load_safetensors(path, mmap)
-    # torch.load, justified: only a zip archive checked by _check_archive (every entry stored, within the file), only with
-    # weights_only=True (tensors and plain containers; no code), for the .pt files of earlier stem-nb versions and of the reference trainer
-    try: return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} could not be loaded with weights_only=True ({_short(e)}); "
-                              "it is corrupted, not a stem-nb file, or crafted to run code") from None
-
-# %% ../nbs/13_checkpoint.ipynb #c98499b8
-def _nonfinite_row(t: torch.Tensor) -> Optional[int]:
-    "The first row (index along dim 0) of `t` holding a NaN or inf; None when every value is finite."
-    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float64))): return None
-    rows = t.reshape(t.shape[0] if t.dim() else 1, -1)
-    step = max(1, (1 << 22) // max(1, rows.shape[1]))
-    for s in range(0, rows.shape[0], step):
-        bad = (~torch.isfinite(rows[s:s + step])).any(dim=1).nonzero()
-        if len(bad): return s + int(bad[0])
-    return None
-
-def _check_tensors(source, got, want: dict, what: str = "tensor", same_dtype: bool = True):
-    "`got` must map exactly the keys of `want` to finite tensors of the shapes (and dtypes) of `want`'s; else `CheckpointError` naming `source`."
-    if not isinstance(got, dict): raise CheckpointError(f"{source}: holds a {type(got).__name__} where a dict of {what}s belongs")
-    missing, extra = [k for k in want if k not in got], [k for k in got if k not in want]
-    if missing: raise CheckpointError(f"{source}: no {what} {missing[0]!r} ({len(missing)} missing)")
-    if extra: raise CheckpointError(f"{source}: unexpected {what} {extra[0]!r}: the model has no such {what} (expected {list(want)})")
-    for k, w in want.items():
-        v = got[k]
-        if not torch.is_tensor(v): raise CheckpointError(f"{source}: {what} {k!r} is a {type(v).__name__}, not a tensor")
-        if tuple(v.shape) != tuple(w.shape): raise CheckpointError(f"{source}: {what} {k!r} has shape {list(v.shape)}, expected {list(w.shape)}")
-        if (v.dtype != w.dtype) if same_dtype else not v.is_floating_point():
-            expected = str(w.dtype)[6:] if same_dtype else "a floating-point dtype"
-            raise CheckpointError(f"{source}: {what} {k!r} is {str(v.dtype)[6:]}, expected {expected}")
-        row = _nonfinite_row(v)
-        if row is not None: raise CheckpointError(f"{source}: {what} {k!r} holds NaN or inf (row {row})")
 
 # %% ../nbs/13_checkpoint.ipynb #5cca3188
 def _b64(t: torch.Tensor) -> str: return base64.b64encode(t.numpy().tobytes()).decode()
@@ -615,89 +173,7 @@ def table_slices(ckpt_dir) -> tuple[int, list[Path]]:
     if missing: raise CheckpointError(f"{d}: slice {missing[0]} of {P} is missing")
     return P, [have[s] for s in range(P)]
 
-# %% ../nbs/13_checkpoint.ipynb #68217166
-def _columns(objs_by_slice: dict, h_old: int, lo: int, hi: int, get):
-    "Columns [lo, hi) of the full tensor whose slice j is `get(objs_by_slice[j])`."
-    parts = []
-    for j in range(lo // h_old, (hi - 1) // h_old + 1):
-        a, b = max(lo, j * h_old) - j * h_old, min(hi, (j + 1) * h_old) - j * h_old
-        parts.append(get(objs_by_slice[j])[..., a:b])
-    return torch.cat(parts, dim=-1)
-
-def _slice_state(saved: dict, objs: dict, name: str, h_old: int, lo: int, hi: int, device) -> dict:
-    "This rank's optimizer state of table `name`: column-sliced where it is shaped like the saved `[V, H/P]` slice, copied otherwise."
-    slice_shape = tuple(next(iter(objs.values()))["tables"][name].shape)
-    state = {}
-    for k, v in saved.items():
-        if torch.is_tensor(v) and tuple(v.shape) == slice_shape:
-            v = _columns(objs, h_old, lo, hi, lambda ob: ob["optim"][name][k])
-        state[k] = v.clone().to(device) if torch.is_tensor(v) else v
-    return state
-
 # %% ../nbs/13_checkpoint.ipynb #024e8e9d
-_SLICE_KEYS = ("P", "slice", "vocab", "hidden", "tables", "optim")
-
-def _read_slice(f: Path, j: int, P: int, V: int, H: int, names: list[str], dtype=torch.float32) -> dict:
-    "Table slice file `f` (slice `j` of `P`) of the `[V, H]` `dtype` tables of STEM layers `names`, checked; else `CheckpointError` naming `f`."
-    obj = load_tensor_file(f, mmap=True)
-    if not isinstance(obj, dict): raise CheckpointError(f"{f}: holds a {type(obj).__name__}, not a table slice (a dict with 'tables')")
-    missing = [k for k in _SLICE_KEYS if k not in obj]
-    if missing: raise CheckpointError(f"{f}: no {missing[0]!r} key: not a stem-nb table slice (keys {list(_SLICE_KEYS)})")
-    if (obj["P"], obj["slice"]) != (P, j): raise CheckpointError(f"{f}: holds slice {obj['slice']!r} of {obj['P']!r}, its name says {j} of {P}")
-    if (obj["vocab"], obj["hidden"]) != (V, H):
-        raise CheckpointError(f"{f}: tables of shape [{obj['vocab']}, {obj['hidden']}] do not fit the model's [{V}, {H}]")
-    _check_tensors(f, obj["tables"], {n: torch.empty(V, H // P, dtype=dtype, device="meta") for n in names}, "table")
-    optim = obj["optim"]
-    if not isinstance(optim, dict) or not all(isinstance(v, dict) for v in optim.values()):
-        raise CheckpointError(f"{f}: 'optim' is not a dict of per-table state dicts")
-    if set(optim) - set(names): raise CheckpointError(f"{f}: optimizer state for table {sorted(set(optim) - set(names))[0]!r}, which the model does not have")
-    return obj
-
-def _same_state_layout(objs: dict, files: list[Path]):
-    "Every slice read holds state for the same tables, with the same keys and tensor shapes (what `_slice_state` relies on)."
-    layout = lambda o: {n: {k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__ for k, v in st.items()} for n, st in o["optim"].items()}
-    (j0, o0), *rest = objs.items()
-    for j, o in rest:
-        if layout(o) != layout(o0): raise CheckpointError(f"{files[j]}: its optimizer state differs in keys or shapes from {files[j0]}")
-
-@torch.no_grad()
-def load_table_shards(ckpt_dir, model, layout: StemLayout, table_optimizer=None):
-    "Load the table slices (and optimizer state into `table_optimizer`) saved at any P into this rank's slice for `layout`."
-    m = unwrap(model)
-    P_old, files = table_slices(ckpt_dir)
-    H, V = m.args.hidden_dim, m.args.vocab_size
-    if H % P_old: raise CheckpointError(f"{files[0].parent}: {P_old} slices cannot split the model's table width H={H}")
-    h_old, h = H // P_old, H // layout.P
-    lo, hi = layout.slice_index * h, (layout.slice_index + 1) * h
-    need = range(lo // h_old, (hi - 1) // h_old + 1)
-    names = list(m.stem_tables)
-    dtype = next(iter(m.stem_tables.values())).weight.dtype if names else torch.float32
-    objs = {j: _read_slice(files[j], j, P_old, V, H, names, dtype) for j in need}
-    _same_state_layout(objs, files)
-    first, read = objs[need[0]], ", ".join(str(files[j]) for j in need)
-    for name, emb in m.stem_tables.items():
-        if tuple(emb.weight.shape) != (V, h):
-            raise CheckpointError(f"stem_tables[{name!r}] is {tuple(emb.weight.shape)}, expected the slice [{V}, {h}] for {layout}")
-    states = {}
-    if table_optimizer is not None:
-        for name, emb in m.stem_tables.items():
-            if name not in first["optim"]: continue
-            state = _slice_state(first["optim"][name], objs, name, h_old, lo, hi, emb.weight.device)
-            try: table_optimizer.validate_state(emb.weight, state)
-            except ValueError as e: raise CheckpointError(f"{read}: the optimizer state of table {name!r} is refused: {e}") from None
-            states[emb.weight] = state
-    for name, emb in m.stem_tables.items(): emb.weight.copy_(_columns(objs, h_old, lo, hi, lambda o: o["tables"][name]))
-    if table_optimizer is not None: table_optimizer.state.update(states)
-
-def full_tables(ckpt_dir, args: Optional[ModelArgs] = None) -> dict[str, torch.Tensor]:
-    "Every table of a checkpoint (of the model `args`, default its `model_args.json`) as one `[V, H]` tensor (slices concatenated along H)."
-    args = args or read_model_args(ckpt_dir)
-    P, files = table_slices(ckpt_dir)
-    names = [str(i) for i in args.table_layers]
-    objs = [_read_slice(f, j, P, args.vocab_size, args.hidden_dim, names) for j, f in enumerate(files)]
-    return {name: torch.cat([o["tables"][name] for o in objs], dim=1) for name in names}
-
-# %% ../nbs/13_checkpoint.ipynb #8b9c3db2
 BACKBONE_DIR = "backbone"
 
 def _backbone_state(model, backbone_optimizer=None) -> tuple[dict, Optional[list]]:
@@ -719,16 +195,7 @@ def save_backbone(ckpt_dir, model, backbone_optimizer=None):
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, checkpoint_id=str(Path(ckpt_dir) / BACKBONE_DIR))
 
-def load_backbone(ckpt_dir, model, backbone_optimizer=None):
-    "Load what `save_backbone` wrote, at any world size, into `model` (and `backbone_optimizer`), through the guarded reader."
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict, StateDictOptions
-    state, groups = _backbone_state(model, backbone_optimizer)
-    dcp_load(state, Path(ckpt_dir) / BACKBONE_DIR, complete=("model.",))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    if backbone_optimizer is not None:
-        set_optimizer_state_dict(model, backbone_optimizer, {"state": state["optim"]["state"], "param_groups": groups})
-
-# %% ../nbs/13_checkpoint.ipynb #a2e9d57e
+# %% ../nbs/13_checkpoint.ipynb #eaa153ce
 _TMP_RE = re.compile(r"^\.tmp-(\d{10})(?:-(\d+)-([0-9a-f]+))?$")
 
 def list_checkpoints(root) -> list[Path]:
@@ -750,6 +217,7 @@ def _live_marks(d: Path, regex) -> list[int]:
     "The pids of live processes whose mark (`.pin-<pid>`, `.pruning-<pid>`) is in `d`; `FileNotFoundError` once `d` is gone."
     return [int(m.group(1)) for n in os.listdir(d) if (m := regex.match(n)) and _pid_alive(int(m.group(1)))]
 
+# %% ../nbs/13_checkpoint.ipynb #4faba445
 class CheckpointPruned(CheckpointError):
     "The checkpoint was pruned (or is being pruned) while a reader opened it."
 
@@ -776,6 +244,7 @@ def pin_checkpoint(ckpt_dir):
             _PINS[pin] -= 1
             if not _PINS[pin]: del _PINS[pin]; pin.unlink(missing_ok=True)
 
+# %% ../nbs/13_checkpoint.ipynb #8b9c3db2
 def _remove_unpinned(p: Path) -> bool:
     "Delete checkpoint `p` unless a live reader pins it; whether it is gone. Mark, then look for pins: a reader pins, then looks for marks."
     mark = p / f".pruning-{os.getpid()}"
@@ -832,7 +301,7 @@ def _all_ranks_ok(ok: bool) -> bool:
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
-# %% ../nbs/13_checkpoint.ipynb #ec2fe88b
+# %% ../nbs/13_checkpoint.ipynb #4dd9c7d0
 def _write_parts(tmp: Path, step: int, model, optimizer, train_state: Optional[dict], layout):
     "Every rank: its backbone shard (DCP), its table slice (STEM group 0), its JSON train state (with the optimizer's hyperparameters)."
     rank = world_info()[0]
@@ -845,6 +314,7 @@ def _write_parts(tmp: Path, step: int, model, optimizer, train_state: Optional[d
     if optimizer is not None: state[OPTIMIZER_HPARAMS] = optimizer.hparams()
     write_atomic(tmp / train_state_file(rank), json.dumps(state))
 
+# %% ../nbs/13_checkpoint.ipynb #ec2fe88b
 REPLACED_DIR = ".replaced"
 REPLACE_WAIT_S = 60.0          # how long a save waits for readers of the checkpoint it replaces
 
@@ -870,6 +340,7 @@ def move_aside_checkpoint(ckpt_dir, wait_s: Optional[float] = None) -> Path:
     (dest / mark.name).unlink(missing_ok=True)
     return dest
 
+# %% ../nbs/13_checkpoint.ipynb #05a2eada
 def _publish(tmp: Path, final: Path, step: int, model, config_yaml: Optional[str], keep: int):
     "Rank 0: model args, config, manifest, then the rename into place, then pruning."
     write_atomic(tmp / MODEL_ARGS, json.dumps(dataclasses.asdict(unwrap(model).args)))
@@ -906,258 +377,3 @@ def save_checkpoint(root, step: int, model, optimizer=None, train_state: Optiona
         except (OSError, RuntimeError) as e: error = e
     if not _all_ranks_ok(error is None): raise _save_failed(root, tmp, step, error, model, optimizer)
     return final
-
-# %% ../nbs/13_checkpoint.ipynb #d6ca360c
-def read_train_state(ckpt_dir, rank: Optional[int] = None) -> dict:
-    "The JSON train state of `rank` (default: this process), or rank 0's when the checkpoint has none for it."
-    d = Path(ckpt_dir)
-    rank = world_info()[0] if rank is None else rank
-    f = d / train_state_file(rank)
-    if not f.is_file(): f = d / train_state_file(0)
-    try: return json.loads(f.read_text())
-    except FileNotFoundError: raise CheckpointError(f"{f} is missing: checkpoint {d} has no train state") from None
-    except json.JSONDecodeError as e: raise CheckpointError(f"{f} is not valid JSON ({e})") from None
-
-def model_args_from(kw, source) -> ModelArgs:
-    """`ModelArgs(**kw)` read from a file (`source` names it), checked before anything is built: fields of the right types,
-    and a model whose fp32 weights (and RoPE tables) fit in the memory available; else `CheckpointError` naming `source`."""
-    if not isinstance(kw, dict): raise CheckpointError(f"{source}: model args are a {type(kw).__name__}, not a dict")
-    fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
-    for k, v in kw.items():
-        if k not in fields: raise CheckpointError(f"{source}: {k!r} is not a model argument")
-        default = fields[k].default
-        if isinstance(default, int) and not isinstance(default, bool) or k == "n_kv_heads":
-            if not (type(v) is int or v is None and k == "n_kv_heads"): raise CheckpointError(f"{source}: model.{k}={v!r} is not an integer")
-        elif isinstance(default, float) or k == "ffn_dim_multiplier":
-            if not (type(v) in (int, float) and math.isfinite(v) and v > 0 or v is None and k == "ffn_dim_multiplier"):
-                raise CheckpointError(f"{source}: model.{k}={v!r} is not a positive finite number")
-    try: args = ModelArgs(**kw)
-    except Exception as e: raise CheckpointError(f"{source} does not describe a model: {type(e).__name__}: {e}") from None
-    n = count_params(args)["total"] + args.max_seq_len * args.head_dim
-    if 4 * n > (avail := available_memory()):
-        raise CheckpointError(f"{source}: its model args describe {n:,} parameters ({4 * n:,} bytes in fp32), more than the "
-                              f"{avail:,} bytes of memory available: refusing to build the model")
-    return args
-
-def read_model_args(ckpt_dir) -> ModelArgs:
-    "The checked `ModelArgs` of checkpoint `ckpt_dir` (`model_args_from` its `model_args.json`)."
-    f = Path(ckpt_dir) / MODEL_ARGS
-    if not f.is_file(): raise CheckpointError(f"{f} is missing: cannot rebuild the model of {ckpt_dir}")
-    try: kw = json.loads(f.read_text())
-    except (ValueError, OSError) as e: raise CheckpointError(f"{f} does not describe a model: {type(e).__name__}: {e}") from None
-    return model_args_from(kw, f)
-
-# %% ../nbs/13_checkpoint.ipynb #0c5466b7
-def load_checkpoint(ckpt_dir, model, optimizer=None, layout: Optional[StemLayout] = None, verify: bool = True) -> dict:
-    "Restore `model` (and the `ModelOptimizer`'s state and hyperparameters) from `ckpt_dir` in place; returns this rank's train state."
-    d = Path(ckpt_dir)
-    if verify: verify_checkpoint(d)
-    state = read_train_state(d)
-    hparams = state.pop(OPTIMIZER_HPARAMS, None)
-    try:
-        # hyperparameters first: `load_hparams` refuses other param groups or another table-optimizer mode before any state moves
-        if optimizer is not None and hparams is not None: optimizer.load_hparams(hparams)
-        load_backbone(d, model, optimizer.backbone if optimizer is not None else None)
-        if len(unwrap(model).stem_tables):
-            load_table_shards(d, model, _layout(layout), optimizer.tables if optimizer is not None else None)
-    except CheckpointError: raise
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"checkpoint {d} could not be loaded: {_short(e)}") from None
-    return state
-
-def load_latest(root, model, optimizer=None, layout=None, log=print) -> Optional[tuple[Path, dict]]:
-    "Load the newest valid checkpoint under `root`, falling back past bad ones (each named in a warning); None if none."
-    for d in reversed(list_checkpoints(root)):
-        try: return d, load_checkpoint(d, model, optimizer, layout)
-        except (CheckpointError, CheckpointException) as e:
-            log(f"WARNING: skipping checkpoint {d}: {e}")
-    return None
-
-# %% ../nbs/13_checkpoint.ipynb #1e37f104
-def _model_from_ckpt(ckpt_dir, device="cpu") -> Transformer:
-    "The model in checkpoint folder `ckpt_dir`, pinned while it is read; every weight checked (expected shape and dtype, finite)."
-    d = Path(ckpt_dir)
-    with pin_checkpoint(d):
-        verify_checkpoint(d)
-        m = Transformer(read_model_args(d))
-        load_backbone(d, m)
-        for n, p in m.backbone_parameters():
-            if (row := _nonfinite_row(p.detach())) is not None:
-                raise CheckpointError(f"{d / BACKBONE_DIR}: weight {n!r} holds NaN or inf (row {row})")
-        if len(m.stem_tables): load_table_shards(d, m, StemLayout(1, 0, 1))
-    return m.to(device)
-
-def _model_from_file(p: Path) -> Transformer:
-    "The model in the consolidated file `p`: its model args checked before building, its weights against the model's."
-    obj = load_tensor_file(p, mmap=True)                 # copied into the model, whose size model_args_from bounds
-    if not isinstance(obj, dict) or "model_args" not in obj or "model" not in obj:
-        raise CheckpointError(f"{p} is not a consolidated stem-nb checkpoint (expected keys 'model_args' and 'model')")
-    m = Transformer(model_args_from(obj["model_args"], p))
-    _check_tensors(p, obj["model"], m.state_dict(), "weight")
-    m.load_state_dict(obj["model"])
-    return m
-
-def export_consolidated(ckpt_dir, out) -> Path:
-    "Write `{'model_args': dict, 'model': state_dict incl. tables}` of checkpoint `ckpt_dir` to `out` as safetensors (`save_tensor_file`)."
-    m = _model_from_ckpt(ckpt_dir)
-    return save_tensor_file(out, {"model_args": dataclasses.asdict(m.args), "model": m.state_dict()})
-
-# %% ../nbs/13_checkpoint.ipynb #21aa7688
-_WARNED: set[str] = set()
-
-def _warn(msg: str):
-    "`WARNING: msg` on stderr, once per process."
-    if msg not in _WARNED: _WARNED.add(msg); print(f"WARNING: {msg}", file=sys.stderr, flush=True)
-
-def _newest_valid(root: Path) -> Path:
-    "The newest checkpoint under `root` whose manifest verifies; every newer, corrupt one is named in a warning."
-    errs = []
-    for d in reversed(list_checkpoints(root)):
-        try: verify_checkpoint(d)
-        except CheckpointError as e:
-            if d.exists(): errs.append((d, e))           # one pruned meanwhile is not corrupt
-            continue
-        for bad, e in errs: _warn(f"skipping corrupt checkpoint {bad}: {e}; using the older {d}")
-        return d
-    raise CheckpointError(f"no valid checkpoint under {root}" + (f": {'; '.join(str(e) for _, e in errs)}" if errs else ""))
-
-def resolve_checkpoint(path) -> Path:
-    "A checkpoint folder from a checkpoint folder, a `checkpoints/` folder, or a dump dir (its newest valid checkpoint)."
-    p = Path(path)
-    if (p / MANIFEST).is_file() or (p / BACKBONE_DIR).is_dir(): return p
-    if (p / CKPT_DIR).is_dir(): return _newest_valid(p / CKPT_DIR)
-    if list_checkpoints(p): return _newest_valid(p)
-    raise CheckpointError(f"{p} is neither a checkpoint, a checkpoints/ folder nor a dump dir with checkpoints")
-
-@contextlib.contextmanager
-def reading_checkpoint(path):
-    "The checkpoint folder `path` means (`resolve_checkpoint`), pinned while the block reads it; resolved again if it was pruned first."
-    p = Path(path)
-    for _ in range(8):
-        d = resolve_checkpoint(p)
-        with contextlib.ExitStack() as stack:
-            try: stack.enter_context(pin_checkpoint(d))
-            except CheckpointPruned:
-                if d == p: raise                         # the caller named this very checkpoint
-                continue
-            yield d
-            return
-    raise CheckpointError(f"{p}: its newest checkpoints kept being pruned while being opened")
-
-def load_model(path, device="cpu") -> Transformer:
-    "The `Transformer` stored at `path`: a consolidated `.pt`, a checkpoint folder, or a dump dir (newest valid checkpoint)."
-    p = Path(path)
-    if p.is_file(): return _model_from_file(p).to(device)
-    if not p.exists(): raise CheckpointError(f"{p} does not exist")
-    with reading_checkpoint(p) as d: return _model_from_ckpt(d, device)
-
-# %% ../nbs/13_checkpoint.ipynb #32cc08ce
-REF_PREFIX = "lm_transformer."
-REF_SHARDS = "stem_shards"
-_REF_SHARD_RE = re.compile(r"stem_model_mp(\d+)\.pt$")
-_REF_KEY_RE = re.compile(r"^stem_embeddings\.(\d+)\.weight$")
-
-def write_reference_checkpoint(model: Transformer, ckpt_dir, P: int = 1) -> Path:
-    "Write `model` in the reference trainer's layout (above), tables split in `P` column slices. For tests and demos."
-    d = Path(ckpt_dir); d.mkdir(parents=True, exist_ok=True)
-    sd = {REF_PREFIX + n: p.detach().clone() for n, p in model.backbone_parameters()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save({"model": sd}, checkpoint_id=str(d))
-    a = dataclasses.asdict(model.args)
-    (d / "params.json").write_text(json.dumps({"model": {**a, "max_seqlen": a.pop("max_seq_len")}}))
-    if len(model.stem_tables):
-        H = model.args.hidden_dim
-        if H % P: raise ValueError(f"P={P} does not divide the table width H={H}")
-        h = H // P
-        (d / REF_SHARDS).mkdir(exist_ok=True)
-        for r in range(P):      # torch.save, justified: the reference trainer's own shard format, written to test its import
-            torch.save({f"stem_embeddings.{k}.weight": t.weight.detach()[:, r * h:(r + 1) * h].clone()
-                        for k, t in model.stem_tables.items()}, d / REF_SHARDS / f"stem_model_mp{r}.pt")
-    return d
-
-def _ref_model_args(d: Path, tables: dict) -> ModelArgs:
-    f = d / "params.json"
-    if not f.is_file():
-        # params.json can also sit one level up (Lingua: dump_dir/config.yaml); without it we cannot guess heads
-        raise CheckpointError(f"{f} is missing: pass model_args to import_reference")
-    try: cfg = json.loads(f.read_text())
-    except (ValueError, OSError) as e: raise CheckpointError(f"{f} is not valid JSON ({e})") from None
-    cfg = cfg.get("model", cfg) if isinstance(cfg, dict) else cfg
-    if not isinstance(cfg, dict): raise CheckpointError(f"{f}: holds a {type(cfg).__name__}, not the model's config")
-    names = {fl.name for fl in dataclasses.fields(ModelArgs)}
-    kw = {k: v for k, v in cfg.items() if k in names}
-    if "max_seqlen" in cfg and "max_seq_len" not in kw: kw["max_seq_len"] = cfg["max_seqlen"]
-    if tables and "ffn_type" not in kw: kw["ffn_type"] = "stem"
-    if tables: kw["stem_layers"] = sorted(int(k) for k in tables)
-    return model_args_from(kw, f)
-
-# %% ../nbs/13_checkpoint.ipynb #83aca3df
-def _ref_tables(d: Path) -> dict[str, torch.Tensor]:
-    "The reference's `[V, H]` tables: the column slices of every model-parallel rank, concatenated."
-    shards = d / REF_SHARDS
-    files = sorted(shards.glob("stem_model_mp*.pt"), key=lambda f: int(_REF_SHARD_RE.search(f.name).group(1))) \
-        if shards.is_dir() else []
-    ranks = [int(_REF_SHARD_RE.search(f.name).group(1)) for f in files]
-    if ranks != list(range(len(ranks))): raise CheckpointError(f"{shards}: model-parallel ranks {ranks} are not 0..{len(ranks)-1}")
-    slices: dict[str, list] = {}
-    for f in files:
-        obj = load_tensor_file(f, mmap=True)
-        if not isinstance(obj, dict): raise CheckpointError(f"{f}: holds a {type(obj).__name__}, not a dict of table slices")
-        for k, v in obj.items():
-            match = _REF_KEY_RE.match(str(k))
-            if not match: raise CheckpointError(f"{f}: unexpected key {k!r} (expected 'stem_embeddings.<layer>.weight')")
-            if not torch.is_tensor(v) or v.dim() != 2: raise CheckpointError(f"{f}: {k!r} is not a 2-D tensor")
-            slices.setdefault(match.group(1), []).append(v)
-    bad = [k for k, v in slices.items() if len(v) != len(files)]
-    if bad: raise CheckpointError(f"{shards}: table of layer {bad[0]} is missing from some shards")
-    bad = [k for k, v in slices.items() if len({t.shape[0] for t in v}) != 1]
-    if bad: raise CheckpointError(f"{shards}: the slices of layer {bad[0]}'s table have different numbers of rows")
-    return {k: torch.cat(v, dim=1) for k, v in slices.items()}
-
-def _ref_keymap(d: Path, meta) -> dict[str, str]:
-    "Every '[model.]lm_transformer.X' DCP key of the reference -> our parameter name 'X'."
-    keymap = {}
-    for k in meta.state_dict_metadata:
-        kk = k[len("model."):] if k.startswith("model.") else k
-        if kk.startswith(REF_PREFIX): keymap[k] = kk[len(REF_PREFIX):]
-    if not keymap: raise CheckpointError(f"{d}: no '{REF_PREFIX}*' entries in the DCP metadata")
-    return keymap
-
-# %% ../nbs/13_checkpoint.ipynb #c1a55241
-def _ref_backbone(d: Path, meta, keymap: dict, own: dict) -> dict[str, torch.Tensor]:
-    "The reference's backbone tensors by DCP key, each declared shape checked against the model's `own` parameters before allocating."
-    sdm = meta.state_dict_metadata
-    for k in keymap:
-        e, want = sdm[k], own[keymap[k]]
-        if not isinstance(e, TensorStorageMetadata): raise CheckpointError(f"{d}: entry {k!r} is a pickled object, not a tensor: refusing it")
-        if tuple(e.size) != tuple(want.shape):
-            raise CheckpointError(f"{d / '.metadata'}: {k} declares shape {list(e.size)}, the model expects {list(want.shape)}")
-        if not e.properties.dtype.is_floating_point: raise CheckpointError(f"{d / '.metadata'}: {k} is {e.properties.dtype}, not floating point")
-    state = {k: torch.empty(own[keymap[k]].shape, dtype=sdm[k].properties.dtype) for k in keymap}
-    # DCP loads nested dicts by flattened key: rebuild the nesting the writer used
-    nested = {"model": {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
-              **{k: v for k, v in state.items() if not k.startswith("model.")}}
-    if not nested["model"]: nested.pop("model")
-    dcp_load(nested, d)
-    return {k: nested["model"][k[len("model."):]] if k.startswith("model.") else nested[k] for k in keymap}
-
-@torch.no_grad()
-def import_reference(ckpt_dir, model_args: Optional[ModelArgs] = None) -> Transformer:
-    "A `Transformer` holding the weights of a reference STEM/Lingua checkpoint (layout above); sizes checked before anything is allocated."
-    d = Path(ckpt_dir)
-    meta = read_dcp_metadata(d)
-    tables, keymap = _ref_tables(d), _ref_keymap(d, meta)
-    args = _ref_model_args(d, tables) if model_args is None else model_args_from(dataclasses.asdict(model_args), "model_args")
-    m = Transformer(args)
-    own = dict(m.backbone_parameters())
-    missing = sorted(set(own) - set(keymap.values()))
-    if missing: raise CheckpointError(f"{d}: the reference checkpoint has no weight for {missing[0]} ({len(missing)} missing)")
-    extra = sorted(set(keymap.values()) - set(own))
-    if extra: raise CheckpointError(f"{d}: reference weight {extra[0]} has no counterpart in {m!r}")
-    for k, v in _ref_backbone(d, meta, keymap, own).items(): own[keymap[k]].copy_(v)
-    for n, p in own.items():
-        if (row := _nonfinite_row(p)) is not None: raise CheckpointError(f"{d}: weight {n!r} holds NaN or inf (row {row})")
-    _check_tensors(d / REF_SHARDS, tables, {k: t.weight for k, t in m.stem_tables.items()}, "table", same_dtype=False)
-    for k, t in m.stem_tables.items(): t.weight.copy_(tables[k])
-    return m

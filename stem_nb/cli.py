@@ -7,18 +7,16 @@ Docs: https://stem-nb.github.io/stem-nb/cli.html.md"""
 
 # %% ../nbs/32_cli.ipynb #5422c9b5
 from __future__ import annotations
-import argparse, dataclasses, importlib, json, os, re, shlex, statistics, subprocess, sys, tempfile, time
+import argparse, importlib, json, shlex, subprocess, sys, time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+from .gpu_check import cost_basis, job_cost, _gpu_h
+from .jobs import STATE, ClusterArgs, JobRunner, _columns, job_call, job_folder, sbatch_script, slurm_params
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'INTERRUPTED', 'BENCHMARKS', 'VARIANTS_CHECKED', 'GPU_CHECKS', 'ALIVE', 'GPU_CHECK_RECORD', 'STATE',
-           'main', 'torchrun_command', 'check_slurm_job', 'launch_slurm', 'slurm_cli', 'smoke', 'smoke_cli',
-           'run_benchmark', 'run_benchmarks', 'bench_cli', 'check_train', 'check_decode', 'check_offload', 'check_fsdp',
-           'check_paper_step', 'gpu_check', 'format_table', 'record_gpu_check', 'gpu_check_cli', 'ClusterArgs',
-           'plan_jobs', 'job_done', 'TrainJob', 'EvalJob', 'slurm_params', 'job_folder', 'job_call', 'sbatch_script',
-           'proc_start', 'slurm_state', 'lock_held', 'job_state', 'job_failure', 'run_progress', 'cost_basis',
-           'job_cost', 'JobRunner', 'reproduce_cli']
+__all__ = ['SUBCOMMANDS', 'INTERRUPTED', 'main', 'torchrun_command', 'check_slurm_job', 'launch_slurm', 'slurm_cli', 'smoke',
+           'smoke_cli', 'benchmarks', 'run_benchmark', 'run_benchmarks', 'bench_cli', 'print_jobs', 'reproduce_cli']
 
 # %% ../nbs/32_cli.ipynb #49f1c898
 SUBCOMMANDS = {  # name: (module, function, help)
@@ -31,7 +29,7 @@ SUBCOMMANDS = {  # name: (module, function, help)
     "import-hf": ("stem_nb.hf", "import_cli", "read an export-hf folder back into a stem-nb run: stem-nb import-hf DIR OUT"),
     "slurm":     ("stem_nb.cli", "slurm_cli", "submit a training job through submitit (or --dry-run: print the sbatch script)"),
     "bench":     ("stem_nb.cli", "bench_cli", "run the benchmarks (each in a fresh process), one JSON line per result"),
-    "gpu-check": ("stem_nb.cli", "gpu_check_cli", "bf16+compile training, decode, offload overlap, FSDP2 on one GPU (--dry-run: tiny, on CPU)"),
+    "gpu-check": ("stem_nb.gpu_check", "gpu_check_cli", "bf16+compile training, decode, offload overlap, FSDP2 on one GPU (--dry-run: tiny, on CPU)"),
     "smoke":     ("stem_nb.cli", "smoke_cli", "build every variant, one forward/backward, print the param/FLOP table"),
 }
 INTERRUPTED = 130   # the shell's code for a Ctrl-C
@@ -77,12 +75,13 @@ def check_slurm_job(config: str, overrides: Sequence[str] = (), nodes: int = 1, 
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ConfigError(f"{opt} must be an integer >= 1, got {v!r}")
     p = Path(config).expanduser()
     if not p.is_file(): raise ConfigError(f"config file not found: {p.absolute()}")
-    from stem_nb.train import TrainArgs
+    from stem_nb.train_config import TrainArgs
     from stem_nb.distributed import stem_groups
     args = load_config(TrainArgs, p, list(overrides))
     stem_groups(nodes * gpus_per_node, args.distributed.stem_parallel_size)
     return p.resolve()
 
+# %% ../nbs/32_cli.ipynb #4f775943
 def launch_slurm(config: str, overrides: Sequence[str] = (), nodes: int = 1, gpus_per_node: int = 8,
                  partition: Optional[str] = None, time_min: int = 60, cpus_per_task: int = 8, folder: str = "slurm_logs",
                  job_name: str = "stem-nb", dry_run: bool = True, **slurm_kwargs):
@@ -147,17 +146,11 @@ def smoke_cli(argv: Sequence[str] = ()) -> int:
     print(smoke(a.preset).to_string(index=False))
     return 0
 
-# %% ../nbs/32_cli.ipynb #17c24c45
-BENCHMARKS = {  # name: (module, function)
-    "fwd_bwd":       ("stem_nb.flops", "bench_fwd_bwd"),
-    "optim":         ("stem_nb.optim", "bench_optim"),
-    "tokenize_pack": ("stem_nb.data", "bench_tokenize_pack"),
-    "train":         ("stem_nb.train", "bench_train"),
-    "decode":        ("stem_nb.generate", "bench_decode"),
-    "eval":          ("stem_nb.eval", "bench_eval"),
-    "hellaswag":     ("stem_nb.eval", "bench_hellaswag"),
-    "offload":       ("stem_nb.offload", "bench_offload"),
-}
+# %% ../nbs/32_cli.ipynb #aba212b6
+def benchmarks(module: str = "stem_nb.bench") -> dict[str, Callable]:
+    "{name: function} of the `bench_*` functions `module` exports, in its notebook's order (`bench_decode` -> 'decode')."
+    m = importlib.import_module(module)
+    return {n[len("bench_"):]: getattr(m, n) for n in m.__all__ if n.startswith("bench_")}
 
 def _parse_kwargs(items: Sequence[str]) -> dict:
     "`key=value` strings -> kwargs, values read as YAML (`V=1000`, `ffn_types=[dense,stem]`)."
@@ -167,30 +160,26 @@ def _parse_kwargs(items: Sequence[str]) -> dict:
     return {k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in items)}
 
 def run_benchmark(name: str, kwargs: dict | None = None, out=None, registry: dict | None = None) -> bool:
-    "Run one benchmark in this process, printing one JSON line per result (a missing function or an error is a JSON line too); True when it ran."
-    out, registry = out or sys.stdout, registry or BENCHMARKS
+    "Run one benchmark in this process, printing one JSON line per result (an error is a JSON line too); True when it ran."
+    out, registry = out or sys.stdout, benchmarks() if registry is None else registry
     if name not in registry: raise ValueError(f"unknown benchmark {name!r}; known: {list(registry)}")
-    mod, fn = registry[name]
-    try: f = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        print(json.dumps({"benchmark": name, "skipped": f"{mod}.{fn} unavailable: {e}"}), file=out, flush=True); return False
     t0 = time.time()
-    try: res = f(**(kwargs or {}))
+    try: res = registry[name](**(kwargs or {}))
     except Exception as e:
         print(json.dumps({"benchmark": name, "error": f"{type(e).__name__}: {e}"[:500]}), file=out, flush=True); return False
     for r in (res if isinstance(res, list) else [res]):
         print(json.dumps({"benchmark": name, **r, "wall_s": round(time.time() - t0, 2)}, default=str), file=out, flush=True)
     return True
 
-# %% ../nbs/32_cli.ipynb #ac29ab26
+# %% ../nbs/32_cli.ipynb #979bf7dd
 _SELF = "import sys; from stem_nb.cli import main; sys.exit(main(sys.argv[1:]))"   # `stem-nb` without the console script
 
 def run_benchmarks(names: Sequence[str] | None = None, kwargs: dict | None = None, fresh: bool = True, out=None) -> int:
     "Run the named benchmarks (all by default), each in a fresh process unless `fresh=False`; returns how many failed."
-    out, failed = out or sys.stdout, 0
-    for name in (names or BENCHMARKS):
-        if name not in BENCHMARKS: raise ValueError(f"unknown benchmark {name!r}; known: {list(BENCHMARKS)}")
-        if not fresh: failed += not run_benchmark(name, kwargs, out); continue
+    out, failed, known = out or sys.stdout, 0, benchmarks()
+    for name in (names or known):
+        if name not in known: raise ValueError(f"unknown benchmark {name!r}; known: {list(known)}")
+        if not fresh: failed += not run_benchmark(name, kwargs, out, known); continue
         argv = [sys.executable, "-c", _SELF, "bench", "--in-process", name, *[f"{k}={json.dumps(v)}" for k, v in (kwargs or {}).items()]]
         r = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
         print(r.stdout, end="", file=out, flush=True)
@@ -201,759 +190,55 @@ def run_benchmarks(names: Sequence[str] | None = None, kwargs: dict | None = Non
 
 def bench_cli(argv: Sequence[str] = ()) -> int:
     p = argparse.ArgumentParser(prog="stem-nb bench", description="one JSON line per result; ratios > 1: stem-nb faster")
-    p.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}; then key=value arguments")
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: all; `bench_*` in stem_nb.bench), then key=value arguments")
     p.add_argument("--in-process", action="store_true", help="run in this process (what each fresh process does)")
     a = p.parse_args(argv)
     names, kw = [n for n in a.names if "=" not in n], _parse_kwargs([n for n in a.names if "=" in n])
-    bad = [n for n in names if n not in BENCHMARKS]
-    if bad: p.error(f"unknown benchmark {bad[0]!r}; known: {', '.join(BENCHMARKS)}")
-    if a.in_process: return 0 if all([run_benchmark(n, kw) for n in names]) else 1
+    known = benchmarks()
+    bad = [n for n in names if n not in known]
+    if bad: p.error(f"unknown benchmark {bad[0]!r}; known: {', '.join(known)}")
+    if a.in_process: return 0 if all([run_benchmark(n, kw, registry=known) for n in names]) else 1
     return 1 if run_benchmarks(names or None, kw) else 0
 
-# %% ../nbs/32_cli.ipynb #821b8ade
-def _gpu_check_setup(dry_run: bool) -> dict:
-    "Dimensions and overrides of the check: the paper-350m architecture on CUDA, or tiny dims on CPU (`dry_run`)."
-    from stem_nb.model import preset
-    import dataclasses
-    model = dataclasses.asdict(preset("debug" if dry_run else "paper-350m"))
-    model = {k: v for k, v in model.items() if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                                                     "ffn_dim_multiplier", "max_seq_len") and v is not None}
-    seq, batch, steps = (64, 2, 4) if dry_run else (2048, 8, 12)
-    common = ["val_batches=0", "progress=none", "checkpoint.at_end=false", "log_every=1000",
-              "data.tokenizer=byte", "data.sources={bios: 1.0}", "data.source_kwargs={bios: {n_people: 200}}",
-              f"data.seq_len={seq}", f"data.batch_size={batch}", f"steps={steps}",
-              *(["device=cpu", "dtype=fp32", "compile=false"] if dry_run else ["device=cuda", "dtype=bf16", "compile=true"]),
-              *[f"model.{k}={v}" for k, v in model.items()]]
-    return dict(dry_run=dry_run, device="cpu" if dry_run else "cuda", seq=seq, batch=batch, steps=steps,
-                warmup=2 if dry_run else 4, common=common, model=model)
+# %% ../nbs/32_cli.ipynb #17c24c45
+def print_jobs(runner: JobRunner, scripts: bool = False):
+    "The dry run: every job, its processes, tokens and GPU-hours, the total and where the MFU came from; each sbatch script (`scripts`)."
+    r = runner
+    basis = cost_basis(r.preset, r.root)
+    trains = [j for j in r.plan["jobs"] if j["kind"] == "train"]
+    evals = [j for j in r.plan["jobs"] if j["kind"] == "eval"]
+    r.out(f"# jobs of {r.name} (executor {r.executor}): {len(trains)} training job(s) of {r.world} process(es) "
+             f"(one per GPU), {len(evals)} evaluation job(s) of 1; state file {r.state_file}")
+    rows, total = [("job", "kind", "run", "GPUs", "steps", "tokens", "GPU-hours", "after")], 0.0
+    for j in r.plan["jobs"]:
+        c = job_cost(j, basis) if j["kind"] == "train" else None
+        total += c["gpu_hours"] if c else 0
+        rows.append((j["id"][:12] + ("/eval" if j["kind"] == "eval" else ""), j["kind"], j["label"], j["world_size"],
+                     f"{j['steps']:,}" if c else "", f"{c['tokens']:,}" if c else "", _gpu_h(c["gpu_hours"]) if c else "n/a",
+                     ",".join(a[:12] for a in j["after"])))
+    for line in _columns(rows).splitlines(): r.out(line)
+    r.out(f"# cost: {_gpu_h(total)} GPU-hours for the {len(trains)} training run(s) ({_gpu_h(total / max(1, len(trains)))} per run); "
+             f"{basis['how']}")
+    r.out(f"# evaluation jobs: one GPU each, time limit {r.opts.eval_time_min} min, not in the cost")
+    for j in r.plan["jobs"]:
+        folder = job_folder(r.plan["runs_dir"], r.name, j)
+        if scripts:
+            r.out(f"\n# sbatch script of {j['kind']} job {j['label']}:\n" +
+                     sbatch_script(j, slurm_params(j, r.opts, r.gpus_per_node, r.job_name(j)), folder))
+        elif r.executor == "local":
+            what = "torch.distributed: gloo CPU processes" if not r.n_gpu else "one GPU per process"
+            r.out(f"# local job {j['label']}: {j['world_size']} process(es) ({what}) through submitit's LocalExecutor, logs in "
+                     f"{folder}; each runs {type(job_call(j, '', True)).__name__}")
 
-VARIANTS_CHECKED = {"dense": ["model.ffn_type=dense", "model.stem_layers=none"],
-                    "STEM 1/3": ["model.ffn_type=stem", "model.stem_layers=1/3"]}
-
-# %% ../nbs/32_cli.ipynb #f45fb70c
-def _train_steps(setup: dict, extra: Sequence[str], work: Path) -> list[dict]:
-    "Train `setup['steps']` steps in this process; the metrics rows."
-    from stem_nb.config import load_config
-    from stem_nb.train import TrainArgs, train, read_metrics
-    dump = Path(tempfile.mkdtemp(dir=work))
-    train(load_config(TrainArgs, None, [*setup["common"], *extra, f"dump_dir={dump}", f"data.cache_dir={work / 'cache'}"]))
-    return read_metrics(dump)
-
-def check_train(setup: dict, work: Path) -> list[dict]:
-    "Tokens/s and MFU (median over the steps after warmup/compilation) of dense and STEM 1/3, and their ratio."
-    rows, tps = [], {}
-    for name, extra in VARIANTS_CHECKED.items():
-        m = _train_steps(setup, extra, work)[setup["warmup"]:]
-        if not m: raise RuntimeError(f"{name}: no steps after the {setup['warmup']} warmup steps")
-        tps[name] = statistics.median(r["tokens_per_s"] for r in m)
-        mfu = [r["mfu"] for r in m if r.get("mfu") is not None]
-        rows.append(dict(section="train", item=f"{name} tokens/s", value=round(tps[name], 1),
-                         note=f"MFU {statistics.median(mfu):.1%}" if mfu else "MFU n/a: no known peak for this device"))
-    rows.append(dict(section="train", item="STEM 1/3 / dense tokens/s", value=round(tps["STEM 1/3"] / tps["dense"], 3),
-                     note="> 1: STEM faster; byte-level tokens, so a step touches <= 259 table rows"))
-    return rows
-
-# %% ../nbs/32_cli.ipynb #60a5bd3f
-def _model_on(setup: dict, ffn: str, layers: str):
-    import torch
-    from stem_nb.model import ModelArgs, Transformer
-    m = Transformer(ModelArgs(**setup["model"], ffn_type=ffn, stem_layers=layers)).to(setup["device"]).eval()
-    return m if setup["dry_run"] else m.to(torch.bfloat16)
-
-def _sync(device: str):
-    import torch
-    if device == "cuda": torch.cuda.synchronize()
-
-def check_decode(setup: dict, work: Path, new_tokens: int | None = None, batch: int = 8) -> list[dict]:
-    "Greedy decode tokens/s (batch x new tokens / seconds, KV cache) of dense and STEM 1/3."
-    import torch
-    from stem_nb.generate import generate_ids
-    new_tokens = new_tokens or (8 if setup["dry_run"] else 128)
-    rows = []
-    for name, ffn, layers in [("dense", "dense", "none"), ("STEM 1/3", "stem", "1/3")]:
-        m = _model_on(setup, ffn, layers)
-        prompts = torch.randint(0, setup["model"]["vocab_size"], (batch, 32)).tolist()
-        with torch.no_grad():
-            generate_ids(m, prompts, max_new_tokens=2)                  # warmup
-            _sync(setup["device"]); t0 = time.perf_counter()
-            generate_ids(m, prompts, max_new_tokens=new_tokens)
-            _sync(setup["device"]); dt = time.perf_counter() - t0
-        rows.append(dict(section="decode", item=f"{name} tokens/s", value=round(batch * new_tokens / dt, 1),
-                         note=f"batch {batch}, {new_tokens} new tokens, prompt 32"))
-        del m
-    return rows
-
-# %% ../nbs/32_cli.ipynb #38c81a75
-def check_offload(setup: dict, work: Path, rounds: int = 3) -> list[dict]:
-    "Prefill seconds of STEM 1/3 with tables on the device, offloaded without prefetch, and with the copy stream's prefetch."
-    import torch
-    from stem_nb.offload import offload
-    m = _model_on(setup, "stem", "1/3")
-    x = torch.randint(0, setup["model"]["vocab_size"], (setup["batch"], setup["seq"]), device=setup["device"])
-    def prefill():
-        with torch.no_grad(): m(x)
-    def timed():
-        prefill(); _sync(setup["device"]); ts = []
-        for _ in range(rounds):
-            t0 = time.perf_counter(); prefill(); _sync(setup["device"]); ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-    t = {"device tables": timed()}
-    for name, pf in [("offload, no prefetch", False), ("offload, prefetch", True)]:
-        off = offload(m, cache_frac=0.01, device=setup["device"], prefetch=pf)
-        try: t[name] = timed()
-        finally: off.remove()
-    copy = t["offload, no prefetch"] - t["device tables"]
-    hidden = (t["offload, no prefetch"] - t["offload, prefetch"]) / copy if copy > 0 else None
-    rows = [dict(section="offload", item=f"prefill ms, {k}", value=round(v * 1e3, 2), note="cache 1% of rows") for k, v in t.items()]
-    rows.append(dict(section="offload", item="copy time hidden by prefetch", value=round(hidden, 3) if hidden is not None else "n/a",
-                     note="(no prefetch - prefetch) / (no prefetch - device tables)" if hidden is not None
-                          else "n/a: offloading cost no measurable time here"))
-    return rows
-
-# %% ../nbs/32_cli.ipynb #0051e076
-def check_fsdp(setup: dict, work: Path, timeout: int = 300) -> list[dict]:
-    "A few steps of `stem_nb.train` under `torchrun --nproc-per-node 1` with the backbone in FSDP2 (NCCL; gloo for --dry-run)."
-    from stem_nb.train import read_metrics
-    dump = Path(tempfile.mkdtemp(dir=work))
-    backend = "gloo" if setup["dry_run"] else "nccl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "stem_nb.train",
-           *setup["common"], "model.ffn_type=stem", "model.stem_layers=1/3", "distributed.backbone=fsdp",
-           f"distributed.backend={backend}", f"dump_dir={dump}", f"data.cache_dir={work / 'cache'}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if r.returncode != 0: raise RuntimeError(f"torchrun exited {r.returncode}: {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}")
-    m = read_metrics(dump)
-    if len(m) != setup["steps"]: raise RuntimeError(f"{len(m)} of {setup['steps']} steps in metrics.jsonl")
-    tps = statistics.median(x["tokens_per_s"] for x in m[setup["warmup"]:] or m)
-    return [dict(section="fsdp", item="FSDP2 STEM 1/3 tokens/s", value=round(tps, 1),
-                 note=f"{backend}, {len(m)} steps, loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}")]
-
-# %% ../nbs/32_cli.ipynb #bf2020d4
-def check_paper_step(setup: dict, work: Path) -> list[dict]:
-    "A few steps of full-width paper-350m STEM 1/3 at seq 4096, batch 2, selective checkpointing, float8: tokens/s, MFU, peak memory vs the plan."
-    import torch
-    from stem_nb.config import load_config
-    from stem_nb.flops import train_memory_plan
-    from stem_nb.train import TrainArgs, train, read_metrics
-    dry = setup["dry_run"]
-    seq, batch = (setup["seq"], 2) if dry else (4096, 2)
-    dump = Path(tempfile.mkdtemp(dir=work))
-    args = load_config(TrainArgs, None, [*setup["common"], "model.ffn_type=stem", "model.stem_layers=1/3", f"data.seq_len={seq}",
-                                         f"model.max_seq_len={max(seq, setup['model'].get('max_seq_len', seq))}",
-                                         f"data.batch_size={batch}", f"steps={setup['warmup'] + 4}",
-                                         "distributed.activation_checkpointing=selective", *([] if dry else ["distributed.float8=true"]),
-                                         f"dump_dir={dump}", f"data.cache_dir={work / 'cache'}"])
-    mem = None if dry else torch.cuda.get_device_properties(0).total_memory
-    plan = train_memory_plan(args, world=1, device=setup["device"], device_memory=mem)
-    if not dry: torch.cuda.reset_peak_memory_stats()
-    s = train(args)
-    m = read_metrics(dump)[setup["warmup"]:]
-    if not m: raise RuntimeError(f"no steps after the {setup['warmup']} warmup steps")
-    peak = torch.cuda.max_memory_allocated() if not dry else s["peak_rss_mb"] * 2**20
-    mfu = [r["mfu"] for r in m if r.get("mfu") is not None]
-    what = f"seq {seq}, batch {batch}, selective AC" + ("" if dry else f", {s.get('float8_linears', 0)} float8 linears")
-    return [dict(section="paper-step", item=f"{'debug dims' if dry else 'paper-350m'} STEM 1/3 tokens/s", value=round(statistics.median(r["tokens_per_s"] for r in m), 1),
-                 note=(f"MFU {statistics.median(mfu):.1%}" if mfu else "MFU n/a: no known peak for this device") + f"; {what}"),
-            dict(section="paper-step", item="peak memory GiB" + (" (process RSS)" if dry else ""), value=round(peak / 2**30, 3),
-                 note=f"plan {plan['peak'] / 2**30:.3f} GiB, measured/plan {peak / plan['peak']:.2f}"
-                      + (f"; device {mem / 2**30:.0f} GiB" if mem else "; the RSS holds the interpreter and libraries too"))]
-
-def _check_float8(setup: dict, work: Path) -> list[dict]:
-    from stem_nb.train import gpu_check_float8
-    return gpu_check_float8(setup, work)
-
-# %% ../nbs/32_cli.ipynb #a414defb
-GPU_CHECKS = {"train": check_train, "paper-step": check_paper_step, "fsdp": check_fsdp, "decode": check_decode,
-              "offload": check_offload, "float8": _check_float8}
-
-def gpu_check(dry_run: bool = False, sections: Sequence[str] | None = None, log=print, budget_s: float = 420) -> list[dict]:
-    "Run each section (its own `try`: a failure is a row `n/a: <reason>`; none starts after `budget_s`); the rows of the table."
-    setup, rows, start = _gpu_check_setup(dry_run), [], time.time()
-    with tempfile.TemporaryDirectory(prefix="stem-nb-gpu-check-") as work:
-        for name in sections or GPU_CHECKS:
-            t0 = time.time()
-            try:
-                if t0 - start > budget_s: raise TimeoutError(f"not started: the {budget_s:.0f} s budget is spent")
-                got = GPU_CHECKS[name](setup, Path(work))
-            except Exception as e:
-                got = [dict(section=name, item="-", value="n/a", note=f"n/a: {type(e).__name__}: {e}"[:160])]
-            log(f"[gpu-check] {name}: {time.time() - t0:.1f} s")
-            rows += got
-    return rows
-
-def format_table(rows: Sequence[dict]) -> str:
-    "The compact table gpu-check prints last."
-    cols = ["section", "item", "value", "note"]
-    w = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    line = lambda r: " | ".join(str(r[c]).ljust(w[c]) for c in cols)
-    return "\n".join([line(dict(zip(cols, cols))), "-+-".join("-" * w[c] for c in cols), *map(line, rows)])
-
-# %% ../nbs/32_cli.ipynb #10d63637
-def record_gpu_check(rows: Sequence[dict], device: str, root: Path | None = None) -> Path:
-    "Write `runs/gpu_check.json`: the device, when, the dims and sequence length the train section used, and the rows."
-    from stem_nb.config import repo_root, write_atomic
-    setup = _gpu_check_setup(dry_run=False)
-    f = Path(root or repo_root()) / "runs" / "gpu_check.json"
-    write_atomic(f, json.dumps(dict(device=device, when=time.strftime("%Y-%m-%d %H:%M"), model=setup["model"], seq=setup["seq"],
-                                    batch=setup["batch"], rows=list(rows)), indent=1, default=str))
-    return f
-
-# %% ../nbs/32_cli.ipynb #fe7f771b
-def gpu_check_cli(argv: Sequence[str] = ()) -> int:
-    p = argparse.ArgumentParser(prog="stem-nb gpu-check", description="a prepared GPU check; prints a compact table last")
-    p.add_argument("--dry-run", action="store_true", help="tiny dims on the CPU (gloo, no compile): checks that the check runs")
-    p.add_argument("--sections", nargs="*", default=None, help=f"default: all of {', '.join(GPU_CHECKS)}")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    p.add_argument("--budget-s", type=float, default=420, help="start no section after this many seconds (default 420)")
-    a = p.parse_args(argv)
-    bad = [s for s in a.sections or [] if s not in GPU_CHECKS]
-    if bad: p.error(f"unknown section {bad[0]!r}; known: {', '.join(GPU_CHECKS)}")
-    import torch
-    if not a.dry_run and not torch.cuda.is_available():
-        print("stem-nb gpu-check: no CUDA device here; use --dry-run to exercise the check on the CPU", file=sys.stderr); return 2
-    dev = "cpu (dry run: tiny dims, a few steps; it checks the plumbing, its timings say nothing)" if a.dry_run else torch.cuda.get_device_name(0)
-    rows = gpu_check(a.dry_run, a.sections, log=lambda m: print(m, file=sys.stderr, flush=True), budget_s=a.budget_s)
-    if a.json: Path(a.json).write_text(json.dumps(rows, indent=1))
-    if not a.dry_run: record_gpu_check(rows, dev)
-    print(f"\n# gpu-check on {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}\n" + format_table(rows))
-    return 1 if any(str(r["value"]) == "n/a" and r["item"] == "-" for r in rows) else 0
-
-# %% ../nbs/32_cli.ipynb #b7d1894c
-@dataclasses.dataclass
-class ClusterArgs:
-    "Where and how jobs run: a cluster YAML (`--cluster FILE`) and the command's options, options last."
-    partition: Optional[str] = None     # SLURM partition
-    account: Optional[str] = None       # SLURM account
-    qos: Optional[str] = None           # SLURM quality of service
-    time_min: int = 24 * 60             # time limit of a training job; near it the job checkpoints and requeues itself
-    eval_time_min: int = 4 * 60         # time limit of an evaluation job
-    gpus_per_node: Optional[int] = None # default: the preset's `gpus_per_node` (8)
-    cpus_per_task: int = 8
-    mem: Optional[str] = None           # e.g. 400GB
-    constraint: Optional[str] = None    # e.g. h100
-    setup: List[str] = dataclasses.field(default_factory=list)   # shell lines the job runs first (module load ..., source venv)
-    signal_delay_s: int = 300           # the job is signalled this long before its limit
-    max_requeues: int = 20              # time-limit requeues of one job
-
-    def __post_init__(self):
-        from stem_nb.config import ConfigError
-        for k in ("time_min", "eval_time_min", "cpus_per_task", "signal_delay_s"):
-            v = getattr(self, k)
-            if v < 1: raise ConfigError(f"{k} must be >= 1, got {v}")
-        if self.gpus_per_node is not None and self.gpus_per_node < 1: raise ConfigError(f"gpus_per_node must be >= 1, got {self.gpus_per_node}")
-
-# %% ../nbs/32_cli.ipynb #cfb7bbf0
-def plan_jobs(preset_name: str, preset: dict, only: Sequence[str] | None = None, root: Path | None = None) -> dict:
-    "The jobs of a preset in submission order (a training job per run, an evaluation job per evaluation) and, per experiment, the jobs its notebook reads."
-    from stem_nb.paper import experiment_runs, experiment_params, eval_outputs
-    from stem_nb.config import ConfigError, repo_root
-    root = Path(root or repo_root())
-    runs_dir = str(root / "runs")                        # what the driver passes the notebooks as runs_dir
-    world = preset.get("world_size") or 1
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise ConfigError(f"preset {preset_name!r}: world_size must be an integer >= 1, got {world!r}")
-    jobs, needs = {}, {}
-    for exp in preset.get("experiments") or {}:
-        if only and exp not in only: continue
-        needs[exp] = []
-        for r in experiment_runs(exp, experiment_params(exp, preset_name, {preset_name: preset}), runs_dir):
-            jobs.setdefault(r["key"], dict(id=r["key"], kind="train", label=r["label"], hash=r["key"], dump_dir=r["dump_dir"],
-                                           overrides=r["overrides"], after=r["after"], world_size=world, steps=r["steps"]))
-            needs[exp].append(r["key"])
-            for ev in r["evals"]:
-                eid = f"{r['key']}/{eval_outputs(r['dump_dir'], ev)[0].stem}"
-                jobs.setdefault(eid, dict(id=eid, kind="eval", label=f"eval {r['label']}", hash=r["key"], dump_dir=r["dump_dir"],
-                                          eval=ev, after=[r["key"]], world_size=1))
-                needs[exp].append(eid)
-    return dict(preset=preset_name, world_size=world, runs_dir=runs_dir, jobs=list(jobs.values()), needs=needs)
-
-def job_done(job: dict) -> bool:
-    "A training job is done when its run's `summary.json` exists; an evaluation job when every file it writes does."
-    from stem_nb.paper import eval_outputs
-    if job["kind"] == "train": return (Path(job["dump_dir"]) / "summary.json").is_file()
-    return all(p.is_file() for p in eval_outputs(job["dump_dir"], job["eval"]))
-
-# %% ../nbs/32_cli.ipynb #c967f9e1
-class TrainJob:
-    "A training job's task: export torch.distributed's environment from submitit's, then `stem_nb.paper.train_cached` (rank 0 writes the summary)."
-    def __init__(self, overrides: Sequence[str], runs_dir: str, local: bool = False):
-        self.overrides, self.runs_dir, self.local = list(overrides), str(runs_dir), local
-
-    def __call__(self) -> dict:
-        import submitit
-        env = submitit.helpers.TorchDistributedEnvironment()
-        if self.local: env.master_addr = "127.0.0.1"          # one node: the loopback interface, whatever the host name
-        env.export(set_cuda_visible_devices=False, overwrite=True)   # every GPU of the node visible; LOCAL_RANK picks one
-        import signal
-        from stem_nb.paper import train_cached
-        from stem_nb.train import request_stop, TrainPreempted
-        sig = submitit.JobEnvironment._usr_sig()
-        requeue = signal.getsignal(sig)                        # submitit's: checkpoint() and requeue (rank 0)
-        signal.signal(sig, request_stop)
-        try: return train_cached(self.overrides, self.runs_dir)
-        except TrainPreempted:
-            if env.rank == 0 and callable(requeue): requeue(sig, None)   # requeues and exits
-            sys.exit(0)                                        # the other ranks: done; the requeued job resumes
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-        return submitit.helpers.DelayedSubmission(type(self)(self.overrides, self.runs_dir, self.local))
-
-class EvalJob:
-    "An evaluation job's task: `eval_cached` (and `arith_cached`) of one run on this node's first GPU (or the CPU), batch sizes that fill it; the results JSON lands beside the run's checkpoints."
-    def __init__(self, dump_dir: str, ev: dict, batch_size="auto"):
-        self.dump_dir, self.ev, self.batch_size = str(dump_dir), dict(ev), batch_size
-
-    def __call__(self) -> list[str]:
-        import torch
-        from stem_nb.paper import eval_cached, arith_cached, val_loss_source, eval_outputs
-        dev, ev = ("cuda" if torch.cuda.is_available() else "cpu"), self.ev
-        eval_cached(self.dump_dir, ev["tasks"], ev["limit"], ev["task_dir"], self.batch_size, ev["subsample"], ev["seed"], device=dev)
-        if ev.get("arith_n"): arith_cached(self.dump_dir, ev["arith_n"], device=dev)
-        val_loss_source(self.dump_dir)                       # the tables' note, replayed here rather than where they are built
-        return [str(p) for p in eval_outputs(self.dump_dir, ev)]
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-        return submitit.helpers.DelayedSubmission(type(self)(self.dump_dir, self.ev, self.batch_size))
-
-# %% ../nbs/32_cli.ipynb #d8866c8d
-def _detached_local_executor():
-    "submitit's LocalExecutor whose job controller starts a session of its own (process group = job id)."
-    import submitit
-    from submitit.local.local import LocalJob
-    from submitit.core import utils
-
-    class DetachedLocalExecutor(submitit.LocalExecutor):
-        def _submit_command(self, command: str):
-            p = self.parameters
-            n, gpus = p.get("tasks_per_node", 1), p.get("visible_gpus", ())
-            env = {**os.environ, "SUBMITIT_LOCAL_NTASKS": str(n), "SUBMITIT_LOCAL_COMMAND": command,
-                   "SUBMITIT_LOCAL_TIMEOUT_S": str(int(60 * p.get("timeout_min", 60))),
-                   "SUBMITIT_LOCAL_SIGNAL_DELAY_S": str(int(p.get("signal_delay_s", 30))), "SUBMITIT_LOCAL_NODEID": "0",
-                   "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_STDERR_TO_STDOUT": "", "SUBMITIT_EXECUTOR": "local",
-                   "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), "SUBMITIT_LOCAL_WITH_SHELL": ""}
-            log = utils.JobPaths.get_first_id_independent_folder(self.folder) / "controller.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "a") as f:
-                proc = subprocess.Popen([sys.executable, "-m", "submitit.local._local", str(self.folder)], env=env,
-                                        stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-            return LocalJob(folder=self.folder, job_id=str(proc.pid), process=proc, tasks=list(range(n)))
-    return DetachedLocalExecutor
-
-def slurm_params(job: dict, opts: ClusterArgs, gpus_per_node: int, name: str) -> dict:
-    "sbatch parameters (submitit's names) of a job: nodes x tasks x GPUs from its world size, the rest from `opts`."
-    from stem_nb.config import ConfigError
-    world = job["world_size"]
-    nodes, per_node = (world // gpus_per_node, gpus_per_node) if world > gpus_per_node else (1, world)
-    if nodes * per_node != world:
-        raise ConfigError(f"world_size {world} is not a multiple of gpus_per_node {gpus_per_node}: set world_size "
-                          f"(--set world_size=N) or gpus_per_node (--cluster FILE or --set gpus_per_node=N) so that one divides the other")
-    train = job["kind"] == "train"
-    p = dict(job_name=f"stem-nb-{name}", nodes=nodes, ntasks_per_node=per_node, gpus_per_node=per_node,
-             cpus_per_task=opts.cpus_per_task, time=opts.time_min if train else opts.eval_time_min, signal_delay_s=opts.signal_delay_s,
-             partition=opts.partition, account=opts.account, qos=opts.qos, mem=opts.mem, constraint=opts.constraint, setup=opts.setup)
-    return {k: v for k, v in p.items() if v not in (None, [], "")}
-
-def job_folder(runs_dir: str | Path, preset: str, job: dict) -> Path:
-    "Where submitit keeps a job's pickles and logs (`<job id>_<task>_log.err`, ... of each submission): `runs/<preset>/jobs/<job>/`."
-    return Path(runs_dir) / preset / "jobs" / job["id"].replace("/", "_")
-
-def job_call(job: dict, runs_dir: str | Path, local: bool, eval_batch_size="auto"):
-    "The object each task of `job` runs."
-    if job["kind"] == "train": return TrainJob(job["overrides"], str(runs_dir), local)
-    return EvalJob(job["dump_dir"], job["eval"], eval_batch_size)
-
-def sbatch_script(job: dict, params: dict, folder: Path) -> str:
-    "The sbatch script submitit writes for `job` (what `--dry-run --executor slurm` prints)."
-    from submitit.slurm.slurm import _make_sbatch_string
-    cmd = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-    what = (f"each of the {job['world_size']} task(s): submitit.helpers.TorchDistributedEnvironment().export(); "
-            f"stem_nb.paper.train_cached({job['overrides']!r})" if job["kind"] == "train" else
-            f"the task: stem_nb.paper.eval_cached({job['dump_dir']!r}, ...) of {job['eval']!r}, the results JSON beside the run")
-    return _make_sbatch_string(command=cmd, folder=str(folder), **params) + f"\n# {what}\n"
-
-def _gpu_h(x: float) -> str: return f"{x:,.1f}" if x >= 0.1 else f"{x:.2g}"
-
-# %% ../nbs/32_cli.ipynb #d66339ac
-ALIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
-         "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "UNKNOWN")
-
-def proc_start(pid: int) -> Optional[str]:
-    "The start time of process `pid` (clock ticks after boot, from /proc) while it runs; None when it is gone or a zombie."
-    try: stat = Path(f"/proc/{int(pid)}/stat").read_text()
-    except OSError:
-        if Path("/proc/self/stat").exists(): return None
-        try: os.kill(int(pid), 0); return "?"            # no /proc (macOS): the pid exists
-        except OSError: return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-def slurm_state(job_id: str) -> str:
-    "The SLURM state of a job (`sacct`, else `squeue`; a job no longer queued: GONE); UNKNOWN when neither answers."
-    for cmd in (["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State"], ["squeue", "-h", "-j", str(job_id), "-o", "%T"]):
-        try: r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.SubprocessError): continue
-        if r.returncode == 0:
-            states = [l.split()[0] for l in r.stdout.splitlines() if l.strip()]
-            if states: return states[-1].upper()
-            if cmd[0] == "squeue": return "GONE"
-    return "UNKNOWN"
-
-def lock_held(dump_dir: str | Path) -> bool:
-    "Whether a trainer holds the dump dir's lock (`stem_nb.train.DumpLock`), probed without taking it."
-    import fcntl
-    from stem_nb.train import LOCK_FILE
-    try: fd = os.open(Path(dump_dir) / LOCK_FILE, os.O_RDONLY)
-    except OSError: return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError: return True
-    finally: os.close(fd)                                  # closing drops the probe's shared lock
-
-def job_state(rec: dict) -> str:
-    "The state of a recorded submission: a SLURM state, RUNNING / GONE for a local controller, NONE without a job."
-    job = rec.get("job")
-    if not job: return "NONE"
-    if job["executor"] == "local":
-        return "RUNNING" if proc_start(int(job["id"])) in (job.get("start"), "?") else "GONE"
-    return slurm_state(job["id"])
-
-def job_failure(job: dict) -> Optional[str]:
-    "The exception a gone job's rank 0 ended with (the last line of its traceback in its stderr log); None when it was killed."
-    from submitit.core.utils import JobPaths
-    try: txt = JobPaths(job["folder"], job["id"], 0).stderr.read_text(errors="replace")
-    except OSError: return None
-    if "Submitted job triggered an exception" not in txt: return None
-    lines = [l for l in txt.splitlines() if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupted|Exit)\b", l)]
-    return lines[-1][:300] if lines else "an exception (see its log)"
-
-# %% ../nbs/32_cli.ipynb #ed8c6edc
-def run_progress(dump_dir: str | Path) -> dict:
-    "{step, tokens, loss, eta_per_step_s} of a training run from the last row of its metrics.jsonl (empty before its first step)."
-    f = Path(dump_dir) / "metrics.jsonl"
-    try:
-        with open(f, "rb") as fh:
-            fh.seek(max(0, f.stat().st_size - 65536)); tail = fh.read().decode("utf-8", "replace")
-    except OSError: return {}
-    for line in reversed(tail.splitlines()):
-        try: r = json.loads(line)
-        except ValueError: continue
-        if isinstance(r, dict) and "step" in r:
-            return dict(step=r["step"], tokens=r.get("tokens"), loss=r.get("loss"),
-                        s_per_step=(r["wall_s"] / r["step"]) if r.get("wall_s") and r["step"] else None)
-    return {}
-
-def _hms(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-# %% ../nbs/32_cli.ipynb #b784ae63
-GPU_CHECK_RECORD = "gpu_check.json"   # under runs/: what `stem-nb gpu-check` measured on a GPU (device, dims, rows)
-
-def cost_basis(preset: dict, root: Path) -> dict:
-    "{mfu, peak (FLOP/s of one GPU), gpu, how}: the MFU recorded by `scripts/gpu_check.sh` (runs/gpu_check.json), else the preset's assumed `cost`."
-    from stem_nb.config import ConfigError
-    from stem_nb.train import _PEAK_TFLOPS
-    from stem_nb.flops import flops_per_token
-    from stem_nb.model import ModelArgs
-    c = {"gpu": "H100", "mfu": 0.4, **(preset.get("cost") or {})}
-    f = Path(root) / "runs" / GPU_CHECK_RECORD
-    if f.is_file():
-        try:
-            rec = json.loads(f.read_text())
-            peak = next((v * 1e12 for k, v in _PEAK_TFLOPS.items() if k in rec["device"]), None)
-            mfu = {}
-            for name, over in VARIANTS_CHECKED.items():
-                r = next((r for r in rec["rows"] if r["item"] == f"{name} tokens/s" and isinstance(r["value"], (int, float))), None)
-                if r and peak:
-                    over = dict(o.split(".", 1)[1].split("=") for o in over)
-                    mfu[name] = r["value"] * flops_per_token(ModelArgs(**rec["model"], **over), rec["seq"]) / peak
-            if mfu:
-                m = statistics.median(mfu.values())
-                return dict(mfu=m, peak=peak, gpu=rec["device"], how=(
-                    f"MFU {m:.1%} measured by scripts/gpu_check.sh on {rec['device']} on {rec.get('when', '?')} ("
-                    + ", ".join(f"{k} {v:.1%}" for k, v in mfu.items()) + f"; bf16 + compile, seq {rec['seq']}, one GPU), read from {f}"))
-        except (OSError, ValueError, KeyError, TypeError): pass
-    if c["gpu"] not in _PEAK_TFLOPS: raise ConfigError(f"cost.gpu {c['gpu']!r}: no known peak; known: {', '.join(_PEAK_TFLOPS)}")
-    peak = _PEAK_TFLOPS[c["gpu"]]
-    return dict(mfu=float(c["mfu"]), peak=peak * 1e12, gpu=c["gpu"], how=(
-        f"MFU {c['mfu']:.0%} of the {c['gpu']}'s {peak:g} TFLOP/s dense bf16 peak, assumed: no scripts/gpu_check.sh record at {f} "
-        f"(run `scripts/gpu_check.sh` on one GPU of the cluster to measure it)"))
-
-def job_cost(job: dict, basis: dict) -> dict:
-    "{tokens, gpu_hours} of a training job: steps x batch x grad_accum x world x seq tokens, at its training FLOPs per token."
-    from stem_nb.paper import train_key
-    from stem_nb.flops import flops_per_token
-    args, _ = train_key(job["overrides"])
-    tokens = args.steps * args.data.batch_size * args.grad_accum * job["world_size"] * args.data.seq_len
-    return dict(tokens=tokens, gpu_hours=tokens * flops_per_token(args.model, args.data.seq_len) / (basis["mfu"] * basis["peak"]) / 3600)
-
-# %% ../nbs/32_cli.ipynb #d096be0f
-STATE = "state.json"   # runs/<preset>/state.json
-
-class JobRunner:
-    "The jobs of one preset: plan, state file, submission, waiting, and the notebooks at the end."
-    def __init__(self, preset_name: str, presets: dict, executor: str, opts: ClusterArgs, root: Path | None = None,
-                 sets: Sequence[str] = (), only: Sequence[str] | None = None, max_jobs: Optional[int] = None, out=None):
-        from stem_nb.config import ConfigError, repo_root
-        self.name, self.preset, self.executor, self.opts = preset_name, presets[preset_name], executor, opts
-        self.root, self.sets, self.only = Path(root or repo_root()), list(sets), only
-        self.plan = plan_jobs(preset_name, self.preset, only, self.root)
-        self.jobs = {j["id"]: j for j in self.plan["jobs"]}
-        self.world = self.plan["world_size"]
-        self.gpus_per_node = opts.gpus_per_node or self.preset.get("gpus_per_node") or 8
-        self.state_file = self.root / "runs" / preset_name / STATE
-        self.out = out or (lambda m: print(m, flush=True))
-        self.procs, self.submitted, self.ended = {}, set(), []
-        self.n_gpu = 0
-        if executor == "local":
-            import torch
-            self.n_gpu = torch.cuda.device_count()
-            if self.n_gpu and self.world > self.n_gpu:
-                raise ConfigError(f"world_size {self.world} needs {self.world} GPUs and this node has {self.n_gpu}: use --executor slurm, "
-                                  f"or --set world_size={self.n_gpu}")
-        self.max_jobs = max_jobs if max_jobs is not None else (0 if executor == "slurm" else max(1, self.n_gpu // self.world))
-        self.state = self._load()
-
-    # -- the state file --
-    def _load(self) -> dict:
-        from stem_nb.config import ConfigError
-        if not self.state_file.exists(): return dict(version=1, preset=self.name, jobs={})
-        try:
-            st = json.loads(self.state_file.read_text())
-            if not isinstance(st, dict) or not isinstance(st.get("jobs"), dict): raise ValueError("no `jobs` mapping")
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"state file {self.state_file} is unreadable ({e}): it names the jobs that may still run; check them "
-                              f"(squeue / ps), stop them, then move the file aside and re-run") from None
-        return st
-
-    def save(self):
-        from stem_nb.config import write_atomic
-        self.state.update(version=1, preset=self.name, sets=self.sets, executor=self.executor, world_size=self.world,
-                          updated=time.strftime("%Y-%m-%d %H:%M:%S"))
-        write_atomic(self.state_file, json.dumps(self.state, indent=1))
-
-    def lock(self):
-        "Hold runs/<preset>/.state.lock for this call: one call submits for a preset at a time."
-        from stem_nb.config import pid_lock
-        f = self.state_file.with_name(".state.lock"); f.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = pid_lock(f, lambda pid: f"another `stem-nb reproduce --preset {self.name}` is running (pid {pid}, lock {f}): "
-                                                f"wait for it, or follow it with `stem-nb reproduce --preset {self.name} --status`")
-
-    # -- one pass over the jobs --
-    def _rec(self, j: dict) -> dict:
-        rec = self.state["jobs"].setdefault(j["id"], dict(submissions=0, history=[], job=None))
-        rec.update(kind=j["kind"], label=j["label"], hash=j["hash"], dump_dir=j["dump_dir"], world_size=j["world_size"], after=j["after"])
-        if j["kind"] == "train":
-            p = run_progress(j["dump_dir"])
-            rec.update(steps=j["steps"], last_step=p.get("step", rec.get("last_step", 0)), tokens=p.get("tokens"), loss=p.get("loss"),
-                       s_per_step=p.get("s_per_step"))
-        return rec
-
-    def _alive(self, j: dict, rec: dict) -> Optional[str]:
-        "'pending' / 'running' when the job (or, for training, a trainer on its dump dir) is alive; else None, recording a gone job."
-        for p in self.procs.values(): p.poll()                     # reap the controllers this call started
-        st = job_state(rec)
-        if st in ALIVE: return "pending" if st in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING") else "running"
-        if j["kind"] == "train" and lock_held(j["dump_dir"]): return "running"
-        if rec.get("job"):
-            why = job_failure(rec["job"])
-            step = f" at step {rec.get('last_step', 0)}/{rec['steps']}" if j["kind"] == "train" else ""
-            ended = (f"failed{step}: {why}" if why else
-                     f"died{step} ({st.lower()}; no exception in its log: killed, preempted or its node was lost)")
-            rec["history"].append({**rec["job"], "ended": ended, "ended_at": time.strftime("%Y-%m-%d %H:%M:%S")})
-            rec.update(job=None, why=ended)
-            self.ended.append(j["id"])
-            self.out(f"{j['label']}: {rec['history'][-1]['executor']} job {rec['history'][-1]['id']} {ended}")
-        return None
-
-    def reconcile(self, submit: bool = True):
-        "Update every job's record; then submit the due ones (dependencies done, not alive, not yet submitted by this call)."
-        due = []
-        for j in self.plan["jobs"]:
-            rec = self._rec(j)
-            if job_done(j):
-                if rec.get("status") != "done" and rec.get("job"): self.out(f"{j['label']}: done")
-                if rec.get("job"): rec["history"].append({**rec["job"], "ended": "done", "ended_at": time.strftime("%Y-%m-%d %H:%M:%S")})
-                rec.update(status="done", job=None); rec.pop("why", None)
-                continue
-            alive = self._alive(j, rec)
-            if alive: rec["status"] = alive; continue
-            waiting = [self.jobs[d]["label"] for d in j["after"] if not job_done(self.jobs[d])]
-            if waiting: rec["status"] = f"waiting for {waiting[0]}"; continue
-            rec["status"] = "failed" if str(rec.get("why", "")).startswith("failed") else "died" if rec.get("why") else "to submit"
-            due.append(j)
-        if not submit: return
-        n_alive = sum(self.state["jobs"][j["id"]].get("status") in ("pending", "running") for j in self.plan["jobs"])
-        n_alive += sum(1 for k, r in self.state["jobs"].items() if k not in self.jobs and r.get("job") and job_state(r) in ALIVE)
-        for j in due:
-            if j["id"] in self.submitted: continue
-            if self.max_jobs and n_alive >= self.max_jobs: break
-            self.submit(j); n_alive += 1
-
-    def _free_gpus(self, n: int) -> list[int]:
-        if not self.n_gpu: return []
-        busy = {g for r in self.state["jobs"].values() if r.get("job") for g in r["job"].get("gpus", [])}
-        return [g for g in range(self.n_gpu) if g not in busy][:n]
-
-    def submit(self, j: dict):
-        from stem_nb.config import ConfigError
-        rec = self.state["jobs"][j["id"]]
-        w0 = rec.setdefault("started_world_size", j["world_size"])
-        if j["kind"] == "train" and w0 != j["world_size"] and list(Path(j["dump_dir"]).glob("checkpoints/*")):
-            raise ConfigError(f"run {j['label']} ({j['dump_dir']}) was started with world_size {w0}; resuming it with "
-                              f"{j['world_size']} would change its global batch mid-run: use --set world_size={w0}")
-        folder = job_folder(self.plan["runs_dir"], self.name, j)
-        call = job_call(j, self.plan["runs_dir"], self.executor == "local", self.preset.get("eval_batch_size", "auto"))
-        time_min = self.opts.time_min if j["kind"] == "train" else self.opts.eval_time_min
-        gpus = []
-        if self.executor == "slurm":
-            import submitit
-            ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=self.opts.max_requeues)
-            ex.update_parameters(**slurm_params(j, self.opts, self.gpus_per_node, self.job_name(j)))
-        else:
-            gpus = self._free_gpus(j["world_size"])
-            ex = _detached_local_executor()(folder=folder, max_num_timeout=self.opts.max_requeues)
-            ex.update_parameters(tasks_per_node=j["world_size"], visible_gpus=tuple(gpus), gpus_per_node=len(gpus),
-                                 timeout_min=time_min, signal_delay_s=min(self.opts.signal_delay_s, max(1, time_min * 60 // 2)))
-        job = ex.submit(call)
-        rec["job"] = dict(executor=self.executor, id=str(job.job_id), folder=str(job.paths.folder),
-                          submitted=time.strftime("%Y-%m-%d %H:%M:%S"), gpus=gpus)
-        if self.executor == "local":
-            rec["job"]["start"] = proc_start(int(job.job_id))
-            self.procs[int(job.job_id)] = job._process
-        rec["submissions"] += 1
-        rec.update(status="submitted"); rec.pop("why", None)
-        self.submitted.add(j["id"])
-        self.save()
-        again = ", resuming from its newest checkpoint" if j["kind"] == "train" and list(Path(j["dump_dir"]).glob("checkpoints/*")) else ""
-        self.out(f"{j['label']}: submitted as {self.executor} job {job.job_id} ({j['world_size']} process(es){again})")
-
-    def job_name(self, j: dict) -> str: return f"{self.name}-{j['id'][:12]}" + ("-eval" if j["kind"] == "eval" else "")
-
-    def alive_ids(self) -> list[str]:
-        return [i for i, r in self.state["jobs"].items() if i in self.jobs and r.get("status") in ("pending", "running", "submitted")]
-
-    # -- what the user reads --
-    def table(self) -> str:
-        rows = [("job", "kind", "status", "job id", "step", "tokens", "loss", "ETA")]
-        for j in self.plan["jobs"]:
-            r = self.state["jobs"].get(j["id"], {})
-            job = r.get("job") or (r.get("history") or [{}])[-1]
-            jid = f"{job['executor']}:{job['id']}" if job.get("id") else "-"
-            step = tok = loss = eta = ""
-            if j["kind"] == "train":
-                s = r.get("last_step") or 0
-                step, tok = f"{s}/{j['steps']}", f"{r['tokens']:,}" if r.get("tokens") else ""
-                loss = f"{r['loss']:.4f}" if isinstance(r.get("loss"), (int, float)) else ""
-                if r.get("status") == "running" and r.get("s_per_step"): eta = _hms((j["steps"] - s) * r["s_per_step"])
-            st = r.get("status", "?") + (f" ({r['why']})" if r.get("why") and r.get("status") in ("died", "failed") else "")
-            rows.append((j["label"], j["kind"], st, jid, step, tok, loss, eta))
-        w = [max(len(str(x[i])) for x in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(str(x[i]).ljust(w[i]) for i in range(len(x))).rstrip() for x in rows)
-
-    def print_jobs(self, scripts: bool = False):
-        "The dry run: every job, its processes, tokens and GPU-hours, the total and where the MFU came from; each sbatch script (`scripts`)."
-        basis = cost_basis(self.preset, self.root)
-        trains = [j for j in self.plan["jobs"] if j["kind"] == "train"]
-        evals = [j for j in self.plan["jobs"] if j["kind"] == "eval"]
-        self.out(f"# jobs of {self.name} (executor {self.executor}): {len(trains)} training job(s) of {self.world} process(es) "
-                 f"(one per GPU), {len(evals)} evaluation job(s) of 1; state file {self.state_file}")
-        rows, total = [("job", "kind", "run", "GPUs", "steps", "tokens", "GPU-hours", "after")], 0.0
-        for j in self.plan["jobs"]:
-            c = job_cost(j, basis) if j["kind"] == "train" else None
-            total += c["gpu_hours"] if c else 0
-            rows.append((j["id"][:12] + ("/eval" if j["kind"] == "eval" else ""), j["kind"], j["label"], j["world_size"],
-                         f"{j['steps']:,}" if c else "", f"{c['tokens']:,}" if c else "", _gpu_h(c["gpu_hours"]) if c else "n/a",
-                         ",".join(a[:12] for a in j["after"])))
-        w = [max(len(str(x[i])) for x in rows) for i in range(len(rows[0]))]
-        for x in rows: self.out("  ".join(str(x[i]).ljust(w[i]) for i in range(len(x))).rstrip())
-        self.out(f"# cost: {_gpu_h(total)} GPU-hours for the {len(trains)} training run(s) ({_gpu_h(total / max(1, len(trains)))} per run); "
-                 f"{basis['how']}")
-        self.out(f"# evaluation jobs: one GPU each, time limit {self.opts.eval_time_min} min, not in the cost")
-        for j in self.plan["jobs"]:
-            folder = job_folder(self.plan["runs_dir"], self.name, j)
-            if scripts:
-                self.out(f"\n# sbatch script of {j['kind']} job {j['label']}:\n" +
-                         sbatch_script(j, slurm_params(j, self.opts, self.gpus_per_node, self.job_name(j)), folder))
-            elif self.executor == "local":
-                what = "torch.distributed: gloo CPU processes" if not self.n_gpu else "one GPU per process"
-                self.out(f"# local job {j['label']}: {j['world_size']} process(es) ({what}) through submitit's LocalExecutor, logs in "
-                         f"{folder}; each runs {type(job_call(j, '', True)).__name__}")
-
-    # -- one call --
-    def run(self, wait: bool, poll_s: float = 30.0, status_only: bool = False, force: bool = False, progress_s: float = 60.0) -> int:
-        from stem_nb.config import ConfigError
-        if status_only:
-            self.reconcile(submit=False)
-            self.out(f"# {self.name}: {len(self.jobs)} job(s), state {self.state_file}" + (" (none submitted yet)" if not self.state_file.exists() else ""))
-            self.out(self.table()); return 0
-        if self.world > 1 or self.preset.get("world_size"):
-            from stem_nb.paper import check_recipe_inputs, PAPER_TOKENS
-            if self.name in PAPER_TOKENS: check_recipe_inputs(self.preset, self.name, self.root)
-        self.lock()
-        try:
-            shown = 0.0
-            while True:
-                self.reconcile(submit=True)
-                self.save()
-                if not wait or not self.alive_ids(): break
-                if time.time() - shown >= progress_s:
-                    shown = time.time()
-                    for j in self.plan["jobs"]:
-                        r = self.state["jobs"][j["id"]]
-                        if j["kind"] == "train" and r.get("status") == "running" and r.get("last_step"):
-                            eta = f", ETA {_hms((j['steps'] - r['last_step']) * r['s_per_step'])}" if r.get("s_per_step") else ""
-                            self.out(f"{j['label']}: step {r['last_step']}/{j['steps']}, {r.get('tokens') or 0:,} tokens, "
-                                     f"loss {r.get('loss')}{eta}")
-                time.sleep(poll_s)
-            self.out(self.table())
-            return self._notebooks(force)
-        finally:
-            if getattr(self, "_lock_fd", None) is not None: os.close(self._lock_fd); self._lock_fd = None
-
-    def _notebooks(self, force: bool) -> int:
-        "Run the notebooks whose jobs all finished (the ones that read runs with STEM_NB_CACHED_ONLY set); the exit code of the call."
-        from stem_nb import reproduce as R
-        from stem_nb.paper import CACHED_ONLY
-        needs = self.plan["needs"]
-        ready = [e for e, ids in needs.items() if all(job_done(self.jobs[i]) for i in ids)]
-        status = []
-        for cached, names in ((False, [e for e in ready if not needs[e]]), (True, [e for e in ready if needs[e]])):
-            if not names: continue
-            old = os.environ.get(CACHED_ONLY)
-            if cached: os.environ[CACHED_ONLY] = "1"
-            try: status += R.reproduce(self.name, names, force, self.root, progress=False, sets=self.sets)
-            finally:
-                if cached and old is None: os.environ.pop(CACHED_ONLY, None)
-        rc = R.report(status) if status else 0
-        alive = self.alive_ids()
-        gone = [self.jobs[i]["label"] for i in dict.fromkeys(self.ended) if not job_done(self.jobs[i]) and i not in alive]
-        left = [e for e in needs if e not in ready]
-        if alive:
-            self.out(f"{len(alive)} job(s) queued or running; the notebooks {left} wait for them: re-run this command to follow them "
-                     "(nothing is submitted twice), or add --status to only look")
-        if gone:
-            print(f"stem-nb reproduce: {len(gone)} job(s) ended without their result ({'; '.join(gone)}): re-run the same command "
-                  "to submit them again (a training run resumes from its newest checkpoint)", file=sys.stderr, flush=True)
-            return 1
-        if left and not alive:
-            print(f"stem-nb reproduce: the notebooks {left} wait for jobs that are not done: re-run this command to submit them",
-                  file=sys.stderr, flush=True)
-            return 1
-        return rc
-
-# %% ../nbs/32_cli.ipynb #04180124
+# %% ../nbs/32_cli.ipynb #ac29ab26
 def _cluster_args(a: argparse.Namespace) -> ClusterArgs:
     from stem_nb.config import load_config
     given = {k: getattr(a, k) for k in ("partition", "account", "qos", "time_min", "eval_time_min") if getattr(a, k, None) is not None}
     return load_config(ClusterArgs, a.cluster, **given)
 
-def reproduce_cli(argv: Sequence[str] = ()) -> int:
-    "`stem-nb reproduce`: the notebooks (`stem_nb.reproduce`), or at the paper's scale their jobs first."
+def _reproduce_parser() -> argparse.ArgumentParser:
+    "`stem_nb.reproduce`'s parser with the options of the jobs."
     from stem_nb import reproduce as R
-    from stem_nb.config import ConfigError
     p = R.parser()
     g = p.add_argument_group("jobs", "each training run and each evaluation of a preset as a job; state in runs/<preset>/state.json")
     g.add_argument("--executor", choices=("slurm", "local"), default=None,
@@ -968,7 +253,14 @@ def reproduce_cli(argv: Sequence[str] = ()) -> int:
     g.add_argument("--partition"); g.add_argument("--account"); g.add_argument("--qos")
     g.add_argument("--time-min", type=int, default=None, help="time limit of a training job (it checkpoints and requeues itself near it)")
     g.add_argument("--eval-time-min", type=int, default=None)
-    a = p.parse_args(list(argv))
+    return p
+
+# %% ../nbs/32_cli.ipynb #af96aa4a
+def reproduce_cli(argv: Sequence[str] = ()) -> int:
+    "`stem-nb reproduce`: the notebooks (`stem_nb.reproduce`), or at the paper's scale their jobs first."
+    from stem_nb import reproduce as R
+    from stem_nb.config import ConfigError
+    a = _reproduce_parser().parse_args(list(argv))
     try:
         presets, _ = R.selected(a)
         pr = presets[a.preset]
@@ -978,7 +270,7 @@ def reproduce_cli(argv: Sequence[str] = ()) -> int:
                 rc = R.run_cli(a)
                 if pr.get("world_size"):
                     print()
-                    JobRunner(a.preset, presets, "slurm", _cluster_args(a), sets=a.sets, only=a.only).print_jobs()
+                    print_jobs(JobRunner(a.preset, presets, "slurm", _cluster_args(a), sets=a.sets, only=a.only))
                     print("# --executor slurm --dry-run prints each sbatch script; --executor local runs the jobs on this node")
                 return rc
             if not pr.get("dry_run_only"): return R.run_cli(a)
@@ -986,7 +278,7 @@ def reproduce_cli(argv: Sequence[str] = ()) -> int:
         opts = _cluster_args(a)
         if a.max_jobs is not None and a.max_jobs < 0: raise ConfigError(f"--max-jobs must be >= 0, got {a.max_jobs}")
         if a.status:
-            from stem_nb.config import repo_root
+            from stem_nb.files import repo_root
             prev = repo_root() / "runs" / a.preset / STATE
             executor = executor or (json.loads(prev.read_text()).get("executor") if prev.exists() else None) or "local"
         runner = JobRunner(a.preset, presets, executor, opts, sets=a.sets, only=a.only, max_jobs=a.max_jobs)
@@ -994,7 +286,7 @@ def reproduce_cli(argv: Sequence[str] = ()) -> int:
             on_gpu = executor == "slurm" or bool(runner.n_gpu)     # where the memory plan's runs would be
             R.print_plan(a.preset, R.plan(a.preset, a.only, presets), presets, sets=a.sets, device="cuda" if on_gpu else "cpu",
                          gpu=cost_basis(runner.preset, runner.root)["gpu"]); print()
-            runner.print_jobs(scripts=executor == "slurm")
+            print_jobs(runner, scripts=executor == "slurm")
             return 0
         wait = a.wait if a.wait is not None else executor == "local"
         return runner.run(wait, a.poll_s, status_only=a.status, force=a.force)

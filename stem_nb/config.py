@@ -1,5 +1,5 @@
-"""Typed dataclasses, YAML on top, dotted CLI overrides (`model.dim=64`); atomic writes, the repo root,
-and interleaved timing with paired ratios for every benchmark.
+"""Typed dataclasses, YAML on top, dotted CLI overrides
+(`model.dim=64`), with errors that name the key.
 
 Docs: https://stem-nb.github.io/stem-nb/config.html.md"""
 
@@ -7,19 +7,20 @@ Docs: https://stem-nb.github.io/stem-nb/config.html.md"""
 
 # %% ../nbs/01_config.ipynb #475a9e8f
 from __future__ import annotations
-import copy, dataclasses, hashlib, json, math, os, random, statistics, time, uuid
+import copy, dataclasses, math, os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .files import write_atomic
+
 # %% auto #0
 __all__ = ['T', 'ENV_ATTR', 'ConfigError', 'env_interpolated', 'load_config', 'to_dict', 'unresolved_dict', 'resolve_env',
-           'dump_config', 'repo_root', 'tmp_name', 'write_atomic', 'pid_lock', 'sha256_file', 'config_hash',
-           'time_interleaved', 'paired_speedup', 'bench_summary', 'proc_memory', 'reset_peak_rss', 'peak_rss_mb']
+           'dump_config']
 
 # %% ../nbs/01_config.ipynb #11d359fb
 class ConfigError(ValueError):
@@ -61,6 +62,7 @@ def _check_finite(cfg, layers):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"config key '{_dotted(path)}' ({_source_of(path, layers)}): {v} is not a finite number")
 
+# %% ../nbs/01_config.ipynb #c371ca61
 _ENV_MARK = "@@stem-nb:oc.env@@"
 ENV_ATTR = "_config_env"      # on each dataclass of a loaded config: {path tuple (relative to it): unresolved text}
 
@@ -158,120 +160,4 @@ def dump_config(obj, path: str | Path | None = None) -> str:
     if path is not None: write_atomic(path, txt)
     return txt
 
-def repo_root() -> Path:
-    "The stem-nb checkout (holding `experiments/presets.yaml`): the working directory (or a parent) first, then env `STEM_NB_ROOT`, then the installed package's checkout."
-    cwd = Path.cwd().resolve()
-    for p in [cwd, *cwd.parents]:
-        if (p / "experiments" / "presets.yaml").exists(): return p
-    if os.environ.get("STEM_NB_ROOT"): return Path(os.environ["STEM_NB_ROOT"]).expanduser().resolve()
-    here = Path(__file__).resolve().parent if "__file__" in globals() else cwd
-    for p in [here, *here.parents]:
-        if (p / "experiments" / "presets.yaml").exists(): return p
-    raise FileNotFoundError("cannot find the stem-nb checkout (experiments/presets.yaml): run from it or set STEM_NB_ROOT")
 
-def tmp_name(path) -> Path:
-    "A temporary sibling of `path`, unique to this process and call (two writers never share a temp file)."
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-def write_atomic(path, data) -> Path:
-    "Write `data` (str, bytes, or a callable `f(tmp_path)` that writes the file) to `path` via a temporary file and a rename: readers see the old file or the new one, never a torn one."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    try:
-        if callable(data): data(tmp)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
-
-def pid_lock(path, busy: Callable[[str], str]) -> int:
-    """Hold `path` (created if missing) with an exclusive, non-blocking `flock` and write this process's pid into it;
-    returns the open descriptor, whose closing releases the lock (also when the process dies). When another process
-    holds it: `ConfigError(busy(pid))`, with the pid the holder wrote. `OSError` when `path` cannot be opened."""
-    import fcntl
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise ConfigError(busy(holder)) from None
-    os.ftruncate(fd, 0); os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    "sha256 of a file's bytes, read in chunks (archives, checkpoint manifests)."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk): h.update(b)
-    return h.hexdigest()
-
-def config_hash(obj, n: int = 12) -> str:
-    "A stable short hash of a config (dataclass or dict), independent of key order."
-    d = to_dict(obj) if is_dataclass(obj) else obj
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-# %% ../nbs/01_config.ipynb #80894deb
-def time_interleaved(contenders: Mapping[str, Callable[[], Any]],  # name -> a call that does one unit of work
-                     rounds: int = 5,                                  # timed rounds (each runs every contender once)
-                     warmup: int = 1,                                  # untimed rounds first (allocation, compilation)
-                    ) -> dict[str, list[float]]:
-    "Seconds per round of each contender, run round by round (first: contender `r mod n`, then a seeded shuffle); returns {name: [seconds per round]}."
-    names = list(contenders)
-    if not names: raise ValueError("time_interleaved: no contenders")
-    if rounds < 1: raise ValueError(f"time_interleaved: rounds must be >= 1, got {rounds}")
-    times = {n: [] for n in names}
-    for r in range(warmup + rounds):
-        first = names[r % len(names)]
-        rest = [n for n in names if n != first]; random.Random(r).shuffle(rest)
-        for n in [first] + rest:                     # nobody always runs first, nobody always follows the same one
-            t0 = time.perf_counter(); contenders[n](); dt = time.perf_counter() - t0
-            if r >= warmup: times[n].append(dt)
-    return times
-
-def paired_speedup(times: Mapping[str, Sequence[float]], ours: str, peer: str) -> float:
-    "Median over rounds of `peer / ours` time: > 1 means `ours` is faster."
-    a, b = times[ours], times[peer]
-    if len(a) != len(b) or not a: raise ValueError(f"paired_speedup: {ours!r} and {peer!r} need the same, non-zero number of rounds")
-    return statistics.median(q / p for p, q in zip(a, b))
-
-def bench_summary(times: Mapping[str, Sequence[float]], ours: str, peers: Sequence[str] = (), per: float = 1.0,
-                  unit: str = "ms") -> dict:
-    "JSON-ready medians (`per` units of work per call -> rate or ms) and paired ratios of `ours` against each peer (> 1: ours faster)."
-    out = {}
-    for n, ts in times.items():
-        med = statistics.median(ts)
-        out[n] = round(med * 1e3, 3) if unit == "ms" else round(per / med, 1)
-    ratios = {f"{ours}_vs_{p}": round(paired_speedup(times, ours, p), 3) for p in peers}
-    return {f"median_{unit}": out, "paired_ratio": ratios, "rounds": len(next(iter(times.values())))}
-
-def proc_memory() -> dict:
-    """This process's resident memory in bytes: {'VmRSS': now, 'VmHWM': the peak since start or since `reset_peak_rss`}
-    from /proc/self/status (Linux); elsewhere {'VmHWM': the peak since start} from `getrusage`."""
-    out = {}
-    try:
-        for line in open("/proc/self/status"):
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"): out[k] = int(v.split()[0]) * 1024
-    except OSError:
-        import resource, sys
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["VmHWM"] = r if sys.platform == "darwin" else r * 1024
-    return out
-
-def reset_peak_rss() -> bool:
-    "Reset this process's VmHWM to its current VmRSS (Linux `clear_refs` 5), so the next peak is measured from now; False where that is not allowed."
-    try:
-        with open("/proc/self/clear_refs", "w") as f: f.write("5")
-        return True
-    except OSError: return False
-
-def peak_rss_mb(fn: Callable[[], Any]) -> Optional[float]:
-    "Peak resident memory (MB) of this process while `fn()` runs (`reset_peak_rss`, then `proc_memory`'s VmHWM). None where the peak cannot be reset."
-    if not reset_peak_rss():
-        fn(); return None
-    fn()
-    return round(proc_memory()["VmHWM"] / 2**20, 1)

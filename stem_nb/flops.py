@@ -7,7 +7,7 @@ Docs: https://stem-nb.github.io/stem-nb/flops.html.md"""
 
 # %% ../nbs/07_flops.ipynb #d9b01886
 from __future__ import annotations
-import gc, math, statistics, time
+import gc, math
 from typing import Optional
 
 import torch
@@ -18,7 +18,7 @@ from .model import ModelArgs, Transformer, FFN_TYPES, TABLE_FFN_TYPES, TABLE_INI
 __all__ = ['QWEN25', 'PAPER_PARAMS', 'AC_PLAN_MODES', 'PRECISIONS', 'count_params', 'flops_per_token', 'estimate_mfu',
            'table1_training_flops', 'table1_decode_reads', 'stem_decode_saving', 'stem_flops_saving', 'table1',
            'params_table', 'backbone_shapes', 'activation_bytes', 'alloc_peaks', 'alloc_peak', 'memory_plan',
-           'plan_precision', 'train_memory_plan', 'format_memory_plan', 'bench_fwd_bwd']
+           'plan_precision', 'train_memory_plan', 'format_memory_plan']
 
 # %% ../nbs/07_flops.ipynb #c7aafee8
 def count_params(args: ModelArgs) -> dict:
@@ -209,33 +209,21 @@ def alloc_peak(fn) -> tuple:
     return alloc_peaks(fn)[0]
 
 # %% ../nbs/07_flops.ipynb #8677f8e0
-def memory_plan(args: ModelArgs, batch_size: int, seq_len: int, world: int = 1, stem_parallel_size: int = 1,
-                backbone: str = "fsdp", activation_checkpointing: str = "none", precision: str = "fp32", device: str = "cpu",
-                grad_accum: int = 1, table_optimizer: str = "exact", device_memory: Optional[float] = None) -> dict:
-    """Bytes one rank holds training `args` on micro-batches of `batch_size x seq_len` tokens, `world` ranks, tables in
-    `stem_parallel_size` column slices, the backbone `backbone` (fsdp | ddp), for each part (see above); `peak` is the
-    plan's total, `peak_by_mode` the total under each activation checkpointing mode."""
-    W, P, T, ga = world, stem_parallel_size, batch_size * seq_len, grad_accum
-    V, d, H = args.vocab_size, args.dim, args.hidden_dim
+def _check_layout(W: int, P: int, H: int, backbone: str, device: str):
+    "Raise unless `P` divides `W` and `H`, the backbone is fsdp or ddp (or none on one process) and the device cpu or cuda."
     if W < 1 or P < 1 or W % P: raise ValueError(f"memory_plan: stem_parallel_size={P} does not divide world={W}")
     if H % P: raise ValueError(f"memory_plan: stem_parallel_size={P} does not divide the STEM hidden dim H={H}")
     if backbone not in ("fsdp", "ddp") and not (backbone == "none" and W == 1):
         raise ValueError(f"memory_plan: backbone {backbone!r} is not fsdp or ddp" + (" (none: one process only)" if backbone == "none" else ""))
     if device not in ("cpu", "cuda"): raise ValueError(f"memory_plan: device {device!r} is not cpu or cuda")
-    kind = "one" if W == 1 else backbone
-    shapes = backbone_shapes(args)
-    n_bb = sum(_numel(s) for _, _, s in shapes)
-    shard = sum(_shard_numel(s, W) for _, _, s in shapes) if kind == "fsdp" else n_bb
-    padded = lambda unit: sum(_shard_numel(s, W) * W for u, _, s in shapes if u == unit)
-    out = dict(world=W, P=P, backbone=kind, activation_checkpointing=activation_checkpointing, precision=precision,
-               device=device, tokens=T, grad_accum=ga,
-               backbone_params=4 * shard, backbone_grads=4 * shard, backbone_optim=8 * shard,
-               ddp_buckets=4 * n_bb if kind == "ddp" else 0)
-    # tables: this rank's [V, h] slices, their moments and bookkeeping, the row-sparse gradients
+
+def _table_bytes(args: ModelArgs, W: int, P: int, T: int, ga: int, table_optimizer: str) -> tuple[dict, int, int, int, int]:
+    "The tables' entries of the plan, and (tables, slice width h, distinct rows U after the sync, sync buffer bytes)."
+    V, H = args.vocab_size, args.hidden_dim
     nt, h = len(args.table_layers), (H // P if W > 1 else H)
     row = 4 * h + 8                                                       # one gradient row and its int64 id
     keep = dict(exact=8 * V + 1024 * 5 * 8, row_local=16 * V, dense=0)[table_optimizer]
-    out.update(table_params=nt * 4 * V * h, table_optim=nt * 8 * V * h, table_bookkeeping=nt * keep)
+    out = dict(table_params=nt * 4 * V * h, table_optim=nt * 8 * V * h, table_bookkeeping=nt * keep)
     if W > 1:
         U = min(V, W * T * ga)                                             # distinct rows of the job after the sync
         group_rows = min(V, P * T * ga)                                    # one replica's distinct rows, coalesced
@@ -247,54 +235,73 @@ def memory_plan(args: ModelArgs, batch_size: int, seq_len: int, world: int = 1, 
         U = min(V, T)
         out["table_grads"] = out["table_grads_synced"] = nt * ga * U * row
         sync = 0
-    # activations of one micro-batch, for each checkpointing mode
-    acts = {m: activation_bytes(args, T, m, precision, W, P) for m in AC_PLAN_MODES}
-    act = acts[activation_checkpointing] if activation_checkpointing in acts else \
-        activation_bytes(args, T, activation_checkpointing, precision, W, P)
-    out.update(activations=act["saved"], activation_peak=act["peak"])
-    # FSDP2: unsharded parameters (root from the forward to the end of the backward, two blocks), unsharded gradients
+    return out, nt, h, U, sync
+
+# %% ../nbs/07_flops.ipynb #79d40723
+def _fsdp_bytes(args: ModelArgs, shapes: list, W: int, kind: str, precision: str, ga: int) -> tuple[int, int, int, int]:
+    "(unsharded parameters, first gradient, end-of-backward gradients, accumulated gradients) in bytes, for backbone `kind`."
+    V, d = args.vocab_size, args.dim
+    if kind != "fsdp": return 0, 4 * V * d, 0, 0
+    padded = lambda unit: sum(_shard_numel(s, W) * W for u, _, s in shapes if u == unit)
     pb = 2 if precision == "bf16" else 4
     blocks = max((padded(i) for i in range(args.n_layers)), default=0)
-    if kind == "fsdp":
-        root = padded("root")
-        fsdp_params = pb * (root + 2 * blocks)
-        first_grad = pb * V * d                                            # output.weight's unsharded gradient
-        end_grads = (pb + 4) * root + (pb + 4) * blocks                    # root and one block: gradients + reduce-scatter copy
-        accumulated = 4 * sum(_shard_numel(s, W) * W for _, _, s in shapes) if ga > 1 else 0   # no reduce until the last micro-batch
-    else:
-        fsdp_params, first_grad, end_grads, accumulated = 0, 4 * V * d, 0, 0
+    root = padded("root")
+    fsdp_params = pb * (root + 2 * blocks)
+    first_grad = pb * V * d                                            # output.weight's unsharded gradient
+    end_grads = (pb + 4) * root + (pb + 4) * blocks                    # root and one block: gradients + reduce-scatter copy
+    accumulated = 4 * sum(_shard_numel(s, W) * W for _, _, s in shapes) if ga > 1 else 0   # no reduce until the last micro-batch
+    return fsdp_params, first_grad, end_grads, accumulated
+
+# %% ../nbs/07_flops.ipynb #a46c8627
+def memory_plan(args: ModelArgs, batch_size: int, seq_len: int, world: int = 1, stem_parallel_size: int = 1,
+                backbone: str = "fsdp", activation_checkpointing: str = "none", precision: str = "fp32", device: str = "cpu",
+                grad_accum: int = 1, table_optimizer: str = "exact", device_memory: Optional[float] = None) -> dict:
+    """Bytes one rank holds training `args` on micro-batches of `batch_size x seq_len` tokens, `world` ranks, tables in
+    `stem_parallel_size` column slices, the backbone `backbone` (fsdp | ddp), for each part (see above); `peak` is the
+    plan's total, `peak_by_mode` the total under each activation checkpointing mode."""
+    W, P, T, ga, H = world, stem_parallel_size, batch_size * seq_len, grad_accum, args.hidden_dim
+    _check_layout(W, P, H, backbone, device)
+    kind, shapes = "one" if W == 1 else backbone, backbone_shapes(args)
+    n_bb = sum(_numel(s) for _, _, s in shapes)
+    shard = sum(_shard_numel(s, W) for _, _, s in shapes) if kind == "fsdp" else n_bb
+    out = dict(world=W, P=P, backbone=kind, activation_checkpointing=activation_checkpointing, precision=precision,
+               device=device, tokens=T, grad_accum=ga, backbone_params=4 * shard, backbone_grads=4 * shard,
+               backbone_optim=8 * shard, ddp_buckets=4 * n_bb if kind == "ddp" else 0)
+    tables, nt, h, U, sync = _table_bytes(args, W, P, T, ga, table_optimizer)
+    out.update(tables)
+    acts = {m: activation_bytes(args, T, m, precision, W, P) for m in AC_PLAN_MODES}
+    act = acts.get(activation_checkpointing) or activation_bytes(args, T, activation_checkpointing, precision, W, P)
+    out.update(activations=act["saved"], activation_peak=act["peak"])
+    fsdp_params, first_grad, end_grads, accumulated = _fsdp_bytes(args, shapes, W, kind, precision, ga)
     out.update(fsdp_unsharded=fsdp_params + end_grads + accumulated)
     # optimizer step temporaries: AdamW (fused on plain tensors; per parameter on CPU DTensors; foreach on GPU), tables
     max_shard = max(_shard_numel(s, W) if kind == "fsdp" else _numel(s) for _, _, s in shapes)
     bb_step = 0 if kind != "fsdp" else (4 * shard if device == "cuda" else 8 * max_shard)
     tb_step = 16 * U * h if device == "cuda" and nt else 16 * P * T * ga * min(nt, 1)
     out["step_transient"] = max(bb_step, tb_step, sync)
-    out["persistent"] = (out["backbone_params"] + out["backbone_optim"] + out["ddp_buckets"] + out["table_params"]
-                         + out["table_optim"] + out["table_bookkeeping"])
+    out["persistent"] = sum(out[k] for k in ("backbone_params", "backbone_optim", "ddp_buckets", "table_params", "table_optim",
+                                             "table_bookkeeping"))
     def peak(a):
         start = a["peak"] + fsdp_params + first_grad + accumulated
         end = out["backbone_grads"] + out["table_grads"] + fsdp_params + end_grads + accumulated
         step = out["backbone_grads"] + out["table_grads_synced"] + out["step_transient"]
         return out["persistent"] + max(start, end, step), dict(backward_start=start, backward_end=end, step=step)
     out["peak"], out["phases"] = peak(act)
-    out["peak_by_mode"] = {m: peak(a)[0] for m, a in acts.items()}
-    out["activations_by_mode"] = {m: a["saved"] for m, a in acts.items()}
-    # the build (`distributed.build_parallel_model`): parameters, then one backbone parameter or one table row block in flight
+    out["peak_by_mode"], out["activations_by_mode"] = {m: peak(a)[0] for m, a in acts.items()}, {m: a["saved"] for m, a in acts.items()}
     biggest = max(_numel(s) for _, _, s in shapes)    # its value and trunc_normal_'s three fp32 temporaries and bool mask, its shard
     param_init = 17 * biggest + (4 * -(-biggest // W) if kind == "fsdp" else 0)
-    rows_per_block = max(1, TABLE_INIT_CHUNK // H)
-    out["build_peak"] = out["backbone_params"] + out["table_params"] + max(param_init, 4 * rows_per_block * H if nt else 0)
-    out["device_memory"] = device_memory
-    out["headroom"] = None if device_memory is None else device_memory - out["peak"]
+    out["build_peak"] = out["backbone_params"] + out["table_params"] + max(param_init, 4 * max(1, TABLE_INIT_CHUNK // H) * H if nt else 0)
+    out.update(device_memory=device_memory, headroom=None if device_memory is None else device_memory - out["peak"])
     return out
 
+# %% ../nbs/07_flops.ipynb #23ab8f00
 def plan_precision(dtype: str, device: str, backbone: str, world: int, fsdp_param_dtype: str = "bf16") -> str:
     "The plan's precision for the trainer's `dtype` (auto | bf16 | fp32) on `device`: bf16 (FSDP2 gathering bf16 on GPU), fp32 or autocast."
     if device == "cuda" and world > 1 and backbone == "fsdp" and fsdp_param_dtype in ("bf16", "fp16"): return "bf16"
     return "fp32" if dtype == "fp32" or (dtype == "auto" and device != "cuda") else "autocast"
 
 def train_memory_plan(args, world: int = 1, device: str = "cpu", device_memory: Optional[float] = None) -> dict:
-    """`memory_plan` of a training config (`stem_nb.train.TrainArgs`: `model`, `data.batch_size` (per rank), `data.seq_len`,
+    """`memory_plan` of a training config (`stem_nb.train_config.TrainArgs`: `model`, `data.batch_size` (per rank), `data.seq_len`,
     `grad_accum`, `dtype`, `distributed.*`, `optim.table_optimizer`) run on `world` ranks of `device`."""
     d = args.distributed
     return memory_plan(args.model, args.data.batch_size, args.data.seq_len, world=world, stem_parallel_size=d.stem_parallel_size,
@@ -302,6 +309,7 @@ def train_memory_plan(args, world: int = 1, device: str = "cpu", device_memory: 
                        precision=plan_precision(args.dtype, device, d.backbone, world, d.fsdp_param_dtype), device=device,
                        grad_accum=args.grad_accum, table_optimizer=args.optim.table_optimizer, device_memory=device_memory)
 
+# %% ../nbs/07_flops.ipynb #15e23c8a
 def format_memory_plan(plan: dict) -> str:
     "The plan as a table in GiB: each owner's parameters, gradients and optimizer state; activations by mode; the peak against the device."
     g = lambda b: f"{b / 2**30:9.3f}"
@@ -323,29 +331,3 @@ def format_memory_plan(plan: dict) -> str:
         ok = "fits" if plan["headroom"] >= 0 else "DOES NOT FIT"
         lines.append(f"{'device memory':28s}{g(plan['device_memory'])}   {ok}: headroom {plan['headroom'] / 2**30:.3f} GiB")
     return "\n".join(lines)
-
-# %% ../nbs/07_flops.ipynb #4de9ba64
-def bench_fwd_bwd(model_preset: str = "cpu", ffn_types=("dense", "stem"), stem_layers="all",
-                  batch: int = 8, seq_len: int = 256, rounds: int = 7, warmup: int = 2) -> list[dict]:
-    "Forward+backward tokens/s of each `ffn_type` at the same dims, interleaved; paired ratio vs `ffn_types[0]` (>1 faster)."
-    from stem_nb.config import time_interleaved, paired_speedup
-    torch.manual_seed(0)
-    models = {f: Transformer(preset(model_preset, ffn_type=f, stem_layers=stem_layers, max_seq_len=max(seq_len, 64)))
-              for f in ffn_types}
-    V = models[ffn_types[0]].args.vocab_size
-    x = torch.randint(0, V, (batch, seq_len + 1))
-    def run(m):
-        m.zero_grad(set_to_none=True)
-        m(x[:, :-1], x[:, 1:]).backward()
-    times = time_interleaved({f: (lambda m=m: run(m)) for f, m in models.items()}, rounds=rounds, warmup=warmup)
-    base = ffn_types[0]
-    out = []
-    for f in ffn_types:
-        a = models[f].args
-        out.append({"bench": "fwd_bwd_tokens_per_s", "preset": model_preset, "ffn_type": f, "stem_layers": str(stem_layers),
-                    "tokens_per_s": round(batch * seq_len / statistics.median(times[f]), 1),
-                    f"paired_ratio_vs_{base}": round(paired_speedup(times, f, base), 3),
-                    "flop_ratio_vs_" + base: round(flops_per_token(models[base].args, seq_len) / flops_per_token(a, seq_len), 3),
-                    "flops_per_token": flops_per_token(a, seq_len), "params_total": count_params(a)["total"],
-                    "rounds": rounds, "threads": torch.get_num_threads()})
-    return out

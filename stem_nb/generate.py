@@ -7,16 +7,16 @@ Docs: https://stem-nb.github.io/stem-nb/generate.html.md"""
 
 # %% ../nbs/18_generate.ipynb #4737fce6
 from __future__ import annotations
-import contextlib, time
+import contextlib
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .model import Transformer, preset, resolve_stem_layers
+from .model import Transformer
 
 # %% auto #0
-__all__ = ['output_at', 'sample_next', 'generate_ids', 'generate', 'hf_llama', 'bench_decode']
+__all__ = ['output_at', 'sample_next', 'generate_ids', 'generate']
 
 # %% ../nbs/18_generate.ipynb #63ebc8ba
 @contextlib.contextmanager
@@ -64,6 +64,7 @@ def _decode_batch(model, x, max_new_tokens, temperature, top_p, generator, eos_i
         else: logits = model(torch.cat([x, out], dim=1))[:, -1]
     return [out[b, :lens[b]].tolist() for b in range(B)]
 
+# %% ../nbs/18_generate.ipynb #2628e954
 def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
                  eos_id: Optional[int] = None, stop_fn: Optional[Callable[[int, list], bool]] = None,
@@ -118,35 +119,3 @@ def generate(model: Transformer, tokenizer, prompts: Union[str, Sequence[str]], 
             if s in t: t = t[:t.index(s)]
         res.append(t)
     return res[0] if single else res
-
-# %% ../nbs/18_generate.ipynb #f975c00f
-def hf_llama(args):
-    "A Hugging Face `LlamaForCausalLM` with the dimensions of `ModelArgs` `args` (dense), random weights: the benchmarks' peer."
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
-                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
-                      max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
-
-# %% ../nbs/18_generate.ipynb #c4bfb772
-def bench_decode(model_preset: str = "cpu", prompt_len: int = 32, new_tokens: int = 64, batches: Sequence[int] = (1, 8),
-                 rounds: int = 3) -> list[dict]:
-    "Greedy KV-cache decode tokens/s: STEM-all and dense vs HF `generate` on an equal-dims `LlamaForCausalLM`, interleaved."
-    from stem_nb.config import time_interleaved, bench_summary
-    models = {f: Transformer(preset(model_preset, ffn_type=f, stem_layers="all")).eval() for f in ("stem", "dense")}
-    args = models["dense"].args
-    hf = hf_llama(args)
-    res = []
-    for batch in batches:
-        x = torch.randint(0, args.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-        fns = {f"stem_nb_{f}": (lambda m=m: generate_ids(m, x.tolist(), new_tokens, batch_size=batch)) for f, m in models.items()}
-        fns["hf_generate"] = lambda: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        with torch.no_grad(): times = time_interleaved(fns, rounds=rounds, warmup=1)
-        s = bench_summary(times, "stem_nb_dense", ["hf_generate"], per=batch * new_tokens, unit="tok/s")
-        s["paired_ratio"].update(bench_summary(times, "stem_nb_stem", ["hf_generate", "stem_nb_dense"])["paired_ratio"])
-        res.append(dict(bench="decode", preset=model_preset, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-                        stem_layers=resolve_stem_layers("all", args.n_layers), threads=torch.get_num_threads(), **s))
-    return res

@@ -7,271 +7,33 @@ Docs: https://stem-nb.github.io/stem-nb/hf.html.md"""
 
 # %% ../nbs/30_hf.ipynb #119bedf5
 from __future__ import annotations
-import argparse, dataclasses, importlib, inspect, json, math, os, re, secrets, shutil, sys
+import argparse, dataclasses, json, math, os, re, secrets, shutil, sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 import yaml
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
 from .config import ConfigError
 from .tokenizer import Tokenizer, SentencePieceTokenizer, BOS_TOKEN, EOS_TOKEN
-from .model import FFN_TYPES, ModelArgs, Transformer, resolve_stem_layers
-from .checkpoint import (CheckpointError, load_model, read_train_state, resolve_checkpoint, save_checkpoint,
-                                read_safetensors_header, _ST_NAMES)
-from .train import read_metrics, _in_notebook
-from .eval import EvalError, results_table, run_info, run_tokenizer
+from .model import FFN_TYPES, ModelArgs, Transformer
+from .tensor_files import CheckpointError, read_safetensors_header, _ST_NAMES
+from .checkpoint import save_checkpoint
+from .restore import load_model, read_train_state, resolve_checkpoint
+from .run_dir import read_metrics, _in_notebook
+from .lm import EvalError, run_info, run_tokenizer
+from .eval import results_table
+from .hf_modeling import modeling_source
 
 # %% auto #0
-__all__ = ['MODELING_OBJECTS', 'MODELING_HEADER', 'AUTO_MAP', 'MODELING_FILE', 'CONFIG_FILE', 'WEIGHTS', 'INDEX',
-           'MAX_SHARD_BYTES', 'MAX_JSON_BYTES', 'PROBES', 'STEM_LINES', 'StemConfig', 'StemRMSNorm', 'stem_rope',
-           'stem_apply_rope', 'StemAttention', 'StemFFN', 'StemHashMoE', 'StemBlock', 'StemPreTrainedModel',
-           'StemModel', 'StemForCausalLM', 'modeling_source', 'hf_key', 'stem_key', 'hf_config', 'HFError',
-           'save_weights', 'read_json', 'model_args', 'read_header', 'weight_files', 'expected_tensors', 'load_weights',
-           'import_hf', 'onig_pattern', 'hf_tokenizer', 'write_tokenizer', 'run_facts', 'model_card', 'export_hf',
-           'import_run', 'export_cli', 'import_cli', 'cli']
-
-# %% ../nbs/30_hf.ipynb #37743d3d
-class StemConfig(PretrainedConfig):
-    "The decoder's shape; `ffn_type` replaces the FFN of the layers in `stem_layers`, the table variants own one `[vocab_size, intermediate_size]` table each."
-    model_type = "stem"
-    FFN_TYPES = ("dense", "stem", "stem_gate", "stem_add", "hash_moe")
-    TABLE_FFN_TYPES = ("stem", "stem_gate", "stem_add")
-
-    def __init__(self, vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=None, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
-                 ffn_type="dense", stem_layers=(), n_experts=16, tie_word_embeddings=False, **kwargs):
-        if ffn_type not in self.FFN_TYPES: raise ValueError(f"ffn_type {ffn_type!r} is not one of {self.FFN_TYPES}")
-        bad = [i for i in stem_layers if not 0 <= int(i) < num_hidden_layers]
-        if bad: raise ValueError(f"stem_layers: layer {bad[0]} is out of range for num_hidden_layers={num_hidden_layers}")
-        self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
-        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.max_position_embeddings, self.rms_norm_eps, self.rope_theta = max_position_embeddings, rms_norm_eps, rope_theta
-        self.ffn_type, self.stem_layers, self.n_experts = ffn_type, sorted(int(i) for i in stem_layers), n_experts
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-
-    @property
-    def head_dim(self): return self.hidden_size // self.num_attention_heads
-
-    @property
-    def table_layers(self):
-        "The layers that own a table."
-        return list(self.stem_layers) if self.ffn_type in self.TABLE_FFN_TYPES else []
-
-    def layer_ffn(self, i):
-        "The FFN of layer `i`: `ffn_type` in `stem_layers`, dense elsewhere."
-        return self.ffn_type if i in self.stem_layers else "dense"
-
-# %% ../nbs/30_hf.ipynb #4b7b1bc7
-class StemRMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
-
-
-def stem_rope(positions, head_dim, theta):
-    "cos, sin of the rotary angles at `positions` (B, S): each (B, S, head_dim // 2), computed in float64."
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim))
-    ang = positions.to(torch.float64)[..., None] * inv
-    return ang.cos().float(), ang.sin().float()
-
-
-def stem_apply_rope(x, cos, sin):
-    "Rotate the interleaved pairs of `x` (B, S, heads, head_dim) by the angles (B, S, head_dim // 2)."
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
-
-# %% ../nbs/30_hf.ipynb #f84eba2d
-class StemAttention(nn.Module):
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        self.layer_idx, self.n_heads, self.n_kv_heads = layer_idx, config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
-
-    def forward(self, x, cos, sin, mask, cache):
-        B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q, k = stem_apply_rope(q, cos, sin), stem_apply_rope(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                      # (B, heads, S, head_dim)
-        if cache is not None: k, v = cache.update(k, v, self.layer_idx)      # (B, kv_heads, past + S, head_dim)
-        if self.n_kv_heads != self.n_heads:
-            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
-        if mask is None: out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else: out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
-
-# %% ../nbs/30_hf.ipynb #a1ab0410
-class StemFFN(nn.Module):
-    "SwiGLU `w2(silu(w1 u) * w3 u)`; the STEM variants use the token's table row `rows` in place of (or beside) a branch."
-    def __init__(self, config, kind):
-        super().__init__()
-        d, H = config.hidden_size, config.intermediate_size
-        self.kind = kind
-        if kind != "stem_gate": self.w1 = nn.Linear(d, H, bias=False)
-        if kind != "stem": self.w3 = nn.Linear(d, H, bias=False)
-        self.w2 = nn.Linear(H, d, bias=False)
-
-    def forward(self, u, ids=None, rows=None):
-        if self.kind == "stem": return self.w2(F.silu(self.w1(u)) * rows.to(u.dtype))
-        if self.kind == "stem_gate": return self.w2(F.silu(rows.to(u.dtype)) * self.w3(u))
-        if self.kind == "stem_add": return self.w2(F.silu(self.w1(u)) * (self.w3(u) + rows.to(u.dtype)))
-        return self.w2(F.silu(self.w1(u)) * self.w3(u))
-
-
-class StemHashMoE(nn.Module):
-    "Top-1 of `n_experts` SwiGLU experts; token `t` goes to expert `((t * 2654435761 mod 2^32) * n_experts) >> 32`."
-    KNUTH_MULT, HASH_BITS = 2654435761, 32
-
-    def __init__(self, config):
-        super().__init__()
-        self.n_experts = config.n_experts
-        self.experts = nn.ModuleList(StemFFN(config, "dense") for _ in range(config.n_experts))
-
-    def forward(self, u, ids=None, rows=None):
-        h = (ids.long() * self.KNUTH_MULT) % (1 << self.HASH_BITS)
-        e = ((h * self.n_experts) >> self.HASH_BITS).reshape(-1)
-        flat = u.reshape(-1, u.shape[-1])
-        out = torch.zeros_like(flat)
-        for i, expert in enumerate(self.experts):
-            idx = (e == i).nonzero(as_tuple=True)[0]
-            if idx.numel(): out.index_copy_(0, idx, expert(flat.index_select(0, idx)))
-        return out.view_as(u)
-
-
-class StemBlock(nn.Module):
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        self.ffn_type = config.layer_ffn(layer_idx)
-        self.attention = StemAttention(config, layer_idx)
-        self.attention_norm = StemRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.ffn_norm = StemRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.feed_forward = StemHashMoE(config) if self.ffn_type == "hash_moe" else StemFFN(config, self.ffn_type)
-
-    def forward(self, x, cos, sin, mask, cache, ids, rows):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
-        return h + self.feed_forward(self.ffn_norm(h), ids, rows)
-
-# %% ../nbs/30_hf.ipynb #2a2561f0
-class StemPreTrainedModel(PreTrainedModel):
-    config_class = StemConfig
-    base_model_prefix = "model"
-    _no_split_modules = ["StemBlock"]
-    _supports_cache_class = True
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)): nn.init.normal_(module.weight, std=0.02)
-        elif isinstance(module, StemRMSNorm): nn.init.ones_(module.weight)
-
-
-class StemModel(StemPreTrainedModel):
-    "Token embeddings, the blocks, the final norm; `stem_tables[str(layer)]` is the `[vocab, intermediate]` table of a table layer."
-    def __init__(self, config):
-        super().__init__(config)
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(StemBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = StemRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.stem_tables = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.intermediate_size)
-                                          for i in config.table_layers})
-        self.post_init()
-
-    def get_input_embeddings(self): return self.tok_embeddings
-    def set_input_embeddings(self, value): self.tok_embeddings = value
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        B, S = input_ids.shape
-        dev = input_ids.device
-        past = cache.get_seq_length() if cache is not None else 0
-        pad = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
-        if position_ids is None:
-            if pad: position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
-            else: position_ids = torch.arange(past, past + S, device=dev)[None].expand(B, S)
-        top = int(position_ids.max())
-        if top >= self.config.max_position_embeddings:
-            raise ValueError(f"position {top} is past max_position_embeddings={self.config.max_position_embeddings}")
-        cos, sin = stem_rope(position_ids, self.config.head_dim, self.config.rope_theta)
-        mask = None
-        if past or pad:
-            q_pos, k_pos = past + torch.arange(S, device=dev), torch.arange(past + S, device=dev)
-            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]                   # (1, 1, S, past + S)
-            if pad:                                # no padding key; a padding query sees itself (never a fully masked row)
-                keep = attention_mask.bool()[:, None, None, -(past + S):]
-                mask = (mask & keep) | (k_pos[None, :] == q_pos[:, None])[None, None]
-        h = self.tok_embeddings(input_ids)
-        for i, layer in enumerate(self.layers):
-            rows = F.embedding(input_ids, self.stem_tables[str(i)].weight) if str(i) in self.stem_tables else None
-            h = layer(h, cos, sin, mask, cache, input_ids, rows)
-        return self.norm(h)
-
-
-class StemForCausalLM(StemPreTrainedModel, GenerationMixin):
-    "The STEM decoder with its output layer: `logits` (B, S, vocab); `labels` give the mean next-token cross-entropy."
-    _cache_field = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = StemModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self): return self.model.tok_embeddings
-    def set_input_embeddings(self, value): self.model.tok_embeddings = value
-    def get_output_embeddings(self): return self.lm_head
-    def set_output_embeddings(self, value): self.lm_head = value
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        if input_ids is None: raise ValueError("StemForCausalLM needs input_ids (not inputs_embeds): the STEM tables are read by token id")
-        cache = cache if cache is not None else past_key_values              # the argument's name in transformers 5 / 4
-        if use_cache and cache is None: cache = DynamicCache()
-        h = self.model(input_ids, attention_mask, position_ids, cache)
-        logits = self.lm_head(h[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep])
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{self._cache_field: cache})
-
-# %% ../nbs/30_hf.ipynb #91eca1df
-MODELING_OBJECTS = ("StemConfig", "StemRMSNorm", "stem_rope", "stem_apply_rope", "StemAttention", "StemFFN", "StemHashMoE",
-                    "StemBlock", "StemPreTrainedModel", "StemModel", "StemForCausalLM")
-MODELING_HEADER = '''"""STEM (Scaling Transformers with Embedding Modules) for Hugging Face transformers: a Llama-style decoder whose
-SwiGLU FFN in `stem_layers` is replaced by `ffn_type`. Written by `stem-nb export-hf` (version {version}) from its notebook
-nbs/30_hf.ipynb; imports torch and transformers only."""
-import dataclasses
-
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
-'''
-
-def modeling_source() -> str:
-    "The text of `modeling_stem.py`: `MODELING_HEADER`, then the source of `MODELING_OBJECTS` in `stem_nb.hf`."
-    mod = importlib.import_module("stem_nb.hf")
-    return MODELING_HEADER.format(version=__version__) + "".join(f"\n\n{inspect.getsource(getattr(mod, n))}" for n in MODELING_OBJECTS)
+__all__ = ['AUTO_MAP', 'MODELING_FILE', 'CONFIG_FILE', 'WEIGHTS', 'INDEX', 'MAX_SHARD_BYTES', 'MAX_JSON_BYTES', 'PROBES',
+           'STEM_LINES', 'hf_key', 'stem_key', 'hf_config', 'HFError', 'save_weights', 'read_json', 'model_args',
+           'read_header', 'weight_files', 'expected_tensors', 'load_weights', 'import_hf', 'onig_pattern',
+           'hf_tokenizer', 'write_tokenizer', 'run_facts', 'model_card', 'export_hf', 'import_run', 'export_cli',
+           'import_cli', 'cli']
 
 # %% ../nbs/30_hf.ipynb #da864156
 AUTO_MAP = {"AutoConfig": "modeling_stem.StemConfig", "AutoModelForCausalLM": "modeling_stem.StemForCausalLM"}
@@ -342,6 +104,7 @@ def read_json(path, what: str) -> dict:
     if not isinstance(obj, dict): raise HFError(f"{path} holds a {type(obj).__name__}, not a JSON object")
     return obj
 
+# %% ../nbs/30_hf.ipynb #9fd5dd1c
 def _int(cfg: dict, key: str, f, lo: int = 1, hi: int = 2**31):
     v = cfg.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -384,7 +147,7 @@ def model_args(cfg: dict, f=CONFIG_FILE) -> ModelArgs:
 # %% ../nbs/30_hf.ipynb #17e31a40
 def read_header(path) -> dict[str, dict]:
     """The tensor entries (`dtype`, `shape`, `data_offsets`) of a safetensors file's header, read and checked by
-    `stem_nb.checkpoint.read_safetensors_header` (bounded header, every byte range inside the file, no gap, no overlap),
+    `stem_nb.tensor_files.read_safetensors_header` (bounded header, every byte range inside the file, no gap, no overlap),
     each a float tensor; else `HFError` naming the file."""
     path = Path(path)
     if not path.is_file(): raise HFError(f"{path} is missing")
@@ -471,7 +234,7 @@ def _ranks_specials(tok: Tokenizer) -> tuple[dict[bytes, int], Optional[str], di
     if tok.enc is None: return {bytes([i]): i for i in range(256)}, None, {BOS_TOKEN: tok.bos_id, EOS_TOKEN: tok.eos_id}
     return dict(tok.enc._mergeable_ranks), tok.enc._pat_str, dict(tok.enc._special_tokens)
 
-# %% ../nbs/30_hf.ipynb #f3fb9cb3
+# %% ../nbs/30_hf.ipynb #bc9ea36f
 PROBES = ["Hello world! It's 2024: 1234567 tokens, isn't it? They'll say 'we've' and \"I'd\".",
           "  leading, trailing  \n\n\tand\r\nmixed   whitespace \n ", "ünïcödé Ελληνικά Русский 中文 日本語 한국어 🙂👍🏽 ﷺ",
           "x=1;y=[0.5,1e-3];print(f'{x:>8}')  # code\n    indented\n", "3.14159 + 22/7 - 1,000,000 = ? 00012 ١٢٣",
@@ -507,6 +270,7 @@ def hf_tokenizer(tok: Tokenizer, probes: Sequence[str] = PROBES):
                           f"(token {i}: {got[i:i + 3]} vs {want[i:i + 3]}): not exported")
     return hf
 
+# %% ../nbs/30_hf.ipynb #22a5a1f9
 def write_tokenizer(tok: Tokenizer, out, max_len: int) -> list[Path]:
     "`tokenizer.json`, `tokenizer_config.json` and `generation_config.json` for `tok` in `out`."
     out = Path(out)
@@ -681,6 +445,7 @@ def _refused(cmd: str, e: Exception) -> int:
     print(f"stem-nb {cmd}: error: {e}", file=sys.stderr, flush=True)
     return 2
 
+# %% ../nbs/30_hf.ipynb #81b56ee7
 def export_cli(argv: Sequence[str] = ()) -> int:
     "`stem-nb export-hf RUN OUT [--force] [--tokenizer T] [--max-shard-bytes N]`"
     a = _export_parser().parse_args(list(argv))

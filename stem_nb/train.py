@@ -7,220 +7,35 @@ Docs: https://stem-nb.github.io/stem-nb/train.html.md"""
 
 # %% ../nbs/17_train.ipynb #9e271858
 from __future__ import annotations
-import contextlib, copy, dataclasses, json, math, os, random, re, shutil, signal, statistics, subprocess, sys, tempfile, threading, time, typing
+import contextlib, json, math, os, random, signal, statistics, sys, tempfile, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-import yaml
 from torch.profiler import record_function
 
-from .config import (ConfigError, load_config, dump_config, config_hash, write_atomic, pid_lock, proc_memory, time_interleaved,
-                            paired_speedup, bench_summary, repo_root, unresolved_dict)
-from .model import ModelArgs, Transformer, PRESETS
+from .files import config_hash, proc_memory
+from .config import ConfigError, dump_config
+from .model import ModelArgs, Transformer
 from .flops import flops_per_token, estimate_mfu
-from .data import DataArgs, DataError
-from .optim import OptimArgs, ModelOptimizer, zipf_tokens
-from .distributed import (DistributedArgs, StemLayout, barrier, init_distributed, world_info, unwrap, make_layout,
-                                 build_parallel_model,
+from .data import DataError
+from .optim import ModelOptimizer
+from .distributed import (StemLayout, barrier, init_distributed, world_info, unwrap, make_layout, build_parallel_model,
                                  sync_table_grads, stem_norm_hook, backbone_norm_hook, job_tokens, no_backbone_sync)
-from .checkpoint import (CKPT_DIR, MANIFEST, MODEL_ARGS, CheckpointError, save_checkpoint, load_checkpoint, verify_checkpoint,
-                                prune_checkpoints, list_checkpoints, rng_state, set_rng_state)
-from torch.distributed.checkpoint.api import CheckpointException
+from .tensor_files import CheckpointError
+from .checkpoint import CKPT_DIR, save_checkpoint, prune_checkpoints, list_checkpoints, rng_state, set_rng_state
+from .restore import load_checkpoint
+from .train_config import TrainArgs, require_float8, convert_float8, n_float8, check_tracking, load_train_config, train_usage
+from .run_dir import (DumpLock, check_writable, has_run, refuse_moving, move_aside, load_init_from, load_newest_checkpoint,
+                             read_metrics, _in_notebook, _Reporter, Trackers, StepProfiler, write_records)
 
 # %% auto #0
-__all__ = ['WANDB_MODES', 'FSDP_TYPES', 'REFERENCE_HINTS', 'LINGUA_TOKENIZERS', 'FLOAT8_CAPABILITY', 'FLOAT8_FILTER', 'LOCK_FILE',
-           'CODE_FILES', 'BENCH_VARIANTS', 'CheckpointArgs', 'ProfilingArgs', 'LoggingArgs', 'TrainDistributedArgs',
-           'TrainArgs', 'unknown_keys', 'from_reference', 'load_train_config', 'resolve_device', 'autocast_ctx',
-           'load_init_from', 'build_model', 'peak_flops', 'recompute_flops_per_token', 'hardware_flops_per_token',
-           'float8_problem', 'require_float8', 'float8_linears', 'convert_float8', 'n_float8', 'to_device',
-           'build_data', 'span', 'clip_hooks', 'train_step', 'validation_loss', 'DivergedError', 'truncate_metrics',
-           'read_metrics', 'progress_line', 'StepProfiler', 'check_tracking', 'Trackers', 'DumpDirError', 'DumpLock',
-           'check_writable', 'has_run', 'protected_dir', 'refuse_moving', 'move_aside', 'Run', 'setup_run', 'code_root',
-           'code_record', 'slurm_script', 'code_dir', 'relaunchable', 'resume_run', 'flush_rows', 'save_run',
-           'TrainPreempted', 'request_stop', 'run_loop', 'run_summary', 'TrainInterrupted', 'train', 'train_usage',
-           'cli', 'gpu_check_float8', 'stem_step_fn', 'hf_llama_step_fn', 'variant_peak_rss_mb', 'bench_train']
-
-# %% ../nbs/17_train.ipynb #d74883fa
-@dataclass
-class CheckpointArgs:
-    every: int = 0                  # save every N steps (0: only at the end of the run)
-    keep: int = 3                   # keep the newest K checkpoints (0: keep all)
-    at_end: bool = True             # save when the run reaches `steps`
-    resume: bool = True             # true: resume from the newest valid checkpoint; false: move an existing run aside, start over
-    init_from: Optional[str] = None # start from these weights (checkpoint dir / dump dir / .pt), fresh optimizer
-
-    def __post_init__(self):
-        if self.every < 0: raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
-        if self.keep < 0: raise ConfigError(f"checkpoint.keep must be >= 0, got {self.keep}")
-
-@dataclass
-class ProfilingArgs:
-    "torch.profiler Chrome traces of a few steps (and on CUDA a memory snapshot with its HTML plot) in `dump_dir/<trace_folder>/`."
-    run: bool = False               # profile this run
-    trace_folder: str = "profiling" # under dump_dir
-    mem_warmup: int = 100           # CUDA memory history: steps of this session before it records
-    mem_steps: int = 2              # steps the memory snapshot covers
-    profile_warmup: int = 102       # steps of this session before the traced ones
-    profile_steps: int = 2          # steps the Chrome trace covers
-
-    def __post_init__(self):
-        for k in ("mem_warmup", "profile_warmup", "mem_steps", "profile_steps"):
-            v, lo = getattr(self, k), (1 if k.endswith("steps") else 0)
-            if v < lo: raise ConfigError(f"profiling.{k} must be >= {lo}, got {v}")
-        p = Path(self.trace_folder)
-        if not self.trace_folder.strip() or p.is_absolute() or ".." in p.parts:
-            raise ConfigError(f"profiling.trace_folder must be a folder inside dump_dir (a relative path without ..), got {self.trace_folder!r}")
-
-WANDB_MODES = ("offline", "online")
-
-@dataclass
-class LoggingArgs:
-    "Tracking beside metrics.jsonl, rank 0, the same scalars at every step: TensorBoard and Weights & Biases."
-    tensorboard: bool = False           # event files in dump_dir/tb/
-    wandb: Union[bool, str] = False     # false | true (= offline) | offline | online: a W&B run in dump_dir/wandb/
-    project: str = "stem-nb"            # W&B project
-    entity: Optional[str] = None        # W&B team or user
-    group: Optional[str] = None         # W&B group
-    tags: List[str] = field(default_factory=list)   # W&B tags
-
-    def __post_init__(self):
-        if self.wandb is True: self.wandb = "offline"
-        elif self.wandb is not False and self.wandb not in WANDB_MODES:
-            raise ConfigError(f"logging.wandb: {self.wandb!r} is not one of false, true (= offline), offline, online")
-
-FSDP_TYPES = {"full_shard": "fsdp", "no_shard": "ddp"}   # Meta Lingua's distributed.fsdp_type -> distributed.backbone
-
-@dataclass
-class TrainDistributedArgs(DistributedArgs):
-    "`stem_nb.distributed.DistributedArgs` with the trainer's `float8`; `fsdp_type` is read into `backbone` (and `compile` into the top-level `compile` by `TrainArgs`)."
-    float8: bool = False            # the backbone blocks' linears in float8 (torchao; CUDA GPUs of compute capability >= 8.9)
-    fsdp_type: Optional[str] = None # Meta Lingua's name: full_shard = backbone fsdp, no_shard = backbone ddp
-    compile: Optional[bool] = None  # Meta Lingua's name of the top-level `compile`
-
-    def __post_init__(self):
-        if self.fsdp_type is not None:
-            if self.fsdp_type not in FSDP_TYPES:
-                raise ConfigError(f"distributed.fsdp_type: {self.fsdp_type!r} is not one of {', '.join(FSDP_TYPES)} "
-                                  "(Meta Lingua's names of distributed.backbone=fsdp / ddp)")
-            if self.backbone == "none":
-                raise ConfigError(f"distributed.fsdp_type={self.fsdp_type} and distributed.backbone=none disagree: set one of them")
-            self.backbone, self.fsdp_type = FSDP_TYPES[self.fsdp_type], None
-        super().__post_init__()
-
-@dataclass
-class TrainArgs:
-    dump_dir: str = "runs/debug"    # everything the run writes (config.yaml, data.json, metrics.jsonl, train.log, checkpoints/)
-    name: str = ""                  # the run's name (train.log, W&B); empty: the dump dir's name
-    steps: int = 100                # optimizer steps (may be raised when resuming)
-    seed: int = 0                   # torch / python / numpy RNG seed (model init: model.seed; data: data.seed)
-    grad_accum: int = 1             # micro-batches per optimizer step
-    eval_every: int = 0             # validation loss every N steps (0: only at the end)
-    val_batches: int = 4            # batches of the validation split per evaluation (0: no validation)
-    log_every: int = 10             # log line + loss read back to the host (NaN check) every N steps; metrics.jsonl gets every step
-    compile: bool = False           # torch.compile the transformer blocks
-    dtype: str = "auto"             # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32; weights stay fp32
-    device: str = "auto"            # auto | cpu | cuda
-    peak_tflops: float = 0.0        # per-device peak for MFU (0: a known GPU's bf16 peak, none on CPU)
-    progress: str = "auto"          # auto (tqdm on a terminal / in a notebook, log lines otherwise) | bar | lines | none
-    model: ModelArgs = field(default_factory=ModelArgs)
-    data: DataArgs = field(default_factory=DataArgs)
-    optim: OptimArgs = field(default_factory=OptimArgs)
-    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
-    distributed: TrainDistributedArgs = field(default_factory=TrainDistributedArgs)
-    profiling: ProfilingArgs = field(default_factory=ProfilingArgs)
-    logging: LoggingArgs = field(default_factory=LoggingArgs)
-
-    def __post_init__(self):
-        if self.steps < 0: raise ConfigError(f"steps must be >= 0, got {self.steps}")
-        if self.grad_accum < 1: raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.log_every < 1: raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
-        if self.dtype not in ("auto", "bf16", "fp32"): raise ConfigError(f"dtype: {self.dtype!r} is not one of auto, bf16, fp32")
-        if self.device not in ("auto", "cpu", "cuda"): raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
-        if self.progress not in ("auto", "bar", "lines", "none"): raise ConfigError(f"progress: {self.progress!r} is not one of auto, bar, lines, none")
-        dc = getattr(self.distributed, "compile", None)
-        if dc is not None:                       # Meta Lingua's distributed.compile: read into compile
-            if self.compile and not dc: raise ConfigError("compile=true and distributed.compile=false disagree: set one of them")
-            self.compile, self.distributed.compile = bool(dc), None
-        if getattr(self.distributed, "float8", False) and self.device == "cpu":
-            raise ConfigError(float8_problem(torch.device("cpu")))
-
-# %% ../nbs/17_train.ipynb #83422db0
-REFERENCE_HINTS = {          # keys of Meta Lingua / STEM configs that are no setting here -> what to use instead
-    "logging.freq": "use log_every", "logging.acc_freq": "use log_every",
-    "checkpoint.dump": "use checkpoint.every and checkpoint.keep", "checkpoint.eval": "use eval_every; benchmarks: stem-nb eval",
-    "checkpoint.path": "use dump_dir", "checkpoint.init_ckpt_path": "use checkpoint.init_from",
-    "distributed.dp_shard": "use distributed.backbone=fsdp (the backbone shards over all ranks)",
-    "distributed.dp_replicate": "use distributed.backbone=ddp", "distributed.model_dtype": "use dtype",
-    "distributed.float8_recipe": "use distributed.float8=true", "distributed.float8_filter": "use distributed.float8=true",
-    "stem_parallel_size": "use distributed.stem_parallel_size", "grad_acc_steps": "use grad_accum",
-    "eval": "use eval_every (validation loss); benchmarks: stem-nb eval", "data.n_views": "targets are the inputs shifted by one",
-}
-LINGUA_TOKENIZERS = {"bytes": "byte"}    # a reference tokenizer name that needs no file -> ours; sp / tiktoken: the file at `path`
-
-def _fields(cls) -> dict:
-    "{field name: resolved type} of a config dataclass."
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
-
-def _dataclass_in(t):
-    "The dataclass a field type names (directly or in Optional[...]), else None."
-    if dataclasses.is_dataclass(t): return t
-    return next((a for a in getattr(t, "__args__", ()) or () if dataclasses.is_dataclass(a)), None)
-
-def unknown_keys(d: dict, cls=None, prefix: str = "") -> list[str]:
-    "Dotted keys of the config mapping `d` that are no setting of `cls` (default `TrainArgs`)."
-    cls, out = cls or TrainArgs, []
-    fs = _fields(cls)
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if k not in fs: out.append(key); continue
-        sub = _dataclass_in(fs[k])
-        if sub is not None and isinstance(v, dict): out += unknown_keys(v, sub, key + ".")
-    return out
-
-def from_reference(d: dict) -> tuple[dict, list[tuple[str, str]]]:
-    "The config mapping `d` with the reference's `data.tokenizer: {name, path}` and ffn-less `model.stem_layers` read into ours; and (key, why) of what cannot be."
-    d, bad = copy.deepcopy(d), []
-    data, m = d.get("data"), d.get("model")
-    if isinstance(data, dict) and isinstance(data.get("tokenizer"), dict):
-        tk = dict(data["tokenizer"]); name, path = tk.pop("name", None), tk.pop("path", None)
-        bad += [(f"data.tokenizer.{k}", "no such setting") for k in tk]
-        if name in LINGUA_TOKENIZERS: data["tokenizer"] = LINGUA_TOKENIZERS[name]
-        elif name in ("sp", "tiktoken", None) and path: data["tokenizer"] = str(path)
-        elif name in ("sp", "tiktoken", None): bad.append(("data.tokenizer.path", f"tokenizer {name or '?'} needs the path of its file"))
-        else: bad.append(("data.tokenizer.name", f"{name!r} is not sp, tiktoken (with a path) or bytes"))
-    if isinstance(m, dict) and "stem_layers" in m and "ffn_type" not in m: m["ffn_type"] = "stem"
-    return d, bad
-
-def _dotted_tree(overrides: Sequence[str]) -> dict:
-    "The keys of dotted `key=value` overrides as a nested mapping (values dropped)."
-    out: dict = {}
-    for o in overrides:
-        node, parts = out, o.split("=", 1)[0].strip().split(".")
-        for p in parts[:-1]: node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else {}
-        node.setdefault(parts[-1], None)
-    return out
-
-def load_train_config(path=None, overrides: Sequence[str] = ()) -> TrainArgs:
-    "`TrainArgs` from a YAML file (ours, or the reference's shape) and dotted overrides; keys it cannot honour are named, all at once."
-    data = None
-    if any("=" not in o for o in overrides): return load_config(TrainArgs, path, list(overrides))   # it names the bad override
-    if path is not None and Path(path).is_file():
-        with contextlib.suppress(yaml.YAMLError, UnicodeDecodeError): data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict): return load_config(TrainArgs, path, list(overrides))   # load_config names what is wrong with the file
-    moved, bad = from_reference(data)
-    unknown = [(k, REFERENCE_HINTS.get(k) or REFERENCE_HINTS.get(k.split(".")[0], "no such setting")) for k in unknown_keys(moved)]
-    unknown += [(k, "no such setting") for k in unknown_keys(_dotted_tree(overrides)) if k not in {u for u, _ in unknown}]
-    if bad or unknown:
-        msg = "; ".join(f"{k} ({why})" for k, why in bad + unknown)
-        raise ConfigError(f"config file {path}: {len(bad) + len(unknown)} key(s) stem-nb train cannot honour: {msg}. "
-                          "Remove them (or use the settings named) and re-run")
-    if moved == data: return load_config(TrainArgs, path, list(overrides))
-    try: return load_config(TrainArgs, None, list(overrides), **moved)
-    except ConfigError as e: raise ConfigError(str(e).replace("(arguments)", f"({path})")) from None
+__all__ = ['resolve_device', 'autocast_ctx', 'build_model', 'peak_flops', 'recompute_flops_per_token', 'hardware_flops_per_token',
+           'to_device', 'build_data', 'span', 'clip_hooks', 'train_step', 'validation_loss', 'Run', 'setup_run',
+           'resume_run', 'DivergedError', 'flush_rows', 'save_run', 'TrainPreempted', 'request_stop', 'run_loop',
+           'run_summary', 'TrainInterrupted', 'train', 'cli', 'gpu_check_float8']
 
 # %% ../nbs/17_train.ipynb #4ec452c7
 def resolve_device(args: TrainArgs) -> torch.device:
@@ -236,26 +51,6 @@ def autocast_ctx(args: TrainArgs, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 # %% ../nbs/17_train.ipynb #3411587b
-def _model_diff(old: dict, margs: ModelArgs) -> Optional[str]:
-    "`model.K=new differs from old` for the first key (but `seed`) where the saved model args `old` differ from `margs`; else None."
-    new = json.loads(json.dumps(dataclasses.asdict(margs)))
-    k = next((k for k in new if k != "seed" and old.get(k) != new[k]), None)
-    return None if k is None else f"model.{k}={new[k]!r} differs from {old.get(k)!r}"
-
-def load_init_from(args: TrainArgs) -> Transformer:
-    "The model `checkpoint.init_from` holds, on the CPU, with the model args of `args.model`; any failure names the path."
-    from stem_nb.checkpoint import load_model
-    src = args.checkpoint.init_from
-    try: m = load_model(src)
-    except CheckpointError as e: raise CheckpointError(f"checkpoint.init_from={src}: {e}") from None
-    except Exception as e:                      # e.g. a consolidated .pt whose weights do not fit its model args
-        msg = (str(e).splitlines() or [""])[0][:300]
-        raise CheckpointError(f"checkpoint.init_from={src} could not be loaded ({type(e).__name__}: {msg}); "
-                              "it is not a stem-nb checkpoint, dump dir or consolidated .pt, or it is corrupted") from None
-    diff = _model_diff(json.loads(json.dumps(dataclasses.asdict(m.args))), args.model)
-    if diff: raise ConfigError(f"checkpoint.init_from={src} holds another model: {diff} in it; set model.* to its model args")
-    return m
-
 def build_model(args: TrainArgs, device: torch.device, init: Optional[Transformer] = None,
                 layout: Optional[StemLayout] = None):
     """The `Transformer` of `args.model` for this rank on `device`, built on the meta device so that a rank allocates
@@ -291,46 +86,6 @@ def recompute_flops_per_token(margs: ModelArgs, seq_len: int, mode: str) -> floa
 def hardware_flops_per_token(margs: ModelArgs, seq_len: int, mode: str = "none") -> float:
     "FLOPs per training token the hardware computes (HFU's numerator per token): the model's plus the recomputed forward."
     return flops_per_token(margs, seq_len) + recompute_flops_per_token(margs, seq_len, mode)
-
-# %% ../nbs/17_train.ipynb #324719bf
-FLOAT8_CAPABILITY = (8, 9)
-FLOAT8_FILTER = re.compile(r"layers\.[0-9]+\.")    # the backbone's blocks (Meta Lingua's float8_filter)
-
-def float8_problem(device) -> Optional[str]:
-    "Why `distributed.float8=true` cannot train on `device` (None: it can)."
-    device = torch.device(device)
-    fix = "set distributed.float8=false"
-    if device.type != "cuda":
-        return (f"distributed.float8=true needs a CUDA GPU of compute capability >= {FLOAT8_CAPABILITY[0]}.{FLOAT8_CAPABILITY[1]} "
-                f"(H100, H200, L40S, RTX 4090, B200); this run is on {device.type}: {fix}")
-    cap = torch.cuda.get_device_capability(device)
-    if tuple(cap) < FLOAT8_CAPABILITY:
-        return (f"distributed.float8=true needs a CUDA GPU of compute capability >= {FLOAT8_CAPABILITY[0]}.{FLOAT8_CAPABILITY[1]}; "
-                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: {fix}")
-    try: import torchao.float8  # noqa: F401
-    except ImportError as e: return f"distributed.float8=true needs torchao (pip install torchao): {e}"
-    return None
-
-def require_float8(device):
-    "Raise `ConfigError` with `float8_problem(device)` if float8 cannot train there."
-    p = float8_problem(device)
-    if p: raise ConfigError(p)
-
-def float8_linears(model) -> list[str]:
-    "Names of the linears `distributed.float8` converts: the blocks' (`layers.N.*`), both sizes multiples of 16."
-    return [n for n, m in unwrap(model).named_modules() if isinstance(m, torch.nn.Linear) and FLOAT8_FILTER.match(n)
-            and m.in_features % 16 == 0 and m.out_features % 16 == 0]
-
-def convert_float8(model) -> list[str]:
-    "Swap `float8_linears(model)` for torchao `Float8Linear` (in place); returns their names."
-    from torchao.float8 import convert_to_float8_training
-    names = set(float8_linears(model))
-    if names: convert_to_float8_training(unwrap(model), module_filter_fn=lambda m, fqn: fqn in names)
-    return sorted(names)
-
-def n_float8(model) -> int:
-    "How many float8 linears `model` holds."
-    return sum(type(m).__name__ == "Float8Linear" for m in unwrap(model).modules())
 
 # %% ../nbs/17_train.ipynb #da7720e1
 def _xy(b):
@@ -405,267 +160,6 @@ def validation_loss(model, val_iter_fn, args: TrainArgs, device: torch.device) -
         import torch.distributed as dist
         dist.all_reduce(tot); tot /= world_info()[1]
     return (tot / n).item()
-
-# %% ../nbs/17_train.ipynb #31cc5518
-class DivergedError(FloatingPointError):
-    "The loss became NaN or inf; the run stopped and its checkpoints were kept."
-
-def truncate_metrics(path, step: int):
-    "Keep the lines of `path` with `step <= step` (and drop a torn last line)."
-    p = Path(path)
-    if not p.exists(): return
-    keep = []
-    for line in p.read_text().splitlines():
-        try: r = json.loads(line)
-        except json.JSONDecodeError: continue
-        if isinstance(r, dict) and r.get("step", 0) <= step: keep.append(line)
-    write_atomic(p, "".join(l + "\n" for l in keep))
-
-def read_metrics(dump_dir) -> list[dict]:
-    "The rows of `dump_dir/metrics.jsonl`."
-    p = Path(dump_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
-
-# %% ../nbs/17_train.ipynb #51be8ecc
-def _in_notebook() -> bool:
-    try:
-        from fastcore.imports import IN_NOTEBOOK
-        return bool(IN_NOTEBOOK)
-    except ImportError: return False
-
-def progress_line(r: dict, steps: int, eta_s: Optional[float]) -> str:
-    "The log line of metrics row `r`: `step N/M loss L lr R gnorm G tok/s T eta Ss [val_loss V]`."
-    return (f"step {r['step']}/{steps} loss {r['loss']:.4f} lr {r['lr']:.3e} gnorm {r['grad_norm']:.3f} "
-            f"tok/s {r['tokens_per_s']:.0f}" + (f" eta {eta_s:.0f}s" if eta_s is not None else "")
-            + (f" val_loss {r['val_loss']:.4f}" if "val_loss" in r else ""))
-
-# %% ../nbs/17_train.ipynb #135b730f
-class _Reporter:
-    "Console (a tqdm bar on a terminal / in a notebook, else plain lines) + dump_dir/train.log (rank 0)."
-    def __init__(self, args: TrainArgs, dump: Path, start: int, rank: int):
-        self.args, self.rank, self.bar, self.start, self.t0 = args, rank, None, start, time.time()
-        mode = args.progress
-        if mode == "auto": mode = "bar" if (_in_notebook() or sys.stderr.isatty()) else "lines"
-        self.mode = mode if rank == 0 else "none"
-        self.log_f = open(dump / ("train.log" if rank == 0 else f"train_rank{rank}.log"), "a")
-        if self.mode == "bar":
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=args.steps, initial=start, desc="train", dynamic_ncols=True, leave=True)
-
-    def log(self, msg: str, console: bool = True):
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        self.log_f.write(line + "\n"); self.log_f.flush()
-        if not console or self.mode == "none": return
-        if self.bar is not None: self.bar.write(line)
-        else: print(line, flush=True)
-
-    def warn(self, msg: str):
-        "A warning: in train.log and on stderr (rank 0), whatever `progress` is."
-        self.log(f"WARNING: {msg}", console=False)
-        if self.rank == 0: print(f"stem-nb train: WARNING: {msg}", file=sys.stderr, flush=True)
-
-    def eta(self, step: int) -> Optional[float]:
-        done = step - self.start
-        return (self.args.steps - step) * (time.time() - self.t0) / done if done > 0 else None
-
-    def step(self, r: dict):
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
-        if r["step"] % self.args.log_every == 0 or "val_loss" in r or r["step"] == self.args.steps:
-            msg = progress_line(r, self.args.steps, self.eta(r["step"]))
-            self.log(msg, console=self.bar is None)
-            if self.bar is not None and "val_loss" in r: self.bar.write(msg)
-
-    def close(self):
-        if self.bar is not None: self.bar.close()
-        self.log_f.close()
-
-# %% ../nbs/17_train.ipynb #28dfb968
-class StepProfiler:
-    "`profiling.*` over the steps of this session: a Chrome trace per rank; on CUDA a memory snapshot and its HTML plot."
-    def __init__(self, p: ProfilingArgs, dump, rank: int, device: torch.device, log=print):
-        self.p, self.dir, self.rank, self.device, self.log = p, Path(dump) / p.trace_folder, rank, torch.device(device), log
-        self.k, self.step_no, self.prof, self.mem, self.written = 0, 0, None, False, []
-        if not p.run: return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        cuda = self.device.type == "cuda"
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        W = p.profile_warmup
-        self.prof = torch.profiler.profile(
-            activities=acts, record_shapes=True, profile_memory=True, with_flops=True, on_trace_ready=self._trace,
-            schedule=torch.profiler.schedule(wait=max(W - 1, 0), warmup=min(W, 1), active=p.profile_steps, repeat=1))
-        self.prof.start()
-        if not cuda: log(f"profiling: the memory snapshot needs CUDA and this run is on {self.device.type}: Chrome traces only")
-
-    def _trace(self, prof):
-        kind = "CPU_CUDA" if self.device.type == "cuda" else "CPU"
-        f = self.dir / f"profile_{kind}_{self.step_no:06d}" / f"rank{self.rank}.pt.trace.json"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(f))
-        self.written.append(f)
-        self.log(f"profiling: wrote the Chrome trace of the steps up to {self.step_no} to {f}")
-
-    def before_step(self):
-        if self.p.run and self.device.type == "cuda" and self.k == self.p.mem_warmup and not self.mem:
-            torch.cuda.memory._record_memory_history(max_entries=100_000); self.mem = True
-
-    def after_step(self, step: int):
-        "Call after each step (`step`: the run's step just done)."
-        if not self.p.run: return
-        self.k, self.step_no = self.k + 1, step
-        if self.mem and self.k == self.p.mem_warmup + self.p.mem_steps: self._dump_memory()
-        if self.prof is not None: self.prof.step()          # the trace is written when the traced steps end
-
-    def _dump_memory(self):
-        import pickle
-        from torch.cuda._memory_viz import trace_plot
-        snap = torch.cuda.memory._snapshot(self.device)
-        torch.cuda.memory._record_memory_history(enabled=None); self.mem = False
-        name = f"{self.step_no:06d}_rank{self.rank}"
-        write_atomic(self.dir / "memory_snapshot" / f"{name}.pickle", pickle.dumps(snap))
-        html = write_atomic(self.dir / "memory_trace_plot" / f"{name}.html", trace_plot(snap))
-        self.written.append(html)
-        self.log(f"profiling: wrote the memory snapshot of the steps up to {self.step_no} and its plot {html}")
-
-    def close(self):
-        "Stop profiling (writing a trace that was under way)."
-        if self.prof is not None: self.prof.stop(); self.prof = None
-        if self.mem: torch.cuda.memory._record_memory_history(enabled=None); self.mem = False
-        if self.p.run and not self.written:
-            self.log(f"profiling: no trace written: the session ended after {self.k} step(s), before step "
-                     f"{self.p.profile_warmup + 1} of it (profiling.profile_warmup={self.p.profile_warmup})")
-
-# %% ../nbs/17_train.ipynb #a99a7568
-def check_tracking(args: TrainArgs):
-    "Raise `ConfigError` if a tracker `logging.*` asks for is not installed."
-    for on, mod, pkg, key in ((args.logging.tensorboard, "torch.utils.tensorboard", "tensorboard", "logging.tensorboard=true"),
-                              (args.logging.wandb, "wandb", "wandb", f"logging.wandb={args.logging.wandb}")):
-        if not on: continue
-        try: __import__(mod)
-        except ImportError as e: raise ConfigError(f"{key} needs the {pkg} package (pip install {pkg}): {e}") from None
-
-class Trackers:
-    "TensorBoard and W&B runs of rank 0: every numeric value of each metrics row, at its step."
-    def __init__(self, args: TrainArgs, dump, rank: int = 0, step: int = 0):
-        self.tb = self.wb = None
-        if rank != 0: return
-        lg, dump = args.logging, Path(dump)
-        if lg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(dump / "tb"), purge_step=step + 1 if step else None)
-        if lg.wandb:
-            import uuid, wandb
-            f = dump / "wandb" / "run_id.txt"
-            rid = f.read_text().strip() if f.is_file() else ""
-            if not rid: rid = uuid.uuid4().hex[:12]; write_atomic(f, rid + "\n")
-            try:
-                self.wb = wandb.init(mode=lg.wandb, dir=str(dump), project=lg.project, entity=lg.entity, group=lg.group,
-                                     tags=list(lg.tags) or None, name=args.name or dump.name, id=rid, resume="allow",
-                                     config=unresolved_dict(args), settings=wandb.Settings(console="off", silent=True))
-            except Exception as e:
-                self.close(1)
-                raise ConfigError(f"logging.wandb={lg.wandb}: wandb.init failed ({type(e).__name__}: {str(e)[:300]})") from None
-
-    def log(self, row: dict):
-        vals = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.tb is not None:
-            for k, v in vals.items(): self.tb.add_scalar(k, v, row["step"])
-        if self.wb is not None: self.wb.log(vals, step=row["step"])
-
-    def flush(self):
-        if self.tb is not None: self.tb.flush()
-
-    def close(self, exit_code: int = 0):
-        if self.tb is not None: self.tb.close(); self.tb = None
-        if self.wb is not None:
-            import wandb
-            self.wb.finish(exit_code=exit_code); self.wb = None
-            wandb.teardown(exit_code)            # waits until the run's files are complete
-
-# %% ../nbs/17_train.ipynb #bc4de9fb
-LOCK_FILE = ".lock"
-
-class DumpDirError(ConfigError):
-    "The dump dir cannot be used: not writable, out of space, or a folder the trainer must not move aside."
-
-class DumpLock:
-    "Exclusive lock on a dump dir (`dump_dir/.lock` holds the pid); a second holder gets a `ConfigError` naming the first's pid."
-    def __init__(self, dump): self.dump, self.fd = Path(dump), None
-
-    def acquire(self) -> "DumpLock":
-        f = self.dump / LOCK_FILE
-        busy = lambda pid: (f"dump_dir {self.dump} is in use by another trainer (pid {pid}, lock {f}): "
-                            "wait for it to finish or stop it, or use another dump_dir")
-        try:
-            self.dump.mkdir(parents=True, exist_ok=True)
-            self.fd = pid_lock(f, busy)
-        except OSError as e:
-            raise DumpDirError(f"dump_dir {self.dump} is not writable ({e.filename or f}: {e.strerror}); "
-                               "use a dump_dir this user can write") from None
-        return self
-
-    def release(self):
-        if self.fd is not None: os.close(self.fd); self.fd = None    # closing drops the flock
-
-    def __enter__(self): return self.acquire()
-    def __exit__(self, *exc): self.release()
-
-# %% ../nbs/17_train.ipynb #665e87a7
-def check_writable(dump):
-    "Raise `DumpDirError` naming `dump` unless a file can be created in it (and in its checkpoints/) and its logs can be appended to."
-    dump = Path(dump)
-    for d in (dump, dump / CKPT_DIR):
-        if d != dump and not d.is_dir(): continue
-        try:
-            fd, name = tempfile.mkstemp(prefix=".write-test-", dir=d); os.close(fd); os.unlink(name)
-        except OSError as e:
-            raise DumpDirError(f"dump_dir {dump} is not writable (cannot create a file in {d}: {e.strerror}); "
-                               "use a dump_dir this user can write") from None
-    for f in (dump / "metrics.jsonl", dump / "train.log"):
-        if f.exists() and not os.access(f, os.W_OK):
-            raise DumpDirError(f"dump_dir {dump} is not writable ({f} cannot be appended to); use a dump_dir this user can write")
-
-# %% ../nbs/17_train.ipynb #9f3263dd
-def has_run(dump) -> bool:
-    "Does `dump` hold a run's results (a checkpoint, a temporary checkpoint, or metrics rows)?"
-    dump = Path(dump)
-    ck = dump / CKPT_DIR
-    return (ck.is_dir() and any(ck.iterdir())) or ((dump / "metrics.jsonl").is_file() and (dump / "metrics.jsonl").stat().st_size > 0)
-
-def protected_dir(dump) -> Optional[str]:
-    "What `dump` is, when it is the working directory, the stem-nb checkout, the home directory or a parent of one (else None)."
-    d = Path(dump).expanduser().resolve()
-    places = [("the working directory", Path.cwd().resolve())]
-    with contextlib.suppress(FileNotFoundError): places.append(("the stem-nb checkout", repo_root()))
-    if "__file__" in globals(): places.append(("the stem-nb checkout", Path(__file__).resolve().parents[1]))
-    places.append(("the home directory", Path.home().resolve()))
-    for what, p in places:
-        if d == p: return what if str(dump) == str(p) or str(dump) == "." else f"{what} ({p})"
-    for what, p in places:
-        if d in p.parents: return f"a parent of {what} ({p})"
-    return None
-
-def refuse_moving(dump):
-    "Raise `DumpDirError` if `checkpoint.resume=false` must not move `dump` aside (see `protected_dir`)."
-    what = protected_dir(dump)
-    if what:
-        raise DumpDirError(f"dump_dir={dump} is {what}: checkpoint.resume=false would move it aside, and a working "
-                           "directory, the stem-nb checkout, the home directory or a parent of them is never moved. "
-                           "Use a dump_dir of its own (e.g. runs/NAME), or drop checkpoint.resume=false to resume there")
-
-def move_aside(dump, lock: DumpLock) -> Path:
-    "Rename the locked `dump` to `<dump>.old-<timestamp>` and re-lock a fresh, empty `dump`; returns the new name of the old run."
-    dump = Path(dump)
-    refuse_moving(dump)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    old = dump.with_name(f"{dump.name}.old-{stamp}")
-    k = 1
-    while old.exists(): old = dump.with_name(f"{dump.name}.old-{stamp}-{k}"); k += 1
-    os.rename(dump, old)                  # still holding the lock: no trainer can start on the old run meanwhile
-    fresh = DumpLock(dump).acquire()      # raises (naming the pid) if another trainer took the new dump dir meanwhile
-    lock.release(); lock.fd = fresh.fd
-    return old
 
 # %% ../nbs/17_train.ipynb #be8dd8a8
 @dataclass
@@ -742,37 +236,12 @@ def setup_run(args: TrainArgs, config_file=None) -> Run:
                config_file=Path(config_file) if config_file is not None else None, base_config=base)
 
 # %% ../nbs/17_train.ipynb #22362b9b
-def _check_same_model(ckpt_dir, margs: ModelArgs):
-    "A resumed run must build the model its (verified) checkpoint holds: name the first `model.*` key that differs."
-    f = Path(ckpt_dir) / MODEL_ARGS
-    if not f.is_file(): return
-    try: old = json.loads(f.read_text())
-    except (ValueError, UnicodeDecodeError) as e: raise CheckpointError(f"{f} is not valid JSON ({e})") from None
-    if not isinstance(old, dict): raise CheckpointError(f"{f} holds a {type(old).__name__}, not the model args")
-    diff = _model_diff(old, margs)
-    if diff:
-        raise ConfigError(f"{diff} in the checkpoint {ckpt_dir} this run would resume; "
-                          f"use a new dump_dir, or checkpoint.resume=false to move the old run aside and start over")
-
 def _load_newest(run: Run):
-    "Load the newest verified, loadable checkpoint into `run` (model, optimizer, data position, RNG, counters), warning about each one skipped."
-    existing = list_checkpoints(run.ckroot)
+    "Load the newest verified, loadable checkpoint into `run` (model, optimizer, data position, RNG, counters)."
     hp = run.optimizer.hparams()
-    res = None
-    for d in reversed(existing):
-        try:
-            verify_checkpoint(d)
-            _check_same_model(d, run.args.model)     # a ConfigError: the checkpoint is sound, the config differs
-            res = d, load_checkpoint(d, run.model, run.optimizer, run.layout, verify=False)
-            break
-        except (CheckpointError, CheckpointException) as e:
-            run.rep.warn(f"skipping checkpoint {d}: {e}")
-    run.optimizer.load_hparams(hp)             # the config's lr / wd / betas win over the checkpoint's
-    if res is None:
-        raise CheckpointError(f"none of the {len(existing)} checkpoints under {run.ckroot} could be loaded (see "
-                              f"{run.dump / 'train.log'}); refusing to start over on top of them: fix them, use a new "
-                              f"dump_dir, or checkpoint.resume=false to move the old run aside and start over")
-    path, st = res
+    load = lambda d: load_checkpoint(d, run.model, run.optimizer, run.layout, verify=False)
+    try: path, st = load_newest_checkpoint(run.ckroot, run.args.model, load, run.rep.warn)
+    finally: run.optimizer.load_hparams(hp)     # the config's lr / wd / betas win over the checkpoint's
     if st["step"] > run.args.steps:
         raise ConfigError(f"steps={run.args.steps} is below the step {st['step']} of the checkpoint {path} being resumed")
     run.loader.load_state_dict(st["data"])
@@ -780,88 +249,9 @@ def _load_newest(run: Run):
     run.step, run.tokens, run.flops, run.train_s = st["step"], st["tokens"], st["flops"], st.get("train_s", 0.0)
     run.resumed = run.last_ckpt = path
 
-# %% ../nbs/17_train.ipynb #cf4097bc
-CODE_FILES = ("commit.txt", "diff.patch", "untracked.txt", "not_a_git_checkout.txt")
-
-def code_root() -> Path:
-    "The folder the running stem_nb comes from: its checkout when it is one (an editable install), else site-packages."
-    return Path(__file__).resolve().parents[1] if "__file__" in globals() else repo_root()
-
-def code_record(root=None) -> dict[str, str]:
-    "{file name: text} of `dump_dir/code/`: the commit, uncommitted diff and untracked files of the git checkout at `root`; or why there is none."
-    root = Path(root) if root is not None else code_root()
-    def git(*a):
-        r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=120)
-        if r.returncode: raise RuntimeError((r.stderr.strip().splitlines() or [f"git {a[0]} exited {r.returncode}"])[-1])
-        return r.stdout
-    try: head = git("rev-parse", "HEAD").strip()
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        return {"not_a_git_checkout.txt": f"{root} is not a git checkout ({e}): no commit or diff recorded\n"}
-    return {"commit.txt": head + "\n", "diff.patch": git("diff", "HEAD", "--binary"),
-            "untracked.txt": git("ls-files", "--others", "--exclude-standard")}
-
-def slurm_script(env=None) -> tuple[Optional[str], Optional[str]]:
-    "(the batch script of this SLURM job, where it came from), (None, why not), or (None, None) outside SLURM."
-    env = os.environ if env is None else env
-    job = env.get("SLURM_JOB_ID")
-    if not job: return None, None
-    p = env.get("STEM_NB_SUBMIT_SCRIPT")
-    if p:
-        try: return Path(p).read_text(), f"STEM_NB_SUBMIT_SCRIPT={p}"
-        except (OSError, UnicodeDecodeError) as e:
-            return None, f"STEM_NB_SUBMIT_SCRIPT={p} cannot be read ({getattr(e, 'strerror', None) or e})"
-    cmd = ["scontrol", "write", "batch_script", job, "-"]
-    try: r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"`{' '.join(cmd)}` failed ({e}); a launcher can give the script's path in STEM_NB_SUBMIT_SCRIPT"
-    if r.returncode or not r.stdout.strip():
-        why = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}, no output"])[-1]
-        return None, f"`{' '.join(cmd)}` failed ({why}); a launcher can give the script's path in STEM_NB_SUBMIT_SCRIPT"
-    return r.stdout, f"scontrol write batch_script {job}"
-
-def code_dir(dump, step: int, code: dict) -> Optional[Path]:
-    "Where a session at `step` records `code`: `code/` for a run's first record, `code/step-<step>/` when it differs from the newest one; None when it is the same."
-    root = Path(dump) / "code"
-    have = [d for d in [root, *sorted(root.glob("step-*"))] if any((d / n).is_file() for n in CODE_FILES)]
-    if not have: return root
-    same = all(((have[-1] / n).read_text() if (have[-1] / n).is_file() else None) == code.get(n) for n in CODE_FILES)
-    return None if same else root / f"step-{step:010d}"
-
-def relaunchable(script: str, submit_dir: Optional[str] = None) -> str:
-    "`script` with `#SBATCH --chdir=<submit_dir>` after its first line, unless it sets a working directory already."
-    if not submit_dir or re.search(r"^#SBATCH\s+(--chdir|-D)\b", script, re.M): return script
-    first, _, rest = script.partition("\n")
-    return f"{first}\n#SBATCH --chdir={submit_dir}\n{rest}"
-
-# %% ../nbs/17_train.ipynb #27ffa060
-def _write_records(run: Run):
-    "Rank 0 of an accepted run: metrics.jsonl cut back to the resumed step, config.yaml, base_config.yaml, data.json (eval: the run's split and tokenizer), code/, submit.slurm."
-    code, (script, src) = code_record(), slurm_script()
-    where = code_dir(run.dump, run.step, code)
-    f = run.dump / "metrics.jsonl"
-    try:
-        truncate_metrics(f, run.step)
-        f = run.dump / "config.yaml"; dump_config(run.args, f)
-        f = run.dump / "base_config.yaml"
-        if run.base_config is not None and not f.exists(): write_atomic(f, run.base_config)
-        f = run.dump / "data.json"; write_atomic(f, json.dumps(run.loader.run_record(), indent=1))
-        for name, text in (code.items() if where is not None else ()): f = where / name; write_atomic(f, text)
-        if script is not None: f = run.dump / "submit.slurm"; write_atomic(f, relaunchable(script, os.environ.get("SLURM_SUBMIT_DIR")))
-    except OSError as e:
-        free = shutil.disk_usage(run.dump).free
-        raise DumpDirError(f"writing {f} failed ({e.strerror or e}); {free:,} bytes are free in dump_dir {run.dump}. "
-                           f"{f.name} is as it was: free some space and re-run the same command to resume") from None
-    at = f"recorded in {where.relative_to(run.dump)}/" if where is not None else "as recorded before in code/"
-    if "commit.txt" in code:
-        n = code["diff.patch"].count("\ndiff --git") + code["diff.patch"].startswith("diff --git")
-        run.rep.log(f"code: commit {code['commit.txt'].strip()}, {n} file(s) with uncommitted changes ({at})", console=False)
-    else: run.rep.log(f"code: {code['not_a_git_checkout.txt'].strip()} ({at})", console=False)
-    if script is not None: run.rep.log(f"submit.slurm: the batch script of SLURM job {os.environ.get('SLURM_JOB_ID')} ({src})", console=False)
-    elif src: run.rep.warn(f"no submit.slurm for SLURM job {os.environ.get('SLURM_JOB_ID')}: {src}")
-
-# %% ../nbs/17_train.ipynb #4772fe6e
+# %% ../nbs/17_train.ipynb #f628ccdf
 def resume_run(run: Run) -> Run:
-    "Resume from the newest checkpoint, or (`resume=false`) move an old run aside; then write config.yaml and data.json."
+    "Resume from the newest checkpoint, or (`resume=false`) move an old run aside; then write the run's records (`run_dir.write_records`)."
     args = run.args
     moved = None
     if run.rank == 0 and not args.checkpoint.resume and has_run(run.dump):
@@ -873,7 +263,7 @@ def resume_run(run: Run) -> Run:
     if args.checkpoint.resume and list_checkpoints(run.ckroot): _load_newest(run)
     if run.rank == 0:                          # accepted: now the run's records may change
         prune_checkpoints(run.ckroot, 0)       # leftovers of a killed save
-        _write_records(run)
+        write_records(run.rep, run.dump, run.step, args, run.base_config, run.loader.run_record())
     barrier()
     run.rep.close(); run.rep = _Reporter(args, run.dump, run.step, run.rank)
     n_params = sum(p.numel() for p in unwrap(run.model).parameters())
@@ -885,6 +275,9 @@ def resume_run(run: Run) -> Run:
     return run
 
 # %% ../nbs/17_train.ipynb #972381bf
+class DivergedError(FloatingPointError):
+    "The loss became NaN or inf; the run stopped and its checkpoints were kept."
+
 def flush_rows(run: Run, metrics_f=None):
     "Read back the pending rows (one host sync), check them for NaN/inf, write them to metrics.jsonl and the reporter."
     if not run.pending: return
@@ -938,17 +331,21 @@ def _stop_agreed(run) -> bool:
     return bool(t.item())
 
 # %% ../nbs/17_train.ipynb #bc904441
-def run_loop(run: Run) -> Run:
-    "Train from `run.step` to `args.steps`."
-    args, ck = run.args, run.args.checkpoint
-    seq = args.data.seq_len
-    margs = unwrap(run.model).args
+def _flop_rates(run: Run):
+    "The model's and the hardware's FLOPs per token and the device's peak, for MFU and HFU (the log says when there is no peak)."
+    args, seq, margs = run.args, run.args.data.seq_len, unwrap(run.model).args
     run.fpt, run.peak = flops_per_token(margs, seq), peak_flops(args, run.device)
     run.hfpt = hardware_flops_per_token(margs, seq, args.distributed.ac_mode)
     if run.peak is None:
         run.rep.log(f"mfu and hfu are null in metrics.jsonl: no peak FLOP/s is known for {run.device.type}"
                     + (f" ({torch.cuda.get_device_name(run.device)})" if run.device.type == "cuda" else "")
                     + "; set peak_tflops to the device's peak to have them", console=False)
+
+# %% ../nbs/17_train.ipynb #b231d00e
+def run_loop(run: Run) -> Run:
+    "Train from `run.step` to `args.steps`."
+    args, ck = run.args, run.args.checkpoint
+    _flop_rates(run)
     run.warm, run.t_flush, start = run.resumed is not None, time.perf_counter(), run.step
     it = iter(run.loader)
     run.model.train()
@@ -1007,7 +404,7 @@ def _interruption(run: Optional[Run]) -> TrainInterrupted:
     return TrainInterrupted(f"interrupted at step {run.step}; re-run the same command to resume ({where})")
 
 def train(args: TrainArgs, config_file=None) -> dict:
-    "Train (or resume) the run `args` describes (loaded from `config_file`, if any: base_config.yaml); returns a summary. Records go to `args.dump_dir` (layout below)."
+    "Train (or resume) the run `args` describes (loaded from `config_file`, if any: base_config.yaml); returns a summary. Records go to `args.dump_dir` (layout: `run_dir`)."
     run, exit_code = None, 1
     _STOP.clear()
     try:
@@ -1033,16 +430,7 @@ def train(args: TrainArgs, config_file=None) -> dict:
             if run.rep is not None: run.rep.close()
             if run.lock is not None: run.lock.release()
 
-# %% ../nbs/17_train.ipynb #fecca6a8
-def train_usage() -> str:
-    "`stem-nb train --help`, from `TrainArgs`: its keys, a block of settings as `block.*`."
-    import textwrap
-    block = lambda f: f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
-    keys = [f"{f.name}.*" if block(f) else f.name for f in dataclasses.fields(TrainArgs)]
-    return ("usage: stem-nb train [CONFIG.yaml] key=value ...\n" + textwrap.fill("keys: " + ", ".join(keys), 110, initial_indent="  ",
-                                                                             subsequent_indent="        ")
-            + "\n  CONFIG.yaml may be one of the reference's (Meta Lingua's shape)")
-
+# %% ../nbs/17_train.ipynb #4ebb1f96
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     "`stem-nb train [CONFIG.yaml] key=value ...`"
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1076,7 +464,7 @@ if __name__ == "__main__" and not _in_notebook():
 
 # %% ../nbs/17_train.ipynb #5da8d3e7
 def gpu_check_float8(setup: dict, work) -> list[dict]:
-    "The float8 section of the GPU check (`setup`, `work` as `stem_nb.cli.gpu_check` passes them): its rows."
+    "The float8 section of the GPU check (`setup`, `work` as `stem_nb.gpu_check.gpu_check` passes them): its rows."
     dump = Path(tempfile.mkdtemp(dir=work))
     over = [*setup["common"], "model.ffn_type=stem", "model.stem_layers=1/3", "distributed.float8=true",
             f"data.cache_dir={Path(work) / 'cache'}", f"dump_dir={dump}"]
@@ -1096,97 +484,3 @@ def gpu_check_float8(setup: dict, work) -> list[dict]:
         f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
     return [dict(section="float8", item="STEM 1/3 float8 tokens/s", value=round(statistics.median(r["tokens_per_s"] for r in m), 1),
                  note=note)]
-
-# %% ../nbs/17_train.ipynb #4ebb1f96
-BENCH_VARIANTS = {"dense": ("dense", "none"), "stem_1/3": ("stem", "1/3"), "stem_all": ("stem", "all")}
-
-def _bench_batch(V: int, batch_size: int, seq_len: int, seed: int = 0):
-    "(x, y): Zipf-distributed token ids (`optim.zipf_tokens`, exponent 1.2), as text has (a few rows of each table are hot)."
-    t = zipf_tokens(batch_size * (seq_len + 1), V, a=1.2, seed=seed).view(batch_size, seq_len + 1)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
-
-def stem_step_fn(margs: ModelArgs, batch_size: int, seq_len: int, optim: Optional[OptimArgs] = None, steps: int = 1000):
-    "A call that runs one full stem-nb `train_step` (forward, backward, clip, optimizer) on a fixed batch."
-    args = TrainArgs(model=margs, optim=optim or OptimArgs(warmup=0), steps=steps, device="cpu")
-    dev = torch.device("cpu")
-    model = build_model(args, dev); opt = ModelOptimizer(model, args.optim, steps)
-    batch, layout, k = [_bench_batch(margs.vocab_size, batch_size, seq_len)], StemLayout(1, 0, 1), [0]
-    def fn():
-        loss, _, _ = train_step(model, batch, opt, args, layout, dev, k[0] % steps); k[0] += 1
-        return loss.item()
-    return fn
-
-# %% ../nbs/17_train.ipynb #4ae05b18
-def hf_llama_step_fn(margs: ModelArgs, batch_size: int, seq_len: int, optim: Optional[OptimArgs] = None):
-    "One training step of `transformers.LlamaForCausalLM` at the dims of `margs` with torch AdamW (the peer)."
-    from transformers import LlamaConfig, LlamaForCausalLM
-    o = optim or OptimArgs(warmup=0)
-    cfg = LlamaConfig(vocab_size=margs.vocab_size, hidden_size=margs.dim, intermediate_size=margs.hidden_dim,
-                      num_hidden_layers=margs.n_layers, num_attention_heads=margs.n_heads,
-                      num_key_value_heads=margs.kv_heads, max_position_embeddings=margs.max_seq_len,
-                      rms_norm_eps=margs.norm_eps, rope_theta=margs.rope_theta, tie_word_embeddings=False,
-                      attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]; rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    try: opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
-    except (RuntimeError, TypeError): opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    x, y = _bench_batch(margs.vocab_size, batch_size, seq_len)
-    def fn():
-        logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
-        if o.clip > 0: torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip)
-        opt.step(); opt.zero_grad(set_to_none=True)
-        return loss.item()
-    return fn
-
-# %% ../nbs/17_train.ipynb #df0b48d3
-def _variant_fn(name: str, margs: ModelArgs, batch_size: int, seq_len: int):
-    return hf_llama_step_fn(margs, batch_size, seq_len) if name == "hf_llama" else stem_step_fn(margs, batch_size, seq_len)
-
-def _variant_margs(model_preset: str, name: str, seq_len: int, model: Optional[dict] = None) -> ModelArgs:
-    "The `ModelArgs` of bench variant `name`: preset `model_preset` with the `model` overrides (e.g. `{'dim': 384}`)."
-    ffn, layers = BENCH_VARIANTS.get(name, ("dense", "none"))
-    base = {**PRESETS[model_preset], **(model or {})}
-    return ModelArgs(**{**base, "ffn_type": ffn, "stem_layers": layers, "max_seq_len": max(seq_len, base.get("max_seq_len", seq_len))})
-
-def variant_peak_rss_mb(model_preset: str, name: str, batch_size: int, seq_len: int, steps: int = 3,
-                        timeout: int = 600, model: Optional[dict] = None) -> Optional[float]:
-    "Peak RSS (MB) of `steps` training steps of variant `name` in a fresh process."
-    code = ("import json, sys; from stem_nb.config import peak_rss_mb; from stem_nb.train import _variant_fn, _variant_margs\n"
-            f"fn = _variant_fn({name!r}, _variant_margs({model_preset!r}, {name!r}, {seq_len}, {model!r}), {batch_size}, {seq_len})\n"
-            f"print(json.dumps(peak_rss_mb(lambda: [fn() for _ in range({steps})])))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-    if r.returncode: raise RuntimeError(f"peak RSS of {name} failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-# %% ../nbs/17_train.ipynb #c42ccaf2
-def bench_train(model_preset: str = "cpu", batch_size: int = 8, seq_len: int = 128, rounds: int = 15, warmup: int = 1,
-                peer: bool = True, memory: bool = True, model: Optional[dict] = None) -> list[dict]:
-    "Training tokens/s (full steps, optimizer included) of stem-nb dense / STEM 1/3 / STEM all and HF Llama + AdamW, interleaved; `model`: overrides of the preset's dims."
-    names = list(BENCH_VARIANTS)
-    margs = {n: _variant_margs(model_preset, n, seq_len, model) for n in names}
-    fns = {n: _variant_fn(n, margs[n], batch_size, seq_len) for n in names}
-    skipped = None
-    if peer:
-        try: fns["hf_llama"] = _variant_fn("hf_llama", margs["dense"], batch_size, seq_len)
-        except ImportError as e: skipped = f"transformers unavailable: {e}"
-    times = time_interleaved(fns, rounds, warmup)
-    tok = batch_size * seq_len
-    fpt = {n: flops_per_token(margs[n], seq_len) for n in names}
-    out = []
-    for n in fns:
-        r = {"bench": "train_step", "variant": n, "preset": model_preset, **({"model": model} if model else {}),
-             "batch_size": batch_size, "seq_len": seq_len,
-             "rounds": rounds, "threads": torch.get_num_threads(),
-             "tokens_per_s": round(tok / float(np.median(times[n])), 1)}
-        if n in fpt:
-            r["flop_ratio_vs_dense"] = round(fpt["dense"] / fpt[n], 4)          # > 1: fewer FLOPs than dense
-            r["speed_ratio_vs_dense"] = round(paired_speedup(times, n, "dense"), 3)
-            if "hf_llama" in fns: r["speed_ratio_vs_hf_llama"] = round(paired_speedup(times, n, "hf_llama"), 3)
-        if memory: r["peak_rss_mb"] = variant_peak_rss_mb(model_preset, n, batch_size, seq_len, model=model)
-        out.append(r)
-    if skipped: out.append({"bench": "train_step", "variant": "hf_llama", "skipped": skipped})
-    return out

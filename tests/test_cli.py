@@ -88,22 +88,6 @@ def test_slurm_dry_run_prints_the_sbatch_script(tmp_path):
     assert "#SBATCH --nodes=2" in r.stdout and "#SBATCH --gpus-per-node=4" in r.stdout and "(world = 8)" in r.stdout
 
 
-def test_bench_runs_one_in_a_fresh_process_as_json():
-    "`stem-nb bench NAME key=value`: one JSON line per result from a fresh process, a paired ratio in each; a bad argument is a JSON error line."
-    r = subprocess.run([str(BIN / "stem-nb"), "bench", "fwd_bwd", "model_preset=debug", "batch=2", "seq_len=32",
-                        "warmup=1", "rounds=2"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    lines = [json.loads(l) for l in r.stdout.splitlines()]
-    assert lines and all(l["benchmark"] == "fwd_bwd" and "error" not in l and "skipped" not in l for l in lines), lines
-    assert all(any(k.startswith("paired_ratio") for k in l) for l in lines), lines
-    r = subprocess.run([str(BIN / "stem-nb"), "bench", "fwd_bwd", "no_such_arg=1"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1
-    (line,) = [json.loads(l) for l in r.stdout.splitlines()]
-    assert line["benchmark"] == "fwd_bwd" and "no_such_arg" in line["error"], line
-    r = subprocess.run([str(BIN / "stem-nb"), "bench", "nope"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "unknown benchmark 'nope'" in r.stderr
-
-
 def test_gpu_check_dry_run_prints_every_section(tmp_path):
     "scripts/gpu_check.sh --dry-run: every section at tiny dims on the CPU, the table last, within a minute or so."
     import time

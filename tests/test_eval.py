@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from stem_nb.corpora import needle_haystack
-from stem_nb.eval import StemLM, evaluate, expand_tasks, results_table, NO_OFFLINE_SOURCE, SUITES
+from stem_nb.synthetic import needle_haystack
+from stem_nb.lm import StemLM
+from stem_nb.eval import evaluate, expand_tasks, results_table, NO_OFFLINE_SOURCE, SUITES
 from stem_nb.tasks import build_offline_tasks, task_manager
 from stem_nb.generate import generate
 from stem_nb.model import Transformer, preset
@@ -167,13 +168,14 @@ def test_offline_mode_is_restored():
 
 
 def test_from_checkpoint_and_cli(model, tasks_dir, tmp_path):
-    from stem_nb.checkpoint import save_checkpoint, export_consolidated
+    from stem_nb.checkpoint import save_checkpoint
+    from stem_nb.restore import export_consolidated
     from stem_nb.eval import cli
     ck = save_checkpoint(tmp_path / "run" / "checkpoints", 5, model, config_yaml="data:\n  tokenizer: byte\n")
     pt = export_consolidated(ck, tmp_path / "consolidated.pt")
     reqs = [("The cat sat on the", " mat"), ("", "Hello")]
     ref = StemLM(model, TOK).loglikelihood(reqs)
-    from stem_nb.checkpoint import write_reference_checkpoint
+    from stem_nb.restore import write_reference_checkpoint
     refck = write_reference_checkpoint(model, tmp_path / "ref", P=2)       # the reference trainer's layout, tables in 2 slices
     for path in (ck, tmp_path / "run", pt, refck):            # checkpoint dir, dump dir, consolidated .pt, reference import
         lm = StemLM.from_checkpoint(path, None if path in (ck, tmp_path / "run") else "byte")

@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest, torch
 import torch.distributed.checkpoint as dcp
 
-from stem_nb.checkpoint import (CKPT_DIR, MANIFEST, REPLACED_DIR, CheckpointError, _METADATA_GLOBALS, ckpt_name, dcp_load,
-                                export_consolidated, import_reference, list_checkpoints, load_latest, load_model, load_table_shards,
-                                load_tensor_file, pin_checkpoint, prune_checkpoints, read_dcp_metadata, save_checkpoint,
-                                save_tensor_file, verify_checkpoint, write_manifest, write_reference_checkpoint)
+from stem_nb.checkpoint import (CKPT_DIR, MANIFEST, REPLACED_DIR, ckpt_name, list_checkpoints, pin_checkpoint, prune_checkpoints,
+                                save_checkpoint, verify_checkpoint, write_manifest)
+from stem_nb.restore import (export_consolidated, import_reference, load_latest, load_model, load_table_shards,
+                             write_reference_checkpoint)
+from stem_nb.tensor_files import (CheckpointError, _METADATA_GLOBALS, dcp_load, load_tensor_file, read_dcp_metadata,
+                                  save_tensor_file)
 from stem_nb.distributed import StemLayout
 from stem_nb.model import Transformer, preset
 from stem_nb.optim import OptimArgs, ModelOptimizer
@@ -363,13 +365,16 @@ BOMB = 256 << 20      # declared bytes: enough to see in a subprocess's peak RSS
 
 
 def _peak(code: str, as_headroom_gb: float = 0) -> tuple[subprocess.CompletedProcess, float]:
-    """Run `code` in a fresh Python after importing torch and stem_nb.checkpoint; (the result, MB its peak resident memory
-    rose above its resident memory at the start of `code`: the peak is reset there through /proc/self/clear_refs).
+    """Run `code` in a fresh Python after importing torch and stem_nb's tensor_files, checkpoint and restore; (the result, MB
+    its peak resident memory rose above its resident memory at the start of `code`: the peak is reset there through
+    /proc/self/clear_refs).
     `as_headroom_gb`: first cap its address space (RLIMIT_AS) at what it has mapped plus this much."""
     prog = textwrap.dedent(f"""
         import re, resource, sys
         import torch
+        from stem_nb.tensor_files import *
         from stem_nb.checkpoint import *
+        from stem_nb.restore import *
         status = lambda k: int(re.search(k + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
         if {as_headroom_gb}:
             mapped = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
@@ -553,8 +558,6 @@ def test_refused_table_state_is_a_checkpoint_error_naming_the_slice(tmp_path):
 
 def test_resume_falls_back_past_table_state_the_optimizer_refuses(trained, tmp_path):
     "A one-element `row_step` in the newest checkpoint: resume names it and falls back to the previous checkpoint."
-    from stem_nb.optim import TableAdamW
-    if not hasattr(TableAdamW, "validate_state"): pytest.skip("TableAdamW.validate_state (10_optim) is not exported yet")
     dump = tmp_path / "dump"; shutil.copytree(trained, dump)
     assert _train(dump, "steps=4").returncode == 0
     ck = dump / CKPT_DIR / ckpt_name(4)
@@ -587,7 +590,7 @@ def test_eval_names_the_corrupt_newer_checkpoint_it_skips(trained, tmp_path):
 
 READER = textwrap.dedent("""
     import sys
-    import stem_nb.checkpoint as c
+    import stem_nb.restore as c
     real = c.load_backbone
     def paused(d, *a, **k):                      # the reader stops mid-read until told to go on
         print("reading", d, flush=True); sys.stdin.readline()

@@ -73,7 +73,7 @@ BYTE_BIOS = ["data.sources={bios: 1.0}", "data.source_kwargs={bios: {n_people: 1
 def test_token_cache_with_ids_past_the_vocabulary(tmp_path, bad_id):
     from stem_nb.config import load_config
     from stem_nb.data import PackedLoader
-    from stem_nb.train import TrainArgs
+    from stem_nb.train_config import TrainArgs
     cache = tmp_path / "cache"
     over = [*BYTE_BIOS, f"data.cache_dir={cache}"]
     PackedLoader(load_config(TrainArgs, CONFIG, over).data)           # the caches an earlier run left behind

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest, torch
 
-from stem_nb.checkpoint import MANIFEST, TABLE_DIR, load_tensor_file, save_checkpoint, save_tensor_file, write_manifest
-from stem_nb.corpora import needle_haystack
+from stem_nb.checkpoint import MANIFEST, TABLE_DIR, save_checkpoint, write_manifest
+from stem_nb.tensor_files import load_tensor_file, save_tensor_file
+from stem_nb.synthetic import needle_haystack
 from stem_nb.data import load_tokenizer
 from stem_nb.model import Transformer, preset
 from stem_nb.tasks import build_offline_tasks

@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest, torch
 from torch import nn
 
-from stem_nb.checkpoint import MANIFEST, load_tensor_file, save_tensor_file, write_manifest
+from stem_nb.checkpoint import MANIFEST, write_manifest
+from stem_nb.tensor_files import load_tensor_file, save_tensor_file
 from stem_nb.config import ConfigError
-from stem_nb.optim import OptimArgs, TableAdamW
+from stem_nb.optim import OptimArgs
+from stem_nb.row_kernel import NUMBA_ROWS
+from stem_nb.table_adamw import TableAdamW
 from test_faults_train import ENV, ROOT, digest, run, steps_of
 
 PREFIX = "ValueError: TableAdamW: state of the table of param group 0 (mode 'exact'): "
@@ -38,7 +41,8 @@ EXPECTED = {
 CHILD = r'''
 import json, sys, torch
 from torch import nn
-from stem_nb.optim import TableAdamW
+from stem_nb.row_kernel import NUMBA_ROWS
+from stem_nb.table_adamw import TableAdamW
 kernel, unchecked = sys.argv[1], sys.argv[2:] == ["unchecked"]
 
 def at(k, row, value):
@@ -58,7 +62,7 @@ CASES = {"one-row moments": lambda st: {**st, "exp_avg": st["exp_avg"][:1].clone
 
 def trained():
     torch.manual_seed(0)
-    e = nn.Embedding(64, 8, sparse=True); o = TableAdamW(e.parameters(), lr=1e-2, kernel=kernel)
+    e = nn.Embedding(64, 8, sparse=True); o = TableAdamW(e.parameters(), lr=1e-2, kernel=kernel, row_kernel=NUMBA_ROWS)
     for s in range(3): o.zero_grad(); e(torch.tensor([1, 2, 5, 9 + s])).sum().backward(); o.step()
     if unchecked: o._check_state = lambda p, st, group: None
     return e, o
@@ -166,7 +170,7 @@ def test_other_modes_validated_at_load(mode):
 def test_settle_refuses_bad_ids_the_same_on_both_paths(ids, msg, mode):
     "The numba path used to truncate 2.7 to row 2 where the torch path raised: both refuse now, with one message, changing nothing."
     for kernel in ("numba", "torch"):
-        e = nn.Embedding(64, 8, sparse=True); o = TableAdamW(e.parameters(), lr=1e-2, mode=mode, kernel=kernel)
+        e = nn.Embedding(64, 8, sparse=True); o = TableAdamW(e.parameters(), lr=1e-2, mode=mode, kernel=kernel, row_kernel=NUMBA_ROWS)
         for s in range(3): o.zero_grad(); e(torch.tensor([1, 2 + s])).sum().backward(); o.step()
         w, rs = e.weight.detach().clone(), o.state[e.weight]["row_step"].clone()
         with pytest.raises(ValueError) as ex: o.settle(ids)

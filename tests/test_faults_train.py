@@ -219,7 +219,7 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous(finished, tmp_path,
 @pytest.fixture(scope="module")
 def consolidated(finished, tmp_path_factory):
     "The finished run's newest checkpoint as one consolidated safetensors file."
-    from stem_nb.checkpoint import export_consolidated
+    from stem_nb.restore import export_consolidated
     return export_consolidated(finished / "checkpoints" / "0000000010", tmp_path_factory.mktemp("st") / "model.safetensors")
 
 
@@ -231,7 +231,7 @@ def _bad_init(kind: str, src: Path, consolidated: Path) -> Path:
     elif kind == "a truncated export": (f := src / "model.safetensors").write_bytes(consolidated.read_bytes()[: consolidated.stat().st_size // 2])
     elif kind == "a folder that is no checkpoint": (f := src / "notes").mkdir(); (f / "README.txt").write_text("not a checkpoint\n")
     elif kind == "weights that do not fit the model args":
-        from stem_nb.checkpoint import load_tensor_file, save_tensor_file
+        from stem_nb.tensor_files import load_tensor_file, save_tensor_file
         obj = load_tensor_file(consolidated); obj["model_args"]["n_layers"] = 2
         save_tensor_file(f := src / "model.safetensors", obj)
     else: raise ValueError(kind)
@@ -275,7 +275,7 @@ def test_resume_false_never_moves_protected_dirs(tmp_path, where):
     elif where == "the home directory":
         cwd, env, dump, want = tmp_path, {**ENV, "HOME": str(base)}, str(base), f"dump_dir={base} is the home directory:"
     elif where == "/":
-        from stem_nb.train import protected_dir
+        from stem_nb.run_dir import protected_dir
         assert protected_dir("/"), "the guard is off: not running a trainer on /"
         cwd, dump, want = tmp_path, "/", f"dump_dir=/ is a parent of the working directory ({tmp_path})"
     watched = base if where != "/" else tmp_path

@@ -4,7 +4,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1"); os.environ.setdefault("HF_HUB
 
 import pytest, torch
 
-from stem_nb.generate import generate, generate_ids, sample_next, bench_decode
+from stem_nb.generate import generate, generate_ids, sample_next
 from stem_nb.model import Transformer, preset
 from stem_nb.tokenizer import get_tokenizer
 
@@ -76,14 +76,6 @@ def test_each_new_token_reads_its_stem_row():
     assert [s[1] for s in seen[:n]] == [p] * n
     assert [s[1] for s in seen[n::n]] == [[t] for t in out[:-1]]
     assert sorted({s[0] for s in seen}) == m.args.table_layers
-
-
-def test_bench_decode_small():
-    r = bench_decode("debug", prompt_len=8, new_tokens=4, batches=(1, 2), rounds=1)
-    assert [d["batch"] for d in r] == [1, 2]
-    for d in r:
-        assert set(d["median_tok/s"]) == {"stem_nb_stem", "stem_nb_dense", "hf_generate"}
-        assert set(d["paired_ratio"]) == {"stem_nb_dense_vs_hf_generate", "stem_nb_stem_vs_hf_generate", "stem_nb_stem_vs_stem_nb_dense"}
 
 
 def test_prefill_logits_only_at_the_last_position_change_nothing(model):

@@ -13,13 +13,16 @@ import pytest, torch, yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from stem_nb.checkpoint import export_consolidated, load_model, resolve_checkpoint, save_checkpoint
+from stem_nb.checkpoint import save_checkpoint
+from stem_nb.restore import export_consolidated, load_model, resolve_checkpoint
 from stem_nb.data import load_tokenizer
-from stem_nb.corpora import make_bios, shakespeare
-from stem_nb.eval import StemLM, run_tokenizer
+from stem_nb.corpora import shakespeare
+from stem_nb.synthetic import make_bios
+from stem_nb.lm import StemLM, run_tokenizer
 from stem_nb.generate import generate_ids
 from stem_nb.hf import (CONFIG_FILE, INDEX, PROBES, WEIGHTS, HFError, export_cli, export_hf, import_cli, import_hf,
-                        modeling_source, read_header)
+                        read_header)
+from stem_nb.hf_modeling import modeling_source
 from stem_nb.model import Transformer, preset
 from stem_nb.tasks import build_offline_tasks, task_manager
 from test_eval import FACTS, VERSE

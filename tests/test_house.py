@@ -77,3 +77,49 @@ def test_package_docs_cover_every_module():
     llms = (NBS / "llms.txt").read_text()
     missing = [m for m in mods if f"`stem_nb.{m}`" not in init_doc or f"stem_nb.{m}]" not in llms]
     assert not missing, f"modules missing from the package docs (give the notebook a two-line `>` description): {missing}"
+
+
+HARNESS = "bench"        # the benchmark notebook: every `stem-nb bench` entry, the peers and the timer live there
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+
+
+def _imports_transformers(tree: ast.Module) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "transformers" for a in node.names): return True
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "transformers": return True
+    return False
+
+
+def test_core_holds_no_benchmark():
+    """The modules before the benchmark notebook (the core a reader learns STEM from) define no benchmark, no timer
+    and no peer, and none imports `transformers` (the peers' library), not even inside a function."""
+    order = [m for _, m in notebook_modules()]
+    assert HARNESS in order, f"no notebook exports stem_nb.{HARNESS}"
+    bad = []
+    for m in order[:order.index(HARNESS)]:
+        tree = ast.parse((LIB / f"{m}.py").read_text())
+        names = {n for n in _top_level_names(tree) if re.match(r"_?bench|time_interleaved$|paired_speedup$|peak_rss_mb$|hf_llama", n)}
+        if names: bad.append(f"{m} defines {sorted(names)}")
+        if _imports_transformers(tree): bad.append(f"{m} imports transformers")
+    assert not bad, "harness code in the core:\n" + "\n".join(bad)
+    bench = _top_level_names(ast.parse((LIB / f"{HARNESS}.py").read_text()))
+    assert {"time_interleaved", "paired_speedup", "timing_summary", "peak_rss_mb", "hf_llama"} <= bench, sorted(bench)
+    assert len({n for n in bench if n.startswith("bench_")}) >= 8, sorted(bench)      # every `stem-nb bench` entry
+
+
+def test_notebooks_read_as_taught():
+    """scripts/notebook_lint.py's rules: each notebook exports at most 450 lines, every exported public definition is
+    followed by a check, and no export cell is over 40 lines unless it is one class."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try: from notebook_lint import lint, MAX_EXPORT_LINES
+    finally: sys.path.pop(0)
+    bad = []
+    for nb, _ in notebook_modules():
+        r = lint(NBS / nb)
+        if r["export_lines"] > MAX_EXPORT_LINES: bad.append(f"{nb}: exports {r['export_lines']} lines (> {MAX_EXPORT_LINES})")
+        if r["unchecked"]: bad.append(f"{nb}: no check after {r['unchecked']}")
+        if r["long_cells"]: bad.append(f"{nb}: export cells over 40 lines: {r['long_cells']}")
+    assert not bad, "\n".join(bad)

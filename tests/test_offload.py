@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stem_nb.model import ModelArgs, Transformer
-from stem_nb.offload import LFUCache, OffloadedTables, offload, lfu_hit_rates, bench_offload, lfu_reference
+from stem_nb.offload import LFUCache, OffloadedTables, offload, lfu_hit_rates, lfu_reference
 
 
 def tiny(seed=0, **kw):
@@ -103,11 +103,3 @@ def test_lfu_keeps_frequent_rows_and_hit_curve_is_monotone():
     assert rp[0]["mode"] == "prefill" and rp[0]["rows_requested"] == hits + misses
     assert rp[0]["hit_rate"] == pytest.approx(hits / (hits + misses), abs=1e-12)
     with pytest.raises(ValueError, match="mode"): lfu_hit_rates(toks, 500, mode="train")
-
-
-def test_bench_offload_rows_are_json():
-    import json
-    toks = np.minimum(np.random.default_rng(1).zipf(1.2, 4000), 100277) - 1
-    rows = bench_offload(fracs=(0.1,), max_eval_tokens=200, decode_tokens=8, prefill_shape=(2, 8), cost_prefill_shape=(2, 8), tokens=toks, vocab_size=100277, rounds=1)
-    assert {r["bench"] for r in rows} == {"offload_hit_rate", "offload_cost", "offload_paper_scale"}
-    json.dumps(rows)

@@ -161,7 +161,7 @@ def test_local_jobs_end_to_end_with_a_killed_and_resumed_job(data, tmp_path):
     got, want = [json.loads(l) for l in (dump / "metrics.jsonl").read_text().splitlines()], [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in got] == list(range(1, STEPS + 1)) == [x["step"] for x in want]
     assert [(x["loss"], x["grad_norm"]) for x in got] == [(x["loss"], x["grad_norm"]) for x in want]
-    from stem_nb.checkpoint import load_model
+    from stem_nb.restore import load_model
     a, b = load_model(dump).state_dict(), load_model(ref).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     # the trainer ran as the recipe asks: 2 ranks, tables in 2 slices, FSDP backbone

@@ -1,4 +1,4 @@
-"Fast tests of stem_nb.paper's pure functions: the family table, the paper presets' recipe, mean ± std; no training."
+"Fast tests of stem_nb.paper's and stem_nb.runs' pure functions: the family table, the paper presets' recipe, mean ± std; no training."
 import json, math, os, re
 from pathlib import Path
 
@@ -7,8 +7,8 @@ import numpy as np, pandas as pd, pytest, yaml
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1"); os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from stem_nb.config import ConfigError
 from stem_nb.paper import (TASKS8, PAPER_350M, PAPER_1B, PAPER_TOKENS, PAPER_GLOBAL_BATCH, PAPER_SEQ_LEN, family_table,
-                           family_gains, compare_gain, mean_pm, paper_recipe, format_recipe, check_recipe_inputs,
-                           subsample_size, train_overrides)
+                           family_gains, compare_gain, mean_pm)
+from stem_nb.runs import paper_recipe, format_recipe, check_recipe_inputs, subsample_size, train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = yaml.safe_load((ROOT / "experiments" / "presets.yaml").read_text())
@@ -135,19 +135,24 @@ def test_notebooks_declare_every_parameter_the_driver_passes(preset):
 
 
 def test_notebook_defaults_are_the_smoke_preset():
-    "A notebook opened in JupyterLab runs with the smoke preset's values: its parameters cell reads them, never `{}`."
+    "A notebook opened in JupyterLab runs with the smoke preset's values: its parameters cell holds them, never `{}`."
     import nbformat
+    from stem_nb.runs import experiment_params
     for nb in sorted((ROOT / "experiments").glob("*.ipynb")):
         cell = next(c for c in nbformat.read(nb, 4).cells if "parameters" in c.metadata.get("tags", []))
-        assert f'experiment_params("{nb.stem}", "smoke")' in cell.source, nb.name
         assert "= {}" not in cell.source, nb.name
         assert nb.stem in PRESETS["smoke"]["experiments"], f"{nb.name} is not in the smoke preset"
+        ns: dict = {}
+        exec(cell.source, ns)
+        want = experiment_params(nb.stem, "smoke", PRESETS)
+        assert ns.get("preset") == "smoke", nb.name
+        assert {k: ns[k] for k in want if k in ns} == {k: want[k] for k in want if k in ns}, nb.name
 
 
 @pytest.mark.parametrize("name", ["paper-350m", "paper-1b"])
 def test_paper_blocks_are_valid_train_args(name):
     "Every paper training block resolves to `TrainArgs` (the run the recipe prints is the run `train` would start)."
-    from stem_nb.paper import train_key, midtrain_block, _merged_block
+    from stem_nb.runs import train_key, midtrain_block, _merged_block
     params = PRESETS[name]["params"]
     for blk in PAPER_TOKENS[name]:
         args, _ = train_key(train_overrides(_merged_block(params, blk), "STEM 1/3", 0))
@@ -161,7 +166,7 @@ def test_no_preset_inherits_a_smoke_only_override():
     that smoke sets for an experiment must be set by every other preset running that experiment (the cpu table_350m
     once ran smoke's 3 variants instead of 7)."""
     import yaml
-    from stem_nb.config import repo_root
+    from stem_nb.files import repo_root
     presets = yaml.safe_load((repo_root() / "experiments" / "presets.yaml").read_text())
     smoke = presets["smoke"]["experiments"]
     missing = [f"{name}: {exp}.{k}" for name, pr in presets.items() if name != "smoke"

@@ -117,3 +117,20 @@ def test_set_changes_a_cpu_run_but_never_the_readme_or_committed_figures(tmp_pat
     r = run(root, "--preset", "cpu", "--only", "toy")                          # without overrides: the preset's value, a new key
     assert r.returncode == 0 and "toy" in r.stdout and "skipped" not in r.stdout, r.stdout
     assert (root / "figures" / "tables" / "toy.md").read_text() == "### toy 7 (complete)\n"
+
+
+@pytest.mark.parametrize("nb", sorted((ROOT / "experiments").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_parameters_cell_literals_are_the_smoke_preset(nb):
+    "Every parameter is a literal (so `papermill --help-notebook` shows it), and the smoke preset's keys hold its values."
+    import ast, nbformat
+    from stem_nb.runs import experiment_params
+    cell = next(c for c in nbformat.read(nb, 4).cells if "parameters" in c.metadata.get("tags", []))
+    values = {}
+    for node in ast.parse(cell.source).body:
+        assert isinstance(node, (ast.Assign, ast.AnnAssign)), (nb.name, ast.unparse(node))
+        target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+        values[target.id] = ast.literal_eval(node.value)          # raises on a call, a name, an expression
+    smoke = experiment_params(nb.stem, "smoke")
+    assert {k: values.get(k) for k in smoke} == smoke, nb.name
+    assert (values["preset"], values["runs_dir"], values["figures_dir"]) == ("smoke", "runs", "runs/smoke/figures")
+    assert values["out_dir"] == f"runs/smoke/{nb.stem}/manual"

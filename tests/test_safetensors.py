@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest, torch
 from safetensors.torch import save_file
 
-import stem_nb.checkpoint as checkpoint
-from stem_nb.checkpoint import (MANIFEST, CheckpointError, SAFETENSORS_MAX_HEADER, TABLE_DIR, export_consolidated, load_model,
-                                load_table_shards, load_tensor_file, read_safetensors_header, save_checkpoint,
-                                save_tensor_file, table_slices, verify_checkpoint)
-from stem_nb.config import sha256_file
+import stem_nb.tensor_files as tensor_files
+from stem_nb.checkpoint import MANIFEST, TABLE_DIR, save_checkpoint, table_slices, verify_checkpoint
+from stem_nb.files import sha256_file
+from stem_nb.restore import export_consolidated, load_model, load_table_shards
+from stem_nb.tensor_files import (CheckpointError, SAFETENSORS_MAX_HEADER, load_tensor_file, read_safetensors_header,
+                                  save_tensor_file)
 from stem_nb.distributed import StemLayout
 from stem_nb.model import Transformer, preset
 from stem_nb.optim import OptimArgs, ModelOptimizer
@@ -63,7 +64,7 @@ def rewrite_header(f: Path, good: bytes, edit) -> Path:
 def no_library(monkeypatch):
     "The safetensors library must not open a refused file: any call fails the test."
     def reached(*a, **k): raise AssertionError("safe_open was reached for a file the header check should refuse")
-    monkeypatch.setattr(checkpoint, "safe_open", reached)
+    monkeypatch.setattr(tensor_files, "safe_open", reached)
 
 
 # -- what is written ------------------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def test_the_refused_files_are_real_safetensors_otherwise(tmp_path):
 
 def test_a_file_needing_more_memory_than_available_is_refused_unless_mapped(tmp_path, monkeypatch):
     f = save_tensor_file(tmp_path / "t.safetensors", {"w": torch.zeros(1 << 20)})
-    monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)
+    monkeypatch.setattr(tensor_files, "available_memory", lambda: 1000)
     with pytest.raises(CheckpointError, match=r"t.safetensors is refused: it needs 4,194,304 bytes of memory, 1,000 are available"):
         load_tensor_file(f)
     assert load_tensor_file(f, mmap=True)["w"].shape == (1 << 20,)

@@ -109,7 +109,7 @@ def test_nan_stops_and_keeps_checkpoint(reference, tmp_path):
     assert "not finite" in (d / "train.log").read_text()
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["0000000030", "0000000040"]
     import torch
-    from stem_nb.checkpoint import load_model
+    from stem_nb.restore import load_model
     m = load_model(d)                                                 # the newest checkpoint is the last finite one
     assert all(torch.isfinite(p).all() for p in m.parameters())
     bad = [r for r in metrics(d) if not math.isfinite(r["loss"])]

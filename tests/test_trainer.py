@@ -25,7 +25,8 @@ def _no_slurm(monkeypatch):
 
 def train_here(dump, *extra, config=CONFIG):
     "Train the debug config in this process as `stem-nb train CONFIG dump_dir=... FAST extra` does."
-    from stem_nb.train import load_train_config, train
+    from stem_nb.train import train
+    from stem_nb.train_config import load_train_config
     return train(load_train_config(config, [f"dump_dir={dump}", *FAST, *extra]), config_file=config)
 
 
@@ -73,7 +74,7 @@ def test_profiling_trace_holds_the_table_lookup_and_optimizer(tmp_path):
 
 def test_profiling_keys_are_checked():
     from stem_nb.config import ConfigError
-    from stem_nb.train import load_train_config
+    from stem_nb.train_config import load_train_config
     with pytest.raises(ConfigError, match="profiling.profile_steps must be >= 1, got 0"):
         load_train_config(CONFIG, ["profiling.profile_steps=0"])
     with pytest.raises(ConfigError, match="profiling.trace_folder must be a folder inside dump_dir"):
@@ -83,7 +84,7 @@ def test_profiling_keys_are_checked():
 def _mfu_checks(dump):
     "With a peak of 1e9 FLOP/s: each row's MFU is the model's FLOPs per token x tokens/s / 1e9; HFU equals it (no recomputation)."
     from stem_nb.flops import flops_per_token
-    from stem_nb.train import load_train_config
+    from stem_nb.train_config import load_train_config
     args = load_train_config(CONFIG, FAST)
     fpt = flops_per_token(args.model, args.data.seq_len)
     for r in metrics(dump):
@@ -153,7 +154,8 @@ def test_float8_is_refused_on_cpu_before_anything_is_written(base_run, tmp_path)
 
 def test_float8_converts_the_blocks_linears_only():
     import torch
-    from stem_nb.train import build_model, convert_float8, float8_linears, load_train_config, n_float8
+    from stem_nb.train import build_model
+    from stem_nb.train_config import convert_float8, float8_linears, load_train_config, n_float8
     m = build_model(load_train_config(CONFIG, ["device=cpu"]), torch.device("cpu"))
     keys, expected = list(m.state_dict()), float8_linears(m)
     names = convert_float8(m)                                             # torchao's module swap runs on any device
@@ -165,7 +167,7 @@ def test_float8_converts_the_blocks_linears_only():
 
 
 def test_gpu_check_float8_section_dry_run(tmp_path):
-    from stem_nb.cli import _gpu_check_setup
+    from stem_nb.gpu_check import _gpu_check_setup
     from stem_nb.train import gpu_check_float8
     rows = gpu_check_float8(_gpu_check_setup(dry_run=True), tmp_path)
     assert [(r["section"], r["item"], r["value"]) for r in rows] == [("float8", "refused on the CPU", "yes")]
@@ -175,7 +177,7 @@ def test_gpu_check_float8_section_dry_run(tmp_path):
 # -- 8. the dump dir ----------------------------------------------------------------------------------------------
 def test_dump_dir_records_config_code(base_run):
     from stem_nb.config import load_config
-    from stem_nb.train import TrainArgs, load_train_config
+    from stem_nb.train_config import TrainArgs, load_train_config
     d, _ = base_run
     assert (d / "base_config.yaml").read_bytes() == CONFIG.read_bytes()      # the file as given, comments and all
     assert load_config(TrainArgs, d / "config.yaml") == load_train_config(CONFIG, [f"dump_dir={d}", *FAST])
@@ -187,14 +189,14 @@ def test_dump_dir_records_config_code(base_run):
 
 
 def test_a_resume_keeps_base_config_and_code_and_adds_other_code(base_run, tmp_path, monkeypatch):
-    import stem_nb.train as T
+    import stem_nb.run_dir as R
     d = tmp_path / "run"; shutil.copytree(base_run[0], d)
     before = {k: v for k, v in digest(d).items() if k == "base_config.yaml" or k.startswith("code/")}
     recorded = {n: (d / "code" / n).read_text() for n in ("commit.txt", "diff.patch", "untracked.txt")}
-    monkeypatch.setattr(T, "code_record", lambda root=None: recorded)        # (the checkout may change while tests run)
+    monkeypatch.setattr(R, "code_record", lambda root=None: recorded)        # (the checkout may change while tests run)
     train_here(d, "steps=4", config=d / "config.yaml")                       # resumed from its own config.yaml, the same code
     assert {k: v for k, v in digest(d).items() if k == "base_config.yaml" or k.startswith("code/")} == before
-    monkeypatch.setattr(T, "code_record", lambda root=None: {**recorded, "commit.txt": "f" * 40 + "\n"})
+    monkeypatch.setattr(R, "code_record", lambda root=None: {**recorded, "commit.txt": "f" * 40 + "\n"})
     train_here(d, "steps=5")                                                # other code: recorded beside, nothing rewritten
     after = digest(d)
     assert {k: v for k, v in after.items() if k in before} == before
@@ -209,7 +211,7 @@ def _git(root, *a):
 
 
 def test_code_record_is_the_commit_and_the_diff_that_rebuilds_the_tree(tmp_path):
-    from stem_nb.train import code_record
+    from stem_nb.run_dir import code_record
     repo = tmp_path / "repo"; repo.mkdir()
     _git(repo, "init", "-q"); (repo / "a.py").write_text("x = 1\n"); (repo / "b.bin").write_bytes(b"\0\1")
     _git(repo, "add", "."); _git(repo, "commit", "-qm", "c")
@@ -225,11 +227,11 @@ def test_code_record_is_the_commit_and_the_diff_that_rebuilds_the_tree(tmp_path)
 
 
 def test_outside_git_and_in_a_slurm_job(tmp_path, monkeypatch):
-    import stem_nb.train as T
+    import stem_nb.run_dir as R
     nogit = tmp_path / "site-packages"; nogit.mkdir()
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/bash\n#SBATCH --nodes=1\n#SBATCH --output=logs/%j.out\nsrun stem-nb train c.yaml\n")
-    monkeypatch.setattr(T, "code_root", lambda: nogit)
+    monkeypatch.setattr(R, "code_root", lambda: nogit)
     monkeypatch.setenv("SLURM_JOB_ID", "4242"); monkeypatch.setenv("SLURM_SUBMIT_DIR", str(tmp_path / "submit"))
     monkeypatch.setenv("STEM_NB_SUBMIT_SCRIPT", str(script))
     d = tmp_path / "run"
@@ -243,7 +245,7 @@ def test_outside_git_and_in_a_slurm_job(tmp_path, monkeypatch):
 
 
 def test_slurm_script_from_scontrol_and_when_it_cannot_be_had(tmp_path, monkeypatch):
-    from stem_nb.train import slurm_script
+    from stem_nb.run_dir import slurm_script
     bin_ = tmp_path / "bin"; bin_.mkdir()
     (bin_ / "scontrol").write_text('#!/bin/sh\n[ "$*" = "write batch_script 77 -" ] && printf "#!/bin/sh\\nsrun x\\n" && exit 0\n'
                                    'echo "scontrol: error: Invalid job id specified" >&2; exit 1\n')
@@ -260,7 +262,7 @@ def test_slurm_script_from_scontrol_and_when_it_cannot_be_had(tmp_path, monkeypa
 # -- 9. configs written for the reference ------------------------------------------------------------------------
 def test_reference_example_loads_or_names_exactly_the_keys_it_cannot_honour(tmp_path):
     from stem_nb.config import ConfigError
-    from stem_nb.train import from_reference, load_train_config, unknown_keys
+    from stem_nb.train_config import from_reference, load_train_config, unknown_keys
     raw = yaml.safe_load(REF.read_text())
     unknown = set(unknown_keys(from_reference(raw)[0]))
     assert unknown <= BUILT_ELSEWHERE, unknown - BUILT_ELSEWHERE           # every other reference key is honoured

@@ -14,7 +14,8 @@ from stem_nb.model import Transformer, ModelArgs, preset
 from stem_nb.distributed import (DistributedArgs, init_distributed, make_layout, build_parallel_model, apply_activation_checkpointing,
                                  unwrap, sync_table_grads, stem_norm_hook, backbone_norm_hook, job_tokens, destroy_distributed)
 from stem_nb.optim import OptimArgs, ModelOptimizer
-from stem_nb.config import proc_memory, reset_peak_rss
+from stem_nb.files import proc_memory
+from stem_nb.bench import reset_peak_rss
 from stem_nb.flops import memory_plan
 
 OPTIM = OptimArgs(lr=1e-3, warmup=0, schedule="constant", clip=1.0)

@@ -10,7 +10,8 @@ import torch.distributed as dist
 from stem_nb.model import Transformer, preset, is_table_key
 from stem_nb.distributed import (DistributedArgs, init_distributed, parallelize, unwrap, sync_table_grads, stem_norm_hook,
                                  backbone_norm_hook, job_tokens, destroy_distributed, build_parallel_model)
-from stem_nb.checkpoint import save_checkpoint, load_checkpoint, ckpt_name
+from stem_nb.checkpoint import save_checkpoint, ckpt_name
+from stem_nb.restore import load_checkpoint
 from stem_nb.optim import OptimArgs, ModelOptimizer
 
 GB, S, STEPS, MAX_NORM = 8, 16, 3, 0.5        # global batch, seq len, steps before save, clip (active: norms are ~1-3)
