@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy, dataclasses, math, os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
