@@ -16,9 +16,10 @@ from .files import write_atomic
 # %% auto #0
 __all__ = ['TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT', 'PAPER_NEEDLE', 'NO_OFFLINE_SOURCE',
            'STAND_INS', 'FAMILY_EVAL_TASKS', 'PAPER_TOKENS', 'PAPER_GLOBAL_BATCH', 'PAPER_SEQ_LEN', 'VARIANTS',
-           'VARIANTS_1B', 'HEADLINE_METRICS', 'VAL_SOURCE', 'write_table', 'task_stats', 'task_metric',
-           'recorded_source', 'task_columns', 'mean_pm', 'acc_cell', 'compare_gain', 'family_table', 'family_gains',
-           'val_loss_source', 'family_notes']
+           'VARIANTS_1B', 'HEADLINE_METRICS', 'VAL_SOURCE', 'LM_EVAL_DOCS', 'PAPER_COMPARISONS', 'write_table',
+           'task_stats', 'task_metric', 'recorded_source', 'task_columns', 'mean_pm', 'acc_cell', 'compare_gain',
+           'family_table', 'family_gains', 'val_loss_source', 'family_notes', 'binomial_se', 'gain_decomposition',
+           'paper_gains_table', 'paper_param_check']
 
 # %% ../nbs/24_paper.ipynb #9664bb0b
 def write_table(df, name: str, figures_dir: str | Path, title: str, notes: Sequence[str] = ()) -> Path:
@@ -282,3 +283,66 @@ def family_notes(df: "pd.DataFrame", train: dict, paper_what: str, preset: str, 
             val_loss_source(r0.dump_dir),
             f"evaluation wall time per run (every task above, this machine): mean {pd.to_numeric(df.eval_s, errors='coerce').mean():.0f} s "
             "(cached: a run evaluated before shows its first evaluation's time)"]
+
+# %% ../nbs/24_paper.ipynb #3aec957b
+LM_EVAL_DOCS = {"arc_easy": 2376, "arc_challenge": 1172, "boolq": 3270, "piqa": 1838, "social_iqa": 1954,
+                "hellaswag": 10042, "openbookqa": 500, "winogrande": 1267}   # documents in lm-eval's default split
+
+def binomial_se(p_percent: float, n: int) -> float:
+    "Standard error, in points, of an accuracy of `p_percent` percent over `n` documents."
+    p = p_percent / 100
+    return 100 * math.sqrt(p * (1 - p) / n)
+
+def gain_decomposition(table: dict, variant: str, baseline: str = "Baseline", tasks: Sequence[str] = TASKS8,
+                       docs: dict = LM_EVAL_DOCS) -> "pd.DataFrame":
+    """Per task: `variant`'s gain over `baseline` (points), its share of the summed per-task gains, the s.e. of the
+    gain were the two accuracies independent (each binomial at `docs`), and the gain in those s.e.; last, the Avg."""
+    import pandas as pd
+    rows = []
+    for t, x, y in zip(tasks, table[variant]["acc"], table[baseline]["acc"]):
+        se = math.hypot(binomial_se(x, docs[t]), binomial_se(y, docs[t]))
+        rows.append(dict(task=t, docs=docs[t], baseline=y, variant=x, gain=x - y, se_gain=se, z=(x - y) / se))
+    total = sum(r["gain"] for r in rows)
+    for r in rows: r["share"] = r["gain"] / total
+    g, se = table[variant]["avg"] - table[baseline]["avg"], math.sqrt(sum(r["se_gain"] ** 2 for r in rows)) / len(rows)
+    rows.append(dict(task="Avg", docs=sum(docs[t] for t in tasks), baseline=table[baseline]["avg"],
+                     variant=table[variant]["avg"], gain=g, se_gain=se, z=g / se, share=1.0))
+    return pd.DataFrame(rows).round({"gain": 2, "se_gain": 2, "z": 1, "share": 3})
+
+# %% ../nbs/24_paper.ipynb #06585a37
+PAPER_COMPARISONS = [("350M", PAPER_350M, "STEM 1/3"), ("350M", PAPER_350M, "STEM 1/2"), ("350M", PAPER_350M, "STEM all"),
+                     ("1B", PAPER_1B, "STEM 1/3"), ("1B mid-trained", PAPER_MIDTRAIN, "STEM 1/3")]
+
+def paper_gains_table(comparisons=PAPER_COMPARISONS) -> "pd.DataFrame":
+    "Each of the paper's Avg gains over Baseline, decomposed (`gain_decomposition`): one row per comparison."
+    import pandas as pd
+    out = []
+    for model, table, v in comparisons:
+        d = gain_decomposition(table, v)
+        tasks, avg = d.iloc[:-1], d.iloc[-1]
+        top = tasks.loc[tasks["gain"].abs().idxmax()]
+        out.append({"model": model, "variant": v, "Avg gain": avg["gain"], "s.e.": avg["se_gain"], "z": avg["z"],
+                    "largest task gain": f"{top['task']} {top['gain']:+.2f} ({top['share']:.0%} of the summed gains)",
+                    "tasks beyond 2 s.e.": f"{int((tasks['z'] > 2).sum())} up, {int((tasks['z'] < -2).sum())} down"})
+    return pd.DataFrame(out)
+
+# %% ../nbs/24_paper.ipynb #3b947310
+def paper_param_check() -> "pd.DataFrame":
+    "For each STEM row of the paper's 350M and 1B tables: the STEM layers its active column and its total column imply (with the rounding's margin), beside ours at the paper's dims."
+    from stem_nb.model import preset
+    from stem_nb.flops import count_params
+    import pandas as pd
+    rows = []
+    for model, name, table in (("350M", "paper-350m", PAPER_350M), ("1B", "paper-1b", PAPER_1B)):
+        a = preset(name)
+        dense, dH, VH = count_params(a)["total"] / 1e9, a.dim * a.hidden_dim / 1e9, a.vocab_size * a.hidden_dim / 1e9
+        for v, p in table.items():
+            if not v.startswith("STEM ") or p["total"] is None: continue
+            ours = preset(name, ffn_type="stem", stem_layers=v.split()[1])
+            c = count_params(ours)
+            rows.append({"model": model, "variant": v, "layers": a.n_layers, "paper total": p["total"], "paper active": p["active"],
+                         "n_s from active": f"{(dense - p['active']) / dH:.1f} ± {0.005 / dH:.1f}",
+                         "n_s from total": f"{(p['total'] - p['active']) / VH:.2f} ± {0.01 / VH:.2f}",
+                         "ours n_s": len(ours.table_layers), "ours total": round(c["total"] / 1e9, 3),
+                         "ours active": round(c["active"] / 1e9, 3)})
+    return pd.DataFrame(rows)

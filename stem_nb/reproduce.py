@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-from .paper import STAND_INS, compare_gain
+from .paper import STAND_INS, compare_gain, paper_gains_table, paper_param_check
 from .files import config_hash, repo_root, tmp_name, write_atomic
 from .config import ConfigError
 
@@ -389,6 +389,14 @@ def results_markdown(figures_dir: Path, status: Sequence[dict] = (), rel: str = 
     found, when = findings(figures_dir / "tables"), max((s.get("finished") or "" for s in status), default="")
     out = [README_START, ""] + ([f"Findings, computed from `{rel}/tables/*.csv` by `stem_nb.reproduce.findings`:", ""]
                                 + [f"- {l}" for l in found] + [""] if found else [])
+    out += ["The paper's own Avg gains over Baseline, decomposed by `stem_nb.paper.paper_gains_table` (binomial s.e. at",
+            "lm-eval's default split sizes, the two models taken as independent; `nbs/24_paper.ipynb` has each task):", "",
+            paper_gains_table().to_markdown(index=False), ""]
+    pc = paper_param_check()
+    out += ["The STEM layers the paper's parameter columns imply (`stem_nb.paper.paper_param_check`, with the rounding's",
+            "margin): the totals fit no whole number of tables the model has room for; the active counts fit ours.", ""]
+    out += [f"- {r.model} {r.variant} ({r.layers} layers): {r['n_s from total']} from the total, {r['n_s from active']} "
+            f"from the active, ours {r['ours n_s']}" for _, r in pc.iterrows()] + [""]
     out += [f"_Written by `stem-nb reproduce --preset {preset}`, last experiment finished {when or time.strftime('%Y-%m-%d %H:%M')}; seconds are wall-clock on "
             f"this machine ({os.cpu_count()} CPUs)._", ""]
     if status:
