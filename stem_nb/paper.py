@@ -19,7 +19,7 @@ __all__ = ['TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT'
            'VARIANTS_1B', 'HEADLINE_METRICS', 'VAL_SOURCE', 'LM_EVAL_DOCS', 'PAPER_COMPARISONS', 'write_table',
            'task_stats', 'task_metric', 'recorded_source', 'task_columns', 'mean_pm', 'acc_cell', 'compare_gain',
            'family_table', 'family_gains', 'val_loss_source', 'family_notes', 'binomial_se', 'gain_decomposition',
-           'paper_gains_table', 'paper_param_check']
+           'paper_gains_table', 'paper_param_check', 'paper_numbers_markdown']
 
 # %% ../nbs/24_paper.ipynb #9664bb0b
 def write_table(df, name: str, figures_dir: str | Path, title: str, notes: Sequence[str] = ()) -> Path:
@@ -346,3 +346,14 @@ def paper_param_check() -> "pd.DataFrame":
                          "ours n_s": len(ours.table_layers), "ours total": round(c["total"] / 1e9, 3),
                          "ours active": round(c["active"] / 1e9, 3)})
     return pd.DataFrame(rows)
+
+# %% ../nbs/24_paper.ipynb #f9449c02
+def paper_numbers_markdown() -> list[str]:
+    "Markdown lines: `paper_gains_table` as a table and `paper_param_check` as a list, each under a sentence saying what it is."
+    out = ["The paper's own Avg gains over Baseline, decomposed by `stem_nb.paper.paper_gains_table` (binomial s.e. at",
+           "lm-eval's default split sizes, the two models taken as independent; `nbs/24_paper.ipynb` has each task):", "",
+           paper_gains_table().to_markdown(index=False), "",
+           "The STEM layers the paper's parameter columns imply (`stem_nb.paper.paper_param_check`, with the rounding's",
+           "margin): the totals fit no whole number of tables the model has room for; the active counts fit ours.", ""]
+    return out + [f"- {r.model} {r.variant} ({r.layers} layers): {r['n_s from total']} from the total, {r['n_s from active']} "
+                  f"from the active, ours {r['ours n_s']}" for _, r in paper_param_check().iterrows()] + [""]

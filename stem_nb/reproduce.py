@@ -13,16 +13,17 @@ from typing import Callable, Sequence
 
 import yaml
 
-from .paper import STAND_INS, compare_gain, paper_gains_table, paper_param_check
+from .paper import STAND_INS, compare_gain, paper_numbers_markdown
 from .files import config_hash, repo_root, tmp_name, write_atomic
 from .config import ConfigError
+from .run_dir import CPU_PINS
 
 # %% auto #0
 __all__ = ['DRIVER_PARAMS', 'PRESET_KEYS', 'README_COLUMNS', 'FAMILY_TABLES', 'README_START', 'README_END', 'notebook_code_hash',
            'declared_parameters', 'load_presets', 'apply_sets', 'plan', 'figures_dir_for', 'run_dir_for',
-           'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute', 'completed', 'reproduce', 'readme_table',
-           'findings', 'results_markdown', 'update_readme', 'parser', 'selected', 'cli', 'run_cli', 'report',
-           'print_plan']
+           'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute', 'completed', 'pin_cpu_paths',
+           'reproduce', 'readme_table', 'findings', 'results_markdown', 'update_readme', 'parser', 'selected', 'cli',
+           'run_cli', 'report', 'print_plan']
 
 # %% ../nbs/26_reproduce.ipynb #3926e2b0
 def notebook_code_hash(path: str | Path, n: int = 12) -> str:
@@ -279,6 +280,15 @@ def _run_one(bar, run: dict, root: Path, figs: Path, force: bool, kernel_name: s
     return s
 
 # %% ../nbs/26_reproduce.ipynb #3ad2431f
+def pin_cpu_paths(env=None, machine: str | None = None) -> dict:
+    "Set `CPU_PINS` in `env` (default `os.environ`) where unset, on x86-64 only and unless `STEM_NB_NATIVE_CPU=1`; returns the pins in force."
+    import platform
+    env = os.environ if env is None else env
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64") or env.get("STEM_NB_NATIVE_CPU") == "1": return {}
+    for k, v in CPU_PINS.items(): env.setdefault(k, v)
+    return {k: env[k] for k in CPU_PINS}
+
+# %% ../nbs/26_reproduce.ipynb #9f06e6d1
 def reproduce(preset: str = "cpu", only: Sequence[str] | None = None, force: bool = False,
               root: Path | None = None, progress: bool = True, kernel_name: str = "python3", sets: Sequence[str] = ()) -> list[dict]:
     "Run the experiment grid of `preset` (changed by `sets`, see `apply_sets`) through papermill; returns one status dict per experiment (recorded even on Ctrl-C)."
@@ -290,6 +300,7 @@ def reproduce(preset: str = "cpu", only: Sequence[str] | None = None, force: boo
     missing = [r["notebook"] for r in runs if r["code"] == "missing"]
     if missing: raise ConfigError(f"experiment notebook not found: {root / missing[0]} (listed in presets.yaml, preset {preset!r})")
     figs = figures_dir_for(preset, root, sets); (figs / "tables").mkdir(parents=True, exist_ok=True)
+    pin_cpu_paths()                                  # the kernels started below inherit the pins
     status = []
     try:
         for run in (bar := tqdm(runs, desc=f"reproduce[{preset}]", disable=not progress, unit="nb", dynamic_ncols=True)):
@@ -389,14 +400,7 @@ def results_markdown(figures_dir: Path, status: Sequence[dict] = (), rel: str = 
     found, when = findings(figures_dir / "tables"), max((s.get("finished") or "" for s in status), default="")
     out = [README_START, ""] + ([f"Findings, computed from `{rel}/tables/*.csv` by `stem_nb.reproduce.findings`:", ""]
                                 + [f"- {l}" for l in found] + [""] if found else [])
-    out += ["The paper's own Avg gains over Baseline, decomposed by `stem_nb.paper.paper_gains_table` (binomial s.e. at",
-            "lm-eval's default split sizes, the two models taken as independent; `nbs/24_paper.ipynb` has each task):", "",
-            paper_gains_table().to_markdown(index=False), ""]
-    pc = paper_param_check()
-    out += ["The STEM layers the paper's parameter columns imply (`stem_nb.paper.paper_param_check`, with the rounding's",
-            "margin): the totals fit no whole number of tables the model has room for; the active counts fit ours.", ""]
-    out += [f"- {r.model} {r.variant} ({r.layers} layers): {r['n_s from total']} from the total, {r['n_s from active']} "
-            f"from the active, ours {r['ours n_s']}" for _, r in pc.iterrows()] + [""]
+    out += paper_numbers_markdown()
     out += [f"_Written by `stem-nb reproduce --preset {preset}`, last experiment finished {when or time.strftime('%Y-%m-%d %H:%M')}; seconds are wall-clock on "
             f"this machine ({os.cpu_count()} CPUs)._", ""]
     if status:
@@ -412,6 +416,7 @@ def results_markdown(figures_dir: Path, status: Sequence[dict] = (), rel: str = 
         elif p.suffix == ".png" and p.is_file(): out += [f"![{p.stem}]({rel}/{o})", ""]
     return "\n".join(out + [README_END])
 
+# %% ../nbs/26_reproduce.ipynb #90c39604
 def update_readme(readme: Path, figures_dir: Path, status: Sequence[dict] = ()):
     "Replace the README's results section (between the markers, markers included) with `results_markdown`."
     txt = Path(readme).read_text()

@@ -22,10 +22,10 @@ from .restore import newest_checkpoint
 from .train_config import TrainArgs, ProfilingArgs
 
 # %% auto #0
-__all__ = ['LOCK_FILE', 'CODE_FILES', 'DumpDirError', 'DumpLock', 'check_writable', 'has_run', 'protected_dir', 'refuse_moving',
-           'move_aside', 'load_newest_checkpoint', 'load_init_from', 'truncate_metrics', 'read_metrics',
-           'progress_line', 'Trackers', 'StepProfiler', 'code_root', 'code_record', 'slurm_script', 'relaunchable',
-           'code_dir', 'write_records']
+__all__ = ['LOCK_FILE', 'CODE_FILES', 'CPU_PINS', 'DumpDirError', 'DumpLock', 'check_writable', 'has_run', 'protected_dir',
+           'refuse_moving', 'move_aside', 'load_newest_checkpoint', 'load_init_from', 'truncate_metrics',
+           'read_metrics', 'progress_line', 'Trackers', 'StepProfiler', 'code_root', 'code_record', 'slurm_script',
+           'relaunchable', 'code_dir', 'machine_record', 'record_machine', 'write_records']
 
 # %% ../nbs/16_run_dir.ipynb #3728ba44
 LOCK_FILE = ".lock"
@@ -380,8 +380,30 @@ def code_dir(dump, step: int, code: dict) -> Optional[Path]:
     return None if same else root / f"step-{step:010d}"
 
 # %% ../nbs/16_run_dir.ipynb #131e4457
+CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}   # ATen's and MKL's code paths: AVX2 on any x86-64
+
+def machine_record() -> dict:
+    "The machine as far as a run's numbers depend on it: CPU model, ATen's kernel capability, the pins in force, threads, torch."
+    import platform
+    try: cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    except OSError: cpu = ""
+    return {"cpu_model": cpu or platform.processor() or platform.machine(), "machine": platform.machine(),
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{k: os.environ.get(k) for k in (*CPU_PINS, "MKL_ENABLE_INSTRUCTIONS")},
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+def record_machine(dump, step: int) -> Path:
+    "Append this start's `machine_record` (with the step it starts from) to `dump/machine.json`."
+    f = Path(dump) / "machine.json"
+    try: starts = json.loads(f.read_text()) if f.is_file() else []
+    except (OSError, ValueError): starts = []
+    if not isinstance(starts, list): starts = []
+    return write_atomic(f, json.dumps(starts + [{"step": step, **machine_record()}], indent=1))
+
+# %% ../nbs/16_run_dir.ipynb #6023b11e
 def write_records(rep: _Reporter, dump, step: int, args: TrainArgs, base_config: Optional[bytes], data_record: dict):
-    "Rank 0 of an accepted run at `step`: metrics.jsonl cut back to it, config.yaml, base_config.yaml, data.json, code/, submit.slurm; `rep` logs what was recorded."
+    "Rank 0 of an accepted run at `step`: metrics.jsonl cut back to it, config.yaml, base_config.yaml, data.json, machine.json, code/, submit.slurm; `rep` logs what was recorded."
     dump = Path(dump)
     code, (script, src) = code_record(), slurm_script()
     where = code_dir(dump, step, code)
@@ -392,6 +414,7 @@ def write_records(rep: _Reporter, dump, step: int, args: TrainArgs, base_config:
         f = dump / "base_config.yaml"
         if base_config is not None and not f.exists(): write_atomic(f, base_config)
         f = dump / "data.json"; write_atomic(f, json.dumps(data_record, indent=1))
+        f = dump / "machine.json"; record_machine(dump, step)
         for name, text in (code.items() if where is not None else ()): f = where / name; write_atomic(f, text)
         if script is not None: f = dump / "submit.slurm"; write_atomic(f, relaunchable(script, os.environ.get("SLURM_SUBMIT_DIR")))
     except OSError as e:
