@@ -209,7 +209,7 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous(finished, tmp_path,
     assert (d / "metrics.jsonl").read_text().splitlines() == rows[:5]  # cut back to the resumed step, rows kept as they were
     assert "steps: 5" in (d / "config.yaml").read_text()               # the accepted run's config
     after = digest(d)
-    rewritten = ("metrics.jsonl", "train.log", "config.yaml")
+    rewritten = ("metrics.jsonl", "train.log", "config.yaml", "machine.json")   # machine.json: one entry appended per start
     # every file written before is as it was (new files may join: code/step-N/ records a resume under other code)
     assert {k: after.get(k) for k in before if k not in rewritten} == {k: v for k, v in before.items() if k not in rewritten}
 
