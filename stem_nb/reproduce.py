@@ -16,14 +16,14 @@ import yaml
 from .paper import STAND_INS, compare_gain, paper_numbers_markdown
 from .files import config_hash, repo_root, tmp_name, write_atomic
 from .config import ConfigError
-from .run_dir import CPU_PINS
+from .run_dir import pin_cpu_paths
 
 # %% auto #0
 __all__ = ['DRIVER_PARAMS', 'PRESET_KEYS', 'README_COLUMNS', 'FAMILY_TABLES', 'README_START', 'README_END', 'notebook_code_hash',
            'declared_parameters', 'load_presets', 'apply_sets', 'plan', 'figures_dir_for', 'run_dir_for',
-           'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute', 'completed', 'pin_cpu_paths',
-           'reproduce', 'readme_table', 'findings', 'results_markdown', 'update_readme', 'parser', 'selected', 'cli',
-           'run_cli', 'report', 'print_plan']
+           'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute', 'completed', 'reproduce', 'readme_table',
+           'findings', 'results_markdown', 'update_readme', 'parser', 'selected', 'cli', 'run_cli', 'report',
+           'print_plan']
 
 # %% ../nbs/26_reproduce.ipynb #3926e2b0
 def notebook_code_hash(path: str | Path, n: int = 12) -> str:
@@ -279,16 +279,7 @@ def _run_one(bar, run: dict, root: Path, figs: Path, force: bool, kernel_name: s
     if s["status"] != "done": bar.write(f"{run['name']}: {s['status']} (log: {s['quarantined']}/log.txt)")
     return s
 
-# %% ../nbs/26_reproduce.ipynb #3ad2431f
-def pin_cpu_paths(env=None, machine: str | None = None) -> dict:
-    "Set `CPU_PINS` in `env` (default `os.environ`) where unset, on x86-64 only and unless `STEM_NB_NATIVE_CPU=1`; returns the pins in force."
-    import platform
-    env = os.environ if env is None else env
-    if (machine or platform.machine()).lower() not in ("x86_64", "amd64") or env.get("STEM_NB_NATIVE_CPU") == "1": return {}
-    for k, v in CPU_PINS.items(): env.setdefault(k, v)
-    return {k: env[k] for k in CPU_PINS}
-
-# %% ../nbs/26_reproduce.ipynb #9f06e6d1
+# %% ../nbs/26_reproduce.ipynb #4a556dbd
 def reproduce(preset: str = "cpu", only: Sequence[str] | None = None, force: bool = False,
               root: Path | None = None, progress: bool = True, kernel_name: str = "python3", sets: Sequence[str] = ()) -> list[dict]:
     "Run the experiment grid of `preset` (changed by `sets`, see `apply_sets`) through papermill; returns one status dict per experiment (recorded even on Ctrl-C)."
@@ -300,7 +291,7 @@ def reproduce(preset: str = "cpu", only: Sequence[str] | None = None, force: boo
     missing = [r["notebook"] for r in runs if r["code"] == "missing"]
     if missing: raise ConfigError(f"experiment notebook not found: {root / missing[0]} (listed in presets.yaml, preset {preset!r})")
     figs = figures_dir_for(preset, root, sets); (figs / "tables").mkdir(parents=True, exist_ok=True)
-    pin_cpu_paths()                                  # the kernels started below inherit the pins
+    pin_cpu_paths()                                  # the kernels started below inherit the pins (16_run_dir)
     status = []
     try:
         for run in (bar := tqdm(runs, desc=f"reproduce[{preset}]", disable=not progress, unit="nb", dynamic_ncols=True)):

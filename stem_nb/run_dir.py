@@ -25,7 +25,7 @@ from .train_config import TrainArgs, ProfilingArgs
 __all__ = ['LOCK_FILE', 'CODE_FILES', 'CPU_PINS', 'DumpDirError', 'DumpLock', 'check_writable', 'has_run', 'protected_dir',
            'refuse_moving', 'move_aside', 'load_newest_checkpoint', 'load_init_from', 'truncate_metrics',
            'read_metrics', 'progress_line', 'Trackers', 'StepProfiler', 'code_root', 'code_record', 'slurm_script',
-           'relaunchable', 'code_dir', 'machine_record', 'record_machine', 'write_records']
+           'relaunchable', 'code_dir', 'machine_record', 'record_machine', 'pin_cpu_paths', 'write_records']
 
 # %% ../nbs/16_run_dir.ipynb #3728ba44
 LOCK_FILE = ".lock"
@@ -400,6 +400,15 @@ def record_machine(dump, step: int) -> Path:
     except (OSError, ValueError): starts = []
     if not isinstance(starts, list): starts = []
     return write_atomic(f, json.dumps(starts + [{"step": step, **machine_record()}], indent=1))
+
+# %% ../nbs/16_run_dir.ipynb #7499fae5
+def pin_cpu_paths(env=None, machine: str | None = None) -> dict:
+    "Set `CPU_PINS` in `env` (default `os.environ`) where unset, on x86-64 only and unless `STEM_NB_NATIVE_CPU=1`; returns the pins in force."
+    import platform
+    env = os.environ if env is None else env
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64") or env.get("STEM_NB_NATIVE_CPU") == "1": return {}
+    for k, v in CPU_PINS.items(): env.setdefault(k, v)
+    return {k: env[k] for k in CPU_PINS}
 
 # %% ../nbs/16_run_dir.ipynb #6023b11e
 def write_records(rep: _Reporter, dump, step: int, args: TrainArgs, base_config: Optional[bytes], data_record: dict):
