@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .table_adamw import (TableAdamW, exact_window, _log_ratio_floats, _check_row_sparse, _check_id_dtype,
+from .table_adamw import (TableAdamW, SETTLE_TOL, exact_window, _log_ratio_floats, _check_row_sparse, _check_id_dtype,
                                  _refuse_state, _table_name, _L, _C, _CE, _F, _FE, _F64, _I64)
 
 try: import numba                         # the CPU row kernel; without it the torch path serves
@@ -25,14 +25,14 @@ except ImportError: numba = None
 __all__ = ['Settle', 'Adam', 'NUMBA_ROWS', 'settle_record', 'adam_record', 'distinct_rows', 'row_segments', 'NumbaRows']
 
 # %% ../nbs/09_row_kernel.ipynb #c60c81c3
-Settle = namedtuple("Settle", "t origin window eps b1 b2 log_rho log_rho_eps")   # int64 / float64: the table's counters and settings
+Settle = namedtuple("Settle", "t origin window eps b1 b2 log_rho log_rho_eps log_rho_q tol")   # int64 / float64: counters and settings
 Adam = namedtuple("Adam", "lr wd decay b1 one_b1 b2 one_b2 step_size sqrt_bc2 eps")  # lr, wd float64; the rest in the table's dtype
 
-def settle_record(st: dict, group: dict) -> Settle:
-    "The `Settle` record of a table's exact state `st` in param group `group`."
+def settle_record(st: dict, group: dict, dtype=torch.float32) -> Settle:
+    "The `Settle` record of a table's exact state `st` in param group `group`, for a table of `dtype` (its `SETTLE_TOL`)."
     (b1, b2), eps = group["betas"], group["eps"]
-    la, lb = _log_ratio_floats(b1, b2)
-    return Settle(int(st["step"]), int(st["origin"]), exact_window(b1, b2), float(eps), float(b1), float(b2), la, lb)
+    return Settle(int(st["step"]), int(st["origin"]), exact_window(b1, b2), float(eps), float(b1), float(b2),
+                  *_log_ratio_floats(b1, b2), SETTLE_TOL[dtype])
 
 def adam_record(t1: int, group: dict, dtype) -> Adam:
     "The `Adam` record of AdamW step `t1` (1-based) for a table of `dtype`: decay, betas, step size, bias correction, eps."
@@ -70,27 +70,32 @@ def _segments_check_py(H, N, vals, perm, crow):
     return 0
 
 # %% ../nbs/09_row_kernel.ipynb #bebde6a4
-def _suffix_kernel_py(hist, t, o, W, la, lb, B):
-    "`_suffix` in the kernel: fills `B[:t - r + 1]`, returns (r, e_r movement, e_r eps)."
+def _suffix_kernel_py(hist, t, o, W, s, B):
+    "`_suffix` in the kernel: fills `B[:t - r + 1]`, returns (r, e_r movement, e_r eps, e_r bound)."
     r = max(t - W, o)
     n = t - r
-    ea, eb = (r - o) * la - hist[r - o, _L], (r - o) * lb - hist[r - o, _L]
-    s1, s2 = 0.0, 0.0
-    B[n, 0], B[n, 1] = 0.0, 0.0
+    ea, eb, ec = (r - o) * s.log_rho - hist[r - o, _L], (r - o) * s.log_rho_eps - hist[r - o, _L], (r - o) * s.log_rho_q - hist[r - o, _L]
+    s1, s2, s3 = 0.0, 0.0, 0.0
+    B[n, 0], B[n, 1], B[n, 2] = 0.0, 0.0, 0.0
     for k in range(n - 1, -1, -1):
         i = r - o + 1 + k
-        s1 += np.exp((i * la - hist[i, _L]) - ea) * hist[i, _C]
-        s2 += np.exp((i * lb - hist[i, _L]) - eb) * hist[i, _CE]
-        B[k, 0], B[k, 1] = s1, s2
-    return r, ea, eb
+        s1 += np.exp(min((i * s.log_rho - hist[i, _L]) - ea, 700.0)) * hist[i, _C]
+        s2 += np.exp(min((i * s.log_rho_eps - hist[i, _L]) - eb, 700.0)) * hist[i, _CE]
+        s3 += np.exp(min((i * s.log_rho_q - hist[i, _L]) - ec, 700.0)) * (hist[i, _C] * (1 - s.b2 ** np.float64(i + o)))
+        B[k, 0], B[k, 1], B[k, 2] = s1, s2, s3
+    return r, ea, eb, ec
 
-def _settle_row_py(w, m, v, t0, hist, s, r0, ea, eb, B, Lt, cf):
+def _settle_row_py(w, m, v, t0, hist, s, r0, ea, eb, ec, B, Lt, cf, sc, ix, ac):
     i0 = t0 - s.origin
     L0 = hist[i0, _L]
     if t0 >= r0:
         S1 = np.exp(min(ea - (i0 * s.log_rho - L0), 700.0)) * B[t0 - r0, 0]
         S2 = np.exp(min(eb - (i0 * s.log_rho_eps - L0), 700.0)) * B[t0 - r0, 1]
-    else: S1, S2 = hist[i0, _F], hist[i0, _FE]
+        S3 = np.exp(min(ec - (i0 * s.log_rho_q - L0), 700.0)) * B[t0 - r0, 2]
+    else: S1, S2, S3 = hist[i0, _F], hist[i0, _FE], np.inf
+    n, lhs, rhs = 0, s.tol * S1, s.eps * s.eps * S3                 # replay element j if m_j != 0 and v_j lhs < rhs
+    for j in range(w.shape[0]): n += (m[j] != 0) & (v[j] * lhs < rhs)
+    if n: n = _replay_take(w, m, v, lhs, rhs, ix, ac)
     dec = np.exp(Lt - L0)
     cf[0], cf[1], cf[2] = dec, dec * S1, (s.eps * S2 / S1 if S1 > 0 else s.eps)
     cf[3], cf[4] = s.b1 ** np.float64(s.t - t0), s.b2 ** np.float64(s.t - t0)
@@ -99,6 +104,38 @@ def _settle_row_py(w, m, v, t0, hist, s, r0, ea, eb, B, Lt, cf):
         w[j] = dec * w[j] - decs * (m[j] / (np.sqrt(v[j]) + eps_r))
         m[j] = mb * m[j]
         v[j] = vb * v[j]
+    if n: _replay_put(w, t0, hist, s, np.exp(Lt - L0), n, ix, ac, sc)
+
+# %% ../nbs/09_row_kernel.ipynb #a1681152
+def _replay_take_py(w, m, v, lhs, rhs, ix, ac):
+    n = 0
+    for j in range(w.shape[0]):
+        if m[j] != 0 and v[j] * lhs < rhs:
+            ix[n], ac[0, n], ac[1, n], ac[2, n], ac[3, n] = j, 0.0, np.sqrt(np.float64(v[j])), w[j], m[j]
+            n += 1
+    return n
+
+def _replay_steps_py(t0, hist, s, sqmin, sc):
+    o, L0, K = s.origin, hist[t0 - s.origin, _L], min(s.t - t0, s.window)
+    hb2, bk, b1k, b2s, P = math.sqrt(s.b2), 1.0, 1.0, s.b2 ** np.float64(t0), 0.0
+    for k in range(K):
+        i = t0 + 1 + k - o
+        bk *= hb2; b1k *= s.b1; b2s *= s.b2
+        sc[0, k], sc[1, k], sc[2, k] = np.exp(L0 - hist[i, _L]) * hist[i, _C] * b1k, bk, s.eps * math.sqrt(1 - b2s)
+        P += sc[0, k] / bk
+    S, P = P, 0.0
+    for k in range(K):                                   # the tail past k, over the sum to k
+        P += sc[0, k] / sc[1, k]
+        if (S - P) * (1 + sc[2, k] / (max(sqmin, 1e-300) * sc[1, k])) <= s.tol * P: return k + 1
+    return K
+
+def _replay_put_py(w, t0, hist, s, dec, n, ix, ac, sc):
+    sqmin = np.inf
+    for jj in range(n): sqmin = min(sqmin, ac[1, jj])
+    for k in range(_replay_steps(t0, hist, s, sqmin, sc)):
+        a, bk, e = sc[0, k], sc[1, k], sc[2, k]
+        for jj in range(n): ac[0, jj] += a / (bk * ac[1, jj] + e)
+    for jj in range(n): w[ix[jj]] = dec * (ac[2, jj] - ac[3, jj] * ac[0, jj])
 
 # %% ../nbs/09_row_kernel.ipynb #886d75cc
 def _bounds_py(cost, U, nchunks):
@@ -113,7 +150,7 @@ def _record_py(hist, t1, s, lr, wd, B):
     c1 = lr * sbc / (1 - math.pow(s.b1, np.float64(t1)))
     hist[t1 - o, _L] = hist[t1 - o - 1, _L] + math.log1p(-lr * wd)
     hist[t1 - o, _C], hist[t1 - o, _CE] = c1, c1 * sbc
-    _suffix_kernel(hist, t1, o, W, s.log_rho, s.log_rho_eps, B)
+    _suffix_kernel(hist, t1, o, W, s, B)
     if t1 - W >= o: hist[t1 - W - o, _F], hist[t1 - W - o, _FE] = B[0, 0], B[0, 1]
 
 # %% ../nbs/09_row_kernel.ipynb #8f8785ef
@@ -129,14 +166,14 @@ def _settle_kernel_py(P, M, Vv, RS, ids, hist, s, nchunks):
             RS[r] = t
             U += 1
     bounds = _bounds(3 * np.arange(U + 1), U, nchunks)  # a row costs 3 (w, m, v)
-    B = np.empty((s.window + 2, 2))
-    r0, ea, eb = _suffix_kernel(hist, t, s.origin, s.window, s.log_rho, s.log_rho_eps, B)
+    B = np.empty((s.window + 2, 3))
+    r0, ea, eb, ec = _suffix_kernel(hist, t, s.origin, s.window, s, B)
     Lt = hist[t - s.origin, _L]
     for c in prange(bounds.shape[0] - 1):
-        cf = np.empty(5, P.dtype)
+        cf, sc, ix, ac = np.empty(5, P.dtype), np.empty((3, s.window)), np.empty(P.shape[1], np.int64), np.empty((4, P.shape[1]))
         for i in range(bounds[c], bounds[c + 1]):
             r = late[i]
-            _settle_row(P[r], M[r], Vv[r], T0[i], hist, s, r0, ea, eb, B, Lt, cf)
+            _settle_row(P[r], M[r], Vv[r], T0[i], hist, s, r0, ea, eb, ec, B, Lt, cf, sc, ix, ac)
     return 0
 
 # %% ../nbs/09_row_kernel.ipynb #6a0c03b8
@@ -146,16 +183,16 @@ def _step_kernel_py(P, M, Vv, RS, rows, hist, s, a, vals, perm, crow, nchunks):
     if rc != 0: return rc
     H, U, t = P.shape[1], rows.shape[0], s.t
     bounds = _bounds(crow + 3 * np.arange(U + 1), U, nchunks)   # a row costs its gradient rows plus 3 (w, m, v)
-    B = np.empty((s.window + 2, 2))
-    r0, ea, eb = _suffix_kernel(hist, t, s.origin, s.window, s.log_rho, s.log_rho_eps, B)
+    B = np.empty((s.window + 2, 3))
+    r0, ea, eb, ec = _suffix_kernel(hist, t, s.origin, s.window, s, B)
     Lt = hist[t - s.origin, _L]
     decay, b1, ob1, b2, ob2, step, sbc2, eps = a.decay, a.b1, a.one_b1, a.b2, a.one_b2, a.step_size, a.sqrt_bc2, a.eps
     for c in prange(bounds.shape[0] - 1):
-        g, cf = np.empty(H, P.dtype), np.empty(5, P.dtype)
+        g, cf, sc, ix, ac = np.empty(H, P.dtype), np.empty(5, P.dtype), np.empty((3, s.window)), np.empty(H, np.int64), np.empty((4, H))
         for i in range(bounds[c], bounds[c + 1]):
             r = rows[i]
             w, m, v = P[r], M[r], Vv[r]
-            if RS[r] < t: _settle_row(w, m, v, RS[r], hist, s, r0, ea, eb, B, Lt, cf)
+            if RS[r] < t: _settle_row(w, m, v, RS[r], hist, s, r0, ea, eb, ec, B, Lt, cf, sc, ix, ac)
             lo, hi = crow[i], crow[i + 1]
             src = vals[perm[lo] if perm.shape[0] else lo]
             for j in range(H): g[j] = src[j]
@@ -198,6 +235,8 @@ if numba is not None:
     prange = numba.prange
     _state_check, _segments_check = numba.njit(cache=True)(_state_check_py), numba.njit(cache=True)(_segments_check_py)
     _suffix_kernel = numba.njit(cache=True)(_suffix_kernel_py)
+    _replay_take, _replay_steps = numba.njit(cache=True)(_replay_take_py), numba.njit(cache=True)(_replay_steps_py)
+    _replay_put = numba.njit(cache=True)(_replay_put_py)
     _settle_row = numba.njit(cache=True, inline="always")(_settle_row_py)   # inlined into both kernels' row loops
     _bounds, _record = numba.njit(cache=True)(_bounds_py), numba.njit(cache=True)(_record_py)
     _settle_kernel = numba.njit(parallel=True, cache=True)(_settle_kernel_py)
@@ -261,13 +300,13 @@ class NumbaRows:
         "Settle the late rows among the CPU `ids` (duplicates allowed) of table `p`."
         n = _threads()
         with numba.parallel_chunksize(1):
-            rc = self.settle_kernel(*_tensors(p, st), _np(ids.reshape(-1).long()), _np_inplace(st["history"]), settle_record(st, group), 8 * n)
+            rc = self.settle_kernel(*_tensors(p, st), _np(ids.reshape(-1).long()), _np_inplace(st["history"]), settle_record(st, group, p.dtype), 8 * n)
         _raise_for(opt, p, st, rc)
 
     def step(self, opt, p, st, group, grad: Tensor) -> None:
         "Settle the rows of the sparse `grad`, take the AdamW step on them, record step t+1 (room made, `step` advanced by the caller)."
         rows, perm, crow, vals = row_segments(grad, _mark(opt, p))
-        s, n = settle_record(st, group), _threads()
+        s, n = settle_record(st, group, p.dtype), _threads()
         with numba.parallel_chunksize(1):
             rc = self.step_kernel(*_tensors(p, st), _np(rows.reshape(-1).long()), _np_inplace(st["history"]), s,
                                   adam_record(s.t + 1, group, p.dtype), _np(vals.to(p.dtype)),

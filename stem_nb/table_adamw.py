@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['TABLE_OPTIMIZERS', 'TABLE_KERNELS', 'ROW_THREADS', 'MAX_STEP', 'exact_window', 'cpu_threads', 'compact_rows',
-           'coalesced', 'TableAdamW', 'zipf_tokens']
+__all__ = ['TABLE_OPTIMIZERS', 'TABLE_KERNELS', 'ROW_THREADS', 'SETTLE_TOL', 'MAX_STEP', 'exact_window', 'cpu_threads',
+           'compact_rows', 'coalesced', 'TableAdamW', 'zipf_tokens']
 
 # %% ../nbs/08_table_adamw.ipynb #89d46917
 TABLE_OPTIMIZERS = ("exact", "row_local", "dense")   # the modes (`OptimArgs.table_optimizer`)
@@ -96,26 +96,27 @@ def _exact_state(p: Tensor, capacity: int = 1024) -> dict:
                 row_step=torch.zeros(p.shape[0], dtype=_I64, device=p.device),
                 history=torch.zeros(capacity, 5, dtype=_F64, device=p.device))
 
-def _log_ratio_floats(b1: float, b2: float) -> tuple[float, float]:
-    "log of the two series' ratios: b1 / sqrt(b2) (movement) and b1 / b2 (eps term)."
-    return math.log(b1) - 0.5 * math.log(b2), math.log(b1) - math.log(b2)
+def _log_ratio_floats(b1: float, b2: float) -> tuple[float, float, float]:
+    "log of the three series' ratios: b1 / sqrt(b2) (movement), b1 / b2 (eps term), b1 / b2^1.5 (the eps bound)."
+    return math.log(b1) - 0.5 * math.log(b2), math.log(b1) - math.log(b2), math.log(b1) - 1.5 * math.log(b2)
 
 def _log_ratios(b1: float, b2: float, device) -> Tensor: return torch.tensor(_log_ratio_floats(b1, b2), dtype=_F64, device=device)
 
 def _suffix(st: dict, b1: float, b2: float, W: int) -> tuple[int, Tensor, Tensor]:
-    "(r, e_r [2], B [n+1, 2]): window start `r = max(t - W, origin)`, its two log-weights, and the suffix sums `B[j - r - 1]`, j in (r, t+1]."
+    "(r, e_r [3], B [n+1, 3]): window start `r = max(t - W, origin)`, its three log-weights, and the suffix sums `B[j - r - 1]`, j in (r, t+1]."
     t, o = int(st["step"]), int(st["origin"])
     r, h = max(t - W, o), st["history"]
     hw = h[r - o:t - o + 1]                                                       # rows of steps r..t (a view)
     i = torch.arange(r - o, t - o + 1, dtype=_F64, device=h.device)
-    e = i[:, None] * _log_ratios(b1, b2, h.device) - hw[:, _L:_L + 1]             # [n+1, 2] log-weights
-    u = (e[1:] - e[0]).exp_() * hw[1:, _C:_CE + 1]                                # columns c_s, c_s sqrt(1 - b2^s)
-    B = torch.cat([u.flip(0).cumsum(0).flip(0), u.new_zeros(1, 2)])
+    e = i[:, None] * _log_ratios(b1, b2, h.device) - hw[:, _L:_L + 1]             # [n+1, 3] log-weights
+    c3 = hw[1:, _C] * (1 - torch.pow(b2, i[1:] + o))                              # c_s (1 - b2^s)
+    u = (e[1:] - e[0]).clamp_(max=700).exp_() * torch.cat([hw[1:, _C:_CE + 1], c3[:, None]], 1)
+    B = torch.cat([u.flip(0).cumsum(0).flip(0), u.new_zeros(1, 3)])
     return r, e[0], B
 
 # %% ../nbs/08_table_adamw.ipynb #01a632a3
 def _exact_coefs(st: dict, t0: Tensor, b1: float, b2: float, eps: float, W: int, cache: Optional[tuple] = None):
-    "Per-row float64 (dec, dec*S1, eps_r, b1^k, b2^k) settling rows last settled at `t0` to the table's step `t`."
+    "Per-row float64 (dec, dec*S1, eps_r, b1^k, b2^k, S1, S3) settling rows last settled at `t0` to the table's step `t` (S3 inf past the window)."
     t, o, h = int(st["step"]), int(st["origin"]), st["history"]
     r, e_r, B = cache if cache is not None else _suffix(st, b1, b2, W)
     i0 = t0 - o
@@ -123,17 +124,15 @@ def _exact_coefs(st: dict, t0: Tensor, b1: float, b2: float, eps: float, W: int,
     dec = (h[t - o, _L] - L0).exp_()
     e0 = i0.to(_F64)[:, None] * _log_ratios(b1, b2, h.device) - L0[:, None]
     recent = (t0 >= r)[:, None]
-    S = torch.where(recent, (e_r - e0).clamp_(max=700).exp_() * B[(t0 - r).clamp_(0, B.shape[0] - 1)], h[i0][:, [_F, _FE]])
-    S1, S2 = S[:, 0], S[:, 1]
+    F = torch.cat([h[i0][:, [_F, _FE]], h.new_full((i0.numel(), 1), math.inf)], 1)
+    S1, S2, S3 = torch.where(recent, (e_r - e0).clamp_(max=700).exp_() * B[(t0 - r).clamp_(0, B.shape[0] - 1)], F).unbind(1)
     eps_r = torch.where(S1 > 0, eps * S2 / S1, torch.full_like(S1, eps))
     k = (t - t0).to(_F64)
-    return dec, dec * S1, eps_r, torch.pow(b1, k), torch.pow(b2, k)
-
+    return dec, dec * S1, eps_r, torch.pow(b1, k), torch.pow(b2, k), S1, S3
 def _history_room(st: dict, t: int) -> Tensor:
     "The history, grown (doubling) to hold step `t`, one past its last row (a history short of more is left to the state checks)."
     if t - int(st["origin"]) == st["history"].shape[0]: st["history"] = torch.cat([st["history"], torch.zeros_like(st["history"])])
     return st["history"]
-
 def _exact_record(st: dict, lr: float, wd: float, b1: float, b2: float, W: int) -> tuple:
     "Record completed step t+1 (lr `lr`), and the tail sums F of the step that just left the window; returns the new window."
     t, o = int(st["step"]) + 1, int(st["origin"])
@@ -143,9 +142,8 @@ def _exact_record(st: dict, lr: float, wd: float, b1: float, b2: float, W: int) 
     h[t - o, _C], h[t - o, _CE] = c, c * math.sqrt(1 - b2 ** t)
     st["step"].fill_(t)
     cache = _suffix(st, b1, b2, W)
-    if t - W >= o: h[t - W - o, _F:] = cache[2][0]
+    if t - W >= o: h[t - W - o, _F:] = cache[2][0, :2]
     return cache
-
 def _exact_trim(st: dict, spare: int = 1024) -> None:
     "Drop the history before step `t` (call when every row is settled to `t`)."
     t, o = int(st["step"]), int(st["origin"])
@@ -226,21 +224,24 @@ class TableAdamW(torch.optim.Optimizer):
 def _fused_ok_for(t: Tensor) -> bool:
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
     return t.device.type in _get_fused_kernels_supported_devices() and t.is_floating_point()
-
 def _adamw_(w, m, v, g, lr: float, b1: float, b2: float, wd: float, eps: float, t1: int) -> None:
     "AdamW step `t1` (1-based) in place on `w, m, v`: torch's fused kernel where it exists, else `_row_update_`."
     if _fused_ok_for(w):
         torch._fused_adamw_([w], [g], [m], [v], [], [torch.tensor(float(t1), device=w.device)], amsgrad=False,
                             lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, maximize=False)
     else: _row_update_(w, m, v, g, 1 - lr * wd, None, None, b1, b2, lr / (1 - b1 ** t1), math.sqrt(1 - b2 ** t1), b1, b2, eps)
-
 def _needs_settle(t0: Tensor, t: int) -> Union[bool, Tensor]:
     "Which rows missed steps: a host bool on the CPU (free), always True elsewhere (no device sync)."
     return bool((t0 < t).any()) if t0.device.type == "cpu" else True
-
-def _settle_rows_(w, m, v, coefs, cdt) -> None:
-    dec, decS, eps_r, mb, vb = coefs
+SETTLE_TOL = {torch.float32: 1e-7, torch.float64: 1e-12}   # per compute dtype: the Pade form's bound above this -> replay
+def _settle_rows_(w, m, v, st, t0, b1, b2, eps, W, window, cdt) -> None:
+    "Settle rows `w, m, v` last settled at `t0`: the Pade form; the elements whose bound `x^2 S3/S1` passes `SETTLE_TOL` replayed."
+    dec, decS, eps_r, mb, vb, S1, S3 = _exact_coefs(st, t0, b1, b2, eps, W, window)
+    need = (v < _col(eps ** 2 * S3 / (SETTLE_TOL[cdt] * S1), cdt)) & (m != 0)       # x^2 S3/S1 > tol, x = eps/sqrt(v)
+    el = need.nonzero() if bool(need.any()) else None                                # a host read (a sync on a GPU)
+    if el is not None: r, c = el.unbind(1); w0, m0, v0 = (x[r, c].to(_F64) for x in (w, m, v))
     _row_update_(w, m, v, None, _col(dec, cdt), _col(decS, cdt), _col(eps_r, cdt), _col(mb, cdt), _col(vb, cdt))
+    if el is not None: w[r, c] = (dec[r] * (w0 - m0 * _replay_sums(st, t0, r, v0, b1, b2, eps, W, SETTLE_TOL[cdt]))).to(cdt)
 
 def _workspace(self, n: int, like: Tensor, dtype) -> list[Tensor]:
     "Three reused [n, H] buffers (rows of w, m, v) for `like`'s device and width."
@@ -249,6 +250,23 @@ def _workspace(self, n: int, like: Tensor, dtype) -> list[Tensor]:
     if ws is None or ws.shape[1] < n:
         ws = self._ws[key] = torch.empty(3, max(n, 2 * (0 if ws is None else ws.shape[1])), like.shape[1], dtype=dtype, device=like.device)
     return [ws[i, :n] for i in range(3)]
+
+# %% ../nbs/08_table_adamw.ipynb #13e169b0
+def _replay_sums(st, t0, r, v0, b1, b2, eps, W, tol) -> Tensor:
+    "float64 [n]: for elements of rows `r` (settled at `t0[r]`, moments `v0`), the sum over the missed steps k of `A_k / (b2^(k/2) sqrt(v0) + E_k)`, stopped once the rest is below `tol`."
+    t, o, h = int(st["step"]), int(st["origin"]), st["history"]
+    u, inv = r.unique(return_inverse=True); t0 = t0[u]
+    k = torch.arange(1, min(t - int(t0.min()), W) + 1, device=h.device)
+    s, kf = t0[:, None] + k, k.to(_F64)
+    i, bk = (s - o).clamp_(max=t - o), torch.pow(b2, kf / 2)
+    A = (h[t0 - o, _L][:, None] - h[i, _L]).exp_() * h[i, _C] * torch.pow(b1, kf) * (s <= t)
+    E, P, sq = eps * (1 - torch.pow(b2, s.to(_F64))).sqrt_(), (A / bk).cumsum(1), v0.sqrt()   # E_k = eps sqrt(1 - b2^s)
+    y = eps / sq.new_full((u.numel(), 1), math.inf).scatter_reduce_(0, inv[:, None], sq[:, None], "amin")   # the row's largest x
+    done = (P[:, -1:] - P) * (1 + y * E / (eps * bk)) <= tol * P                    # the tail past k, over the sum to k
+    keep = (done.cumsum(1) - done.long()) == 0                                      # up to the first k that is done
+    n = int(keep.sum(1).max()); A, E, bk = (A * keep)[:, :n], E[:, :n], bk[:n]
+    c = max(1, 2 ** 22 // n)                                                        # elements at a time: [c, n] float64
+    return torch.cat([(A[inv[j:j + c]] / (bk * sq[j:j + c, None] + E[inv[j:j + c]])).sum(1) for j in range(0, sq.numel(), c)])
 
 # %% ../nbs/08_table_adamw.ipynb #d13b6ca0
 def _gather(self, p, st, rows, cdt):
@@ -260,10 +278,8 @@ def _gather(self, p, st, rows, cdt):
         if x.dtype == cdt: torch.index_select(x, 0, rows, out=buf)
         else: buf.copy_(x.index_select(0, rows))
     return out
-
 def _scatter(p, st, rows, wmv) -> None:
     for x, y in zip((p, st["exp_avg"], st["exp_avg_sq"]), wmv): _put_rows(x, rows, y)
-
 def _step_exact(self, p, st, g, group):
     "Settle the rows of gradient `g` (sparse: its rows; dense: every row) and take the AdamW step on them: the row kernel or the torch path."
     (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
@@ -280,7 +296,7 @@ def _step_exact(self, p, st, g, group):
         t0 = st["row_step"] if rows is None else st["row_step"].index_select(0, rows)
         _check_row_steps(self, p, st, t0)
         wmv = _gather(self, p, st, rows, cdt)
-        if _needs_settle(t0, t): _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, window), cdt)
+        if _needs_settle(t0, t): _settle_rows_(*wmv, st, t0, b1, b2, eps, W, window, cdt)
         _adamw_(*wmv, g.to(cdt), lr, b1, b2, wd, eps, t + 1)
         _scatter(p, st, rows, wmv)
     if rows is None: st["row_step"].fill_(t + 1)
@@ -295,7 +311,6 @@ def _step_dense(self, p, st, rows, g, group):
     _adamw_(*wmv, g.to(cdt), lr, b1, b2, wd, eps, int(st["step"]) + 1)
     _scatter(p, st, None, wmv)
     st["step"].add_(1)
-
 def _step_row_local(self, p, st, rows, g, group):
     (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
     cdt = torch.float32 if _low(p.dtype) else p.dtype
@@ -314,20 +329,16 @@ TableAdamW._step_exact, TableAdamW._step_dense, TableAdamW._step_row_local = _st
 
 # %% ../nbs/08_table_adamw.ipynb #575b95e2
 _BOOKKEEPING = ("step", "origin", "row_step", "history", "decay_at", "decay_log")
-
 def _check_id_dtype(ids, where: str) -> None:
     if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"{where}: token ids must be an integer tensor, got {ids.dtype if isinstance(ids, Tensor) else type(ids).__name__}")
-
 def _check_id_range(span: tuple[int, int], V: int, where: str) -> None:
     if span[0] < 0 or span[1] >= V:
         raise ValueError(f"{where}: token ids must be in [0, {V}) (the table's rows), found ids in [{span[0]}, {span[1]}]")
-
 def _id_span(ids: Tensor) -> Optional[tuple[int, int]]:
     "(min, max) of CPU ids (a host read, free); None on a GPU, where it would stall the host (the lookup itself checks there)."
     if ids.device.type != "cpu": return None
     return tuple(int(x) for x in torch.aminmax(ids.reshape(-1))) if ids.numel() else (0, -1)
-
 @torch.no_grad()
 def _settle(self, tokens: Optional[Tensor] = None) -> None:
     "Bring rows `tokens` (integer ids, every row if None) of every table up to the last completed step, before they are read."
@@ -355,7 +366,6 @@ def _settle_row_local(self, p, st, group, rows) -> None:
         w = _rows_of(p, rows, p.dtype)
         w.mul_(_col((st["decay_log"] - at).exp_(), p.dtype)); _put_rows(p, rows, w)
         (st["decay_at"].fill_(st["decay_log"]) if rows is None else st["decay_at"].index_fill_(0, rows, st["decay_log"]))
-
 def _settle_exact(self, p, st, group, rows) -> None:
     (b1, b2), eps = group["betas"], group["eps"]
     W, cdt, t = exact_window(b1, b2), (torch.float32 if _low(p.dtype) else p.dtype), int(st["step"])
@@ -367,7 +377,7 @@ def _settle_exact(self, p, st, group, rows) -> None:
     if full or rows.numel():
         with cpu_threads(None if full else ROW_THREADS, p.device):
             wmv = _gather(self, p, st, rows, cdt)
-            _settle_rows_(*wmv, _exact_coefs(st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W)), cdt)
+            _settle_rows_(*wmv, st, t0, b1, b2, eps, W, self._window(p, st, b1, b2, W), cdt)
             _scatter(p, st, rows, wmv)
     if full: st["row_step"].fill_(int(st["step"])); _exact_trim(st); self._cache.pop(p, None)
     elif rows.numel(): st["row_step"].index_fill_(0, rows, t)
@@ -403,7 +413,6 @@ TableAdamW.settle, TableAdamW.load_state_dict = _settle, _table_load_state_dict
 
 # %% ../nbs/08_table_adamw.ipynb #0a2c4111
 MAX_STEP = 2 ** 53
-
 def _state_spec(p: Tensor, mode: str) -> dict:
     "key -> (shape (None: any length), dtype, allowed devices) of table `p`'s state in `mode`."
     V, here, scalar = p.shape[0], (p.device,), (torch.device("cpu"), p.device)
@@ -411,9 +420,7 @@ def _state_spec(p: Tensor, mode: str) -> dict:
     if mode == "exact": spec.update(origin=((), _I64, scalar), row_step=((V,), _I64, here), history=((None, 5), _F64, here))
     if mode == "row_local": spec.update(row_step=((V,), _I64, here), decay_at=((V,), _F64, here), decay_log=((), _F64, scalar))
     return spec
-
 def _shape_str(shape) -> str: return "(" + ", ".join("n" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
-
 def _state_problem(p: Tensor, st, mode: str, full: bool = True) -> Optional[str]:
     "What is wrong with `st` as the state of table `p` in `mode` ('key: expected ..., found ...'), or None. `full`: also every row's values (O(V))."
     if not isinstance(st, dict): return f"expected a dict of tensors, found a {type(st).__name__}"
@@ -456,13 +463,10 @@ def _group_table(self, group) -> str:
     "'table <name>', or 'the table of param group <i>' for an unnamed group."
     i = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
     return f"table {group['name']!r}" if "name" in group else f"the table of param group {i}"
-
 def _table_name(self, p) -> str:
     return next((_group_table(self, g) for g in self.param_groups if any(q is p for q in g["params"])), "a table")
-
 def _state_message(self, group, problem: str) -> str:
     return f"TableAdamW: state of {_group_table(self, group)} (mode {group['mode']!r}): {problem}"
-
 @patch
 def validate_state(self: TableAdamW, p: Tensor, state: dict) -> None:
     "Raise `ValueError` (naming the table, the key, the expected and the found value) unless `state` is sound for table `p` of this optimizer, in its group's mode."
@@ -470,12 +474,10 @@ def validate_state(self: TableAdamW, p: Tensor, state: dict) -> None:
     if group is None: raise ValueError(f"TableAdamW.validate_state: the tensor of shape {tuple(p.shape)} is not a table of this optimizer")
     problem = _state_problem(p, state, group["mode"])
     if problem: raise ValueError(_state_message(self, group, problem))
-
 def _refuse_state(self, p, st) -> None:
     "The checks of a step (the kernel's, the torch path's) found the state of `p` unsound: raise `validate_state`'s error for it."
     self.validate_state(p, st)
     raise ValueError(f"TableAdamW: the row kernel refused the state of {_table_name(self, p)}: its counters, row_step or history do not fit its arrays")
-
 def _check_row_steps(self, p, st, t0: Tensor) -> None:
     "The torch path's check of the rows it is about to read: `row_step` in [origin, step] (a host check on the CPU; on a GPU the load-time validation stands guard)."
     if t0.device.type != "cpu" or not t0.numel(): return
