@@ -162,8 +162,10 @@ def _unchecked_optimizer(boundscheck: bool = False) -> tuple[type, NumbaRows]:
     g = dict(rk._step_kernel_py.__globals__, _state_check=numba.njit(lambda P, M, Vv, RS, ids, hist, t, o, W, room: 0),
              _segments_check=numba.njit(lambda H, N, vals, perm, crow: 0))
     if boundscheck:
-        g.update(_suffix_kernel=njit(rk._suffix_kernel_py), _settle_row=njit(rk._settle_row_py, inline="always"),
-                 _bounds=njit(rk._bounds_py), _record=njit(types.FunctionType(rk._record_py.__code__, g, "_record")))
+        g.update(_suffix_kernel=njit(rk._suffix_kernel_py), _bounds=njit(rk._bounds_py), _replay_take=njit(rk._replay_take_py),
+                 _replay_steps=njit(rk._replay_steps_py), _replay_put=njit(rk._replay_put_py))
+        g.update(_settle_row=njit(types.FunctionType(rk._settle_row_py.__code__, g, "_settle_row"), inline="always"),
+                 _record=njit(types.FunctionType(rk._record_py.__code__, g, "_record")))
     kern = lambda f, name: njit(types.FunctionType(f.__code__, g, name), parallel=True)
     rows = NumbaRows(kern(rk._step_kernel_py, "_step_kernel_unchecked"), kern(rk._settle_kernel_py, "_settle_kernel_unchecked"))
     return type("TableAdamWUnchecked", (TableAdamW,), dict(_check_state=lambda self, p, st, group: None)), rows
@@ -378,16 +380,18 @@ def bench_eval(model_preset: str = "cpu", n_docs: int = 32, ctx_words: int = 50,
 
 # %% ../nbs/27_bench.ipynb #8f41b700
 def bench_hellaswag(model_preset: str = "cpu", n_docs: int = 100, batch_size: int = 16, rounds: int = 2) -> dict:
-    "Requests/s of `evaluate` on the first `n_docs` HellaSwag docs (4 requests each), untrained STEM-all `model_preset` model."
+    "Requests/s of `evaluate` on the first `n_docs` HellaSwag docs (4 requests each), untrained STEM-all `model_preset` model: packed vs one row per request."
     tok = load_tokenizer("bpe4096")
     m = Transformer(preset(model_preset, ffn_type="stem", stem_layers="all", vocab_size=max(4096, tok.n_vocab))).eval()
-    lm = StemLM(m, tok, batch_size=batch_size)
-    evaluate(lm, tasks=["hellaswag"], limit=2)                                         # warm-up: task index, data
-    times = time_interleaved({"hellaswag": lambda: evaluate(lm, tasks=["hellaswag"], limit=n_docs, bootstrap_iters=0)},
-                             rounds=rounds, warmup=0)
-    s = timing_summary(times, "hellaswag", per=4 * n_docs, unit="req/s")
+    lms = {"packed": StemLM(m, tok, batch_size=batch_size), "one_row_per_request": StemLM(m, tok, batch_size=batch_size, share_context=False)}
+    evaluate(lms["packed"], tasks=["hellaswag"], limit=2)                              # warm-up: task index, data
+    run = lambda lm: lambda: evaluate(lm, tasks=["hellaswag"], limit=n_docs, bootstrap_iters=0)
+    times = time_interleaved({k: run(lm) for k, lm in lms.items()}, rounds=rounds, warmup=0)
+    s = timing_summary(times, "packed", ["one_row_per_request"], per=4 * n_docs, unit="req/s")
     return dict(bench="eval_hellaswag", preset=model_preset, docs=n_docs, requests=4 * n_docs, batch_size=batch_size,
-                threads=torch.get_num_threads(), req_per_s=s["median_req/s"]["hellaswag"], rounds=rounds)
+                threads=torch.get_num_threads(), req_per_s=s["median_req/s"]["packed"],
+                req_per_s_one_row_per_request=s["median_req/s"]["one_row_per_request"],
+                packed_vs_one_row=s["paired_ratio"]["packed_vs_one_row_per_request"], rounds=rounds)
 
 # %% ../nbs/27_bench.ipynb #382bf1e9
 def natural_text() -> str:

@@ -364,12 +364,12 @@ _CHECKPOINTED = {}   # block class -> its checkpointing subclass
 def _checkpointed_class(cls):
     "A subclass of the block class `cls` whose forward checkpoints as the instance's `_ac_mode` says (plain without grad or with a KV cache)."
     if cls in _CHECKPOINTED: return _CHECKPOINTED[cls]
-    def forward(self, x, cos, sin, tokens, rows=None, start_pos: int = 0, cache=None):
+    def forward(self, x, cos, sin, tokens, rows=None, start_pos: int = 0, cache=None, mask=None):
         from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
         fwd, mode = super(sub, self).forward, self.__dict__.get("_ac_mode", "none")
-        if mode == "none" or cache is not None or not torch.is_grad_enabled(): return fwd(x, cos, sin, tokens, rows, start_pos, cache)
+        if mode == "none" or cache is not None or not torch.is_grad_enabled(): return fwd(x, cos, sin, tokens, rows, start_pos, cache, mask)
         kw = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _sac_policy)} if mode == "selective" else {}
-        return checkpoint(fwd, x, cos, sin, tokens, rows, start_pos, None, use_reentrant=False, **kw)
+        return checkpoint(fwd, x, cos, sin, tokens, rows, start_pos, None, mask, use_reentrant=False, **kw)
     sub = _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
     _CHECKPOINTED[sub] = sub
     return sub

@@ -81,74 +81,57 @@ class StemLM(LM):
         return prefix + whole[:len(ctx)], whole[len(ctx):]
 
 # %% ../nbs/20_lm.ipynb #88d608f8
-@torch.no_grad()
-@patch
-def _score(self: StemLM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    "(sum log p(cont | ctx), cont is the greedy continuation) for each token pair."
-    from tqdm.auto import tqdm
-    L, out = self.max_length, [None] * len(pairs)
+def _rows(pairs: Sequence[tuple[list[int], list[int]]], L: int, share: bool = True) -> list[tuple[list[int], list[int]]]:
+    "Rows of (context, request indices): each request's context truncated to fit `L`; the requests of one context share a row."
+    rows: dict[tuple, list[int]] = {}
     for i, (ctx, cont) in enumerate(pairs):
         if not cont: raise ValueError(f"request {i}: empty continuation")
         if len(cont) > L: raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length={L}")
-    groups: dict[tuple, list[int]] = {}
-    if self.share_context:     # continuations of one context (the choices of a question): the context runs once
-        for i, (ctx, cont) in enumerate(pairs):
-            if ctx and len(ctx) + len(cont) - 1 <= L: groups.setdefault(tuple(ctx), []).append(i)
-        groups = {c: idx for c, idx in groups.items() if len(idx) > 1}
-    shared = {i for idx in groups.values() for i in idx}
-    bar = tqdm(total=len(pairs), desc="requests", disable=not self.progress, leave=False)
-    by_len: dict[int, list[tuple]] = {}
-    for c in groups: by_len.setdefault(len(c), []).append(c)
-    for cs in by_len.values():                 # contexts of one length prefill together, `batch_size` at a time
-        for s in range(0, len(cs), self.batch_size):
-            part = cs[s:s + self.batch_size]
-            self._score_shared([list(c) for c in part], [[pairs[i][1] for i in groups[c]] for c in part], [groups[c] for c in part], out)
-            bar.update(sum(len(groups[c]) for c in part))
-    rest = sorted((i for i in range(len(pairs)) if i not in shared), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    for s in range(0, len(rest), self.batch_size):
-        chunk = rest[s:s + self.batch_size]
-        rows = [((list(pairs[i][0]) + list(pairs[i][1]))[-(L + 1):][:-1], list(pairs[i][1])) for i in chunk]  # input: all but the last
-        x = torch.zeros(len(rows), max(len(inp) for inp, _ in rows), dtype=torch.long)
-        for b, (inp, _) in enumerate(rows): x[b, :len(inp)] = torch.tensor(inp)
-        bi = torch.cat([torch.full((len(c),), b) for b, (_, c) in enumerate(rows)])
-        si = torch.cat([torch.arange(len(inp) - len(c), len(inp)) for inp, c in rows])
-        with output_at(self.model, lambda h: h[bi, si]):                              # the continuations' positions only
-            logits = self.model(x.to(self._device))                                    # (N, V)
-        for i, r in zip(chunk, _sums(logits, [t for _, c in rows for t in c], [len(c) for _, c in rows])): out[i] = r
-        bar.update(len(chunk))
-    bar.close()
-    return out
+        if not ctx: raise ValueError(f"request {i}: empty context (nothing predicts the continuation's first token)")
+        ctx, alone = list(ctx), not share
+        if len(ctx) + len(cont) - 1 > L: ctx, alone = (ctx + list(cont))[-(L + 1):][:-len(cont)], True
+        rows.setdefault((tuple(ctx), i) if alone else (tuple(ctx),), []).append(i)
+    return [(list(k[0]), idx) for k, idx in rows.items()]
 
+# %% ../nbs/20_lm.ipynb #0937020d
+def _packed(rows, pairs, device) -> tuple:
+    "Tokens, positions and mask (B, S, S) of `rows` right-padded, and the (row, position) of each request's predicting logits."
+    S = max(len(c) + sum(len(pairs[i][1]) - 1 for i in idx) for c, idx in rows)
+    x, pos, seg = (torch.zeros(len(rows), S, dtype=torch.long) for _ in range(3))
+    seg -= 1                                                                     # -1: padding, 0: context, j + 1: choice j
+    bi, si = [], []
+    for b, (c, idx) in enumerate(rows):
+        C = o = len(c)
+        x[b, :C], pos[b, :C], seg[b, :C] = torch.tensor(c), torch.arange(C), 0
+        for j, i in enumerate(idx):
+            n = len(pairs[i][1]) - 1
+            x[b, o:o + n], pos[b, o:o + n], seg[b, o:o + n] = torch.tensor(list(pairs[i][1][:-1]), dtype=torch.long), torch.arange(C, C + n), j + 1
+            bi += [b] * (n + 1); si += [C - 1] + list(range(o, o + n)); o += n
+    causal = torch.tril(torch.ones(S, S, dtype=torch.bool))
+    mask = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))   # a pad sees pads: never an empty row
+    return x.to(device), pos.to(device), mask.to(device), torch.tensor(bi), torch.tensor(si)
 
-
-# %% ../nbs/20_lm.ipynb #4797406f
 @torch.no_grad()
 @patch
-def _score_shared(self: StemLM, ctxs, conts, idx, out):
-    "Contexts of one length prefilled together once; the continuations `conts[j]` of `ctxs[j]` then run in batches from copies of its KV cache."
-    m, C = self.model, len(ctxs[0])
-    one = m.new_cache(len(ctxs), C)
-    with output_at(m, lambda h: h[:, -1]):
-        first = m(torch.tensor(ctxs, device=self._device), cache=one)                  # (n_ctx, V): predicts each cont[0]
-    flat = [(j, x, i) for j, (cs, ids) in enumerate(zip(conts, idx)) for x, i in zip(cs, ids)]
-    for s in range(0, len(flat), self.batch_size):
-        part = flat[s:s + self.batch_size]
-        K, rows = max(len(x) for _, x, _ in part), [first[j:j + 1] for j, _, _ in part]
-        if K > 1:
-            own = torch.tensor([j for j, _, _ in part], device=self._device)
-            many = m.new_cache(len(part), C + K - 1)
-            for a, b in zip(one, many): b.k[:, :C] = a.k[own]; b.v[:, :C] = a.v[own]
-            y = torch.zeros(len(part), K - 1, dtype=torch.long)
-            for r, (_, x, _) in enumerate(part): y[r, :len(x) - 1] = torch.tensor(x[:-1])
-            bi = torch.cat([torch.full((len(x) - 1,), r) for r, (_, x, _) in enumerate(part)])
-            si = torch.cat([torch.arange(len(x) - 1) for _, x, _ in part])
-            with output_at(m, lambda h: h[bi, si]):
-                rest = m(y.to(self._device), start_pos=C, cache=many).split([len(x) - 1 for _, x, _ in part])  # predicts cont[1:]
-            rows = [torch.cat([f, r]) for f, r in zip(rows, rest)]
-        sums = _sums(torch.cat(rows), [t for _, x, _ in part for t in x], [len(x) for _, x, _ in part])
-        for (_, _, i), r in zip(part, sums): out[i] = r
-
-
+def _score(self: StemLM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    "(sum log p(cont | ctx), cont is the greedy continuation) for each token pair, packed by `_rows`."
+    from tqdm.auto import tqdm
+    L, out = self.max_length, [None] * len(pairs)
+    size = lambda r: len(r[0]) + sum(len(pairs[i][1]) - 1 for i in r[1])
+    rows = sorted(_rows(pairs, L, self.share_context), key=size, reverse=True)
+    bar = tqdm(total=len(pairs), desc="requests", disable=not self.progress, leave=False)
+    s = 0
+    while s < len(rows):
+        e = s + 1
+        while e < len(rows) and (e - s + 1) * size(rows[s]) <= self.batch_size * L: e += 1
+        x, pos, mask, bi, si = _packed(rows[s:e], pairs, self._device)
+        with output_at(self.model, lambda h: h[bi, si]):                      # the continuations' predicting positions only
+            logits = self.model(x, positions=pos, mask=mask)                   # (N, V)
+        idx = [i for _, ix in rows[s:e] for i in ix]
+        for i, r in zip(idx, _sums(logits, [t for i in idx for t in pairs[i][1]], [len(pairs[i][1]) for i in idx])): out[i] = r
+        bar.update(len(idx)); s = e
+    bar.close()
+    return out
 
 # %% ../nbs/20_lm.ipynb #d2ab9d1d
 def _loglikelihood(self: StemLM, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

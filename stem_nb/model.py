@@ -149,10 +149,10 @@ def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float = 10000.0):
     return ang.cos().float(), ang.sin().float()
 
 def apply_rope(x, cos, sin):
-    "Rotate interleaved pairs of `x` (B, S, heads, head_dim) by per-position angles (S, head_dim/2)."
+    "Rotate interleaved pairs of `x` (B, S, heads, head_dim) by per-position angles (S, head_dim/2), or per row (B, S, head_dim/2)."
     xf = x.float().unflatten(-1, (-1, 2))                # (B, S, h, hd/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None, :], sin[:, :, None, :])
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
 
 # %% ../nbs/06_model.ipynb #0a165bba
@@ -180,7 +180,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None):
+    def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None, mask=None):
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
@@ -189,7 +189,8 @@ class Attention(nn.Module):
         if cache is not None: k, v = cache.update(k, v, start_pos)          # (B, start_pos+S, kv, hd)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                   # (B, heads, S, hd)
         T = k.shape[2]
-        if T == S: out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if mask is not None: out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        elif T == S: out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # new queries at positions start_pos.. see every cached key up to their own position
             mask = torch.arange(T, device=x.device)[None, :] <= (start_pos + torch.arange(S, device=x.device))[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -307,8 +308,8 @@ class TransformerBlock(nn.Module):
         if self.ffn_type == "hash_moe": self.feed_forward = HashMoEFeedForward(args.dim, args.hidden_dim, args.n_experts)
         else: self.feed_forward = FFN_CLASSES[self.ffn_type](args.dim, args.hidden_dim)
 
-    def forward(self, x, cos, sin, tokens, rows=None, start_pos: int = 0, cache=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache)
+    def forward(self, x, cos, sin, tokens, rows=None, start_pos: int = 0, cache=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h), tokens, rows)
 
 # %% ../nbs/06_model.ipynb #201a5e54
@@ -421,17 +422,23 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, tokens, targets=None, start_pos: int = 0, cache: Optional[list] = None, ignore_index: int = -100):
+    def forward(self, tokens, targets=None, start_pos: int = 0, cache: Optional[list] = None, ignore_index: int = -100,
+                positions=None, mask=None):
+        "Logits (or the loss against `targets`); `positions` (B, S) and `mask` (B, S, S): packed rows, see `Attention`."
         B, S = tokens.shape
-        if start_pos + S > self.args.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + S} positions exceeds model.max_seq_len={self.args.max_seq_len}")
+        last = start_pos + S if positions is None else int(positions.max()) + 1
+        if last > self.args.max_seq_len:
+            raise ValueError(f"sequence of {last} positions exceeds model.max_seq_len={self.args.max_seq_len}")
+        if (mask is None) != (positions is None) or (mask is not None and cache is not None):
+            raise ValueError("packed rows need both `positions` and `mask`, and no KV cache")
         fn = self.__dict__["_stem_lookup"]
         if fn is not None and hasattr(fn, "begin"): fn.begin(tokens)
-        cos, sin = self.rope_cos[start_pos:start_pos + S], self.rope_sin[start_pos:start_pos + S]
+        cos, sin = ((self.rope_cos[start_pos:start_pos + S], self.rope_sin[start_pos:start_pos + S]) if positions is None
+                    else (self.rope_cos[positions], self.rope_sin[positions]))
         h = self.tok_embeddings(tokens)                                      # (B, S, d)
         for i, layer in enumerate(self.layers):
             rows = self.stem_rows(i, tokens) if layer.ffn_type in TABLE_FFN_TYPES else None   # (B, S, H)
-            h = layer(h, cos, sin, tokens, rows, start_pos, None if cache is None else cache[i])
+            h = layer(h, cos, sin, tokens, rows, start_pos, None if cache is None else cache[i], mask)
         logits = self.output(self.norm(h))                                   # (B, S, V)
         if targets is None: return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
