@@ -17,16 +17,19 @@ from .files import write_atomic
 __all__ = ['TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT', 'PAPER_NEEDLE', 'NO_OFFLINE_SOURCE',
            'STAND_INS', 'FAMILY_EVAL_TASKS', 'PAPER_TOKENS', 'PAPER_GLOBAL_BATCH', 'PAPER_SEQ_LEN', 'VARIANTS',
            'VARIANTS_1B', 'HEADLINE_METRICS', 'VAL_SOURCE', 'LM_EVAL_DOCS', 'PAPER_COMPARISONS', 'write_table',
-           'task_stats', 'task_metric', 'recorded_source', 'task_columns', 'mean_pm', 'acc_cell', 'compare_gain',
-           'family_table', 'family_gains', 'val_loss_source', 'family_notes', 'binomial_se', 'gain_decomposition',
-           'paper_gains_table', 'paper_param_check', 'paper_numbers_markdown']
+           'task_stats', 'task_metric', 'recorded_source', 'task_per_doc', 'task_columns', 'mean_pm', 'doc_scores',
+           'acc_cell', 'paired_bootstrap', 'compare_gain', 'family_table', 'paired_gain', 'family_gains', 'gains_table',
+           'snr_table', 'family_snr', 'snr_notes', 'write_paired', 'val_loss_source', 'family_notes', 'binomial_se',
+           'gain_decomposition', 'paper_gains_table', 'paper_param_check', 'paper_numbers_markdown']
 
 # %% ../nbs/24_paper.ipynb #9664bb0b
 def write_table(df, name: str, figures_dir: str | Path, title: str, notes: Sequence[str] = ()) -> Path:
-    "Write `df` as `figures_dir/tables/name.{md,csv}` with a title and notes; returns the .md path."
+    "Write `df` as `figures_dir/tables/name.{md,csv}` with a title and notes; returns the .md path (a `|` in a name or cell escaped there)."
     d = Path(figures_dir) / "tables"; d.mkdir(parents=True, exist_ok=True)
     df.to_csv(d / f"{name}.csv", index=False)
-    md = [f"### {title}", ""] + [f"- {n}" for n in notes] + ([""] if notes else []) + [df.to_markdown(index=False), ""]
+    esc = lambda x: x.replace("|", "\\|") if isinstance(x, str) else x
+    md_df = df.rename(columns=esc).map(esc) if len(df.columns) else df
+    md = [f"### {title}", ""] + [f"- {n}" for n in notes] + ([""] if notes else []) + [md_df.to_markdown(index=False), ""]
     write_atomic(d / f"{name}.md", "\n".join(md))
     return d / f"{name}.md"
 
@@ -113,14 +116,32 @@ def recorded_source(res: dict, task: str) -> str | None:
     sub = sorted(k for k in src if k.startswith(f"{task}_"))
     return f"{src[sub[0]]} (and {len(sub) - 1} more subtasks)" if sub else None
 
+def task_per_doc(res: dict, task: str, metric: str) -> dict | None:
+    "{'id', 'v'}: `task`'s per-document `metric` from `evaluate`'s `per_doc` (a group: its subtasks' docs, ids prefixed by subtask)."
+    per = res.get("per_doc") or {}
+    subs = [task] if task in per else sorted(k for k in per if k.startswith(f"{task}_"))
+    keys = [next((k for k in per[s] if k.split(",")[0] == metric), None) for s in subs]
+    if not subs or None in keys: return None
+    pre = (lambda s, i: i) if subs == [task] else (lambda s, i: f"{s}:{i}")
+    return {"id": [pre(s, i) for s in subs for i in per[s]["doc_id"]], "v": [v for s, k in zip(subs, keys) for v in per[s][k]]}
+
+def _shots(res: dict, task: str) -> str | None:
+    "How many shots `task` ran with: `evaluate`'s description, else lm-eval's `n-shot` (a group: its subtasks')."
+    got = {v for k, v in (res.get("shots") or {}).items() if k == task or k.startswith(f"{task}_")}
+    if got: return "/".join(sorted(got))
+    ns = res.get("n-shot") or {}
+    got = {ns[k] for k in ns if k == task or k.startswith(f"{task}_")}
+    return "/".join(f"{n}-shot" for n in sorted(got)) if got else None
+
 def task_columns(res: dict, tasks: Sequence[str]) -> dict:
-    "Flat `acc:`/`se:`/`n:`/`metric:`/`bpb:`/`src:` columns of `tasks` from one lm-eval result."
+    "Flat `acc:`/`se:`/`n:`/`metric:`/`bpb:`/`src:`/`shots:` columns of `tasks` from one lm-eval result, and per-doc `doc:`/`bpbdoc:`."
     row = {}
     for t in tasks:
         st = task_stats(res, t)
         if isinstance(st, str): row[f"acc:{t}"] = st; continue
         row.update({f"acc:{t}": st["value"], f"se:{t}": st["stderr"], f"n:{t}": st["n"], f"metric:{t}": st["metric"],
-                    f"src:{t}": recorded_source(res, t)})
+                    f"src:{t}": recorded_source(res, t), f"shots:{t}": _shots(res, t),
+                    f"doc:{t}": task_per_doc(res, t, st["metric"]), f"bpbdoc:{t}": task_per_doc(res, t, "gold_bpb")})
         b = task_stats(res, t, "bpb")
         if not isinstance(b, str): row[f"bpb:{t}"] = b["value"]
     return row
@@ -138,34 +159,68 @@ def mean_pm(x, digits: int = 3) -> str:
 # %% ../nbs/24_paper.ipynb #ce885fd5
 def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
+def doc_scores(d: "pd.DataFrame", task: str, kind: str = "doc") -> "np.ndarray | None":
+    "Per-document scores of `task` for the runs (rows) of `d`, (runs, docs) on the docs every run scored (`kind` 'bpbdoc': gold bits/byte); None without them."
+    import numpy as np
+    col = f"{kind}:{task}"
+    if col not in d or not all(isinstance(x, dict) for x in d[col]): return None
+    common = sorted(set.intersection(*(set(map(str, x["id"])) for x in d[col])))
+    if not common: return None
+    return np.array([[dict(zip(map(str, x["id"]), x["v"]))[i] for i in common] for x in d[col]], dtype=float)
+
 def acc_cell(d: "pd.DataFrame", task: str, paper: float | None = None) -> str:
-    "A task cell over the seeds of one variant: `acc% ± se (n=N)`, the paper's value beside it; or an n/a reason."
+    "A task cell over the seeds of one variant: `acc% ± s.e. over documents (n=N)`, the paper's value beside it; or an n/a reason."
     import numpy as np
     col = f"acc:{task}"
     if col not in d: return "n/a: not run"
     vals = list(d[col])
     bad = [v for v in vals if not _num(v)]
     if bad: return str(bad[0]) if isinstance(bad[0], str) else "n/a"
-    ses = [v for v in d.get(f"se:{task}", []) if _num(v)]
+    x, ses = doc_scores(d, task), [v for v in d.get(f"se:{task}", []) if _num(v)]
+    se = (x.mean(0).std(ddof=1) / math.sqrt(x.shape[1]) if x is not None and x.shape[1] > 1
+          else float(np.mean(ses)) if ses else None)
     ns = sorted({int(v) for v in d.get(f"n:{task}", []) if _num(v)})
-    s = f"{100 * np.mean(vals):.1f}"
-    if ses: s += f" ± {100 * math.sqrt(np.mean(np.square(ses)) / len(ses)):.1f}"
+    s = f"{100 * np.mean(vals):.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
     if ns: s += f" (n={'/'.join(map(str, ns))})"
     return s + (f" [paper {paper:.2f}]" if paper is not None else "")
 
 # %% ../nbs/24_paper.ipynb #29724ed6
-def compare_gain(name: str, paper_gain: float, ours_gain: float | None, ours_se: float | None, unit: str = "") -> str:
-    "One sentence: does our gain over the baseline agree with the paper's? Both numbers, `disagrees` when it does not."
-    if ours_gain is None or ours_se is None: return f"{name}: paper {paper_gain:+.2f}{unit}; ours not measured"
-    both = f"paper {paper_gain:+.2f}{unit}, ours {ours_gain:+.2f} ± {ours_se:.2f}{unit}"
-    if abs(ours_gain) <= 2 * ours_se:                   # ours cannot be told from 0
-        if abs(ours_gain - paper_gain) <= 2 * ours_se:  # ... nor from the paper's gain: the run cannot decide
-            return f"{name}: not resolved at our scale ({both}: within 2 s.e. of both 0 and the paper's gain)"
-        return f"{name}: disagrees ({both}: no measurable difference at our scale, the paper's gain is outside 2 s.e.)"
-    if (ours_gain > 0) == (paper_gain > 0): return f"{name}: agrees in sign ({both})"
-    return f"{name}: disagrees ({both}: opposite sign)"
+def paired_bootstrap(a: Sequence, b: Sequence | None = None, iters: int = 2000, seed: int = 0, chunk: int = 250) -> dict:
+    "{value, se, lo, hi, iters} of mean over tasks of (mean of `a[t]` - mean of `b[t]`); `a[t]`, `b[t]`: (seeds, docs) arrays on the same docs."
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    parts = [(np.asarray(x, float), None if b is None else np.asarray(b[t], float)) for t, x in enumerate(a)]
+    for A, B in parts:
+        if B is not None and A.shape[1] != B.shape[1]: raise ValueError(f"paired scores need the same docs: {A.shape[1]} vs {B.shape[1]}")
+        if A.shape[0] != parts[0][0].shape[0] or (B is not None and B.shape[0] != parts[0][1].shape[0]):
+            raise ValueError("every task needs the same runs (seeds) of each model")
+    value = float(np.mean([A.mean() - (0 if B is None else B.mean()) for A, B in parts]))
+    reps = []
+    for s in range(0, iters, chunk):
+        r, tot = min(chunk, iters - s), 0.0
+        sa, sb = (None if X is None else rng.integers(X.shape[0], size=(r, X.shape[0])) for X in parts[0])   # seeds: one draw per model
+        for A, B in parts:
+            idx = rng.integers(A.shape[1], size=(r, A.shape[1]))                 # documents: one draw for both models
+            draw = lambda X, si: np.take_along_axis(X[:, idx].mean(-1).T, si, 1).mean(1)   # (r,): the drawn seeds on the drawn docs
+            tot = tot + draw(A, sa) - (0 if B is None else draw(B, sb))
+        reps.append(tot / len(parts))
+    reps = np.concatenate(reps)
+    return dict(value=value, se=float(reps.std(ddof=1)), lo=float(np.percentile(reps, 2.5)), hi=float(np.percentile(reps, 97.5)), iters=iters)
 
 # %% ../nbs/24_paper.ipynb #21e6e158
+def compare_gain(name: str, paper_gain: float, ours: dict | None, unit: str = "") -> str:
+    "One sentence: does our paired gain (`paired_bootstrap`'s dict) agree with the paper's? Both numbers, `disagrees` when it does not."
+    if not ours: return f"{name}: paper {paper_gain:+.2f}{unit}; ours not measured"
+    g, lo, hi = ours["value"], ours["lo"], ours["hi"]
+    both = f"paper {paper_gain:+.2f}{unit}, ours {g:+.2f}{unit} [95% interval {lo:+.2f}, {hi:+.2f}]"
+    if lo <= 0 <= hi:                                   # ours cannot be told from 0
+        if lo <= paper_gain <= hi:                      # ... nor from the paper's gain: the run cannot decide
+            return f"{name}: not resolved at our scale ({both}: the interval holds both 0 and the paper's gain)"
+        return f"{name}: disagrees ({both}: no measurable difference at our scale, the paper's gain is outside the interval)"
+    if (g > 0) == (paper_gain > 0): return f"{name}: agrees in sign ({both})"
+    return f"{name}: disagrees ({both}: opposite sign)"
+
+# %% ../nbs/24_paper.ipynb #c195807c
 def _avg_per_seed(d, tasks) -> list | None:
     "Avg (percent) of `tasks` per seed row; None when any task has no number."
     import numpy as np
@@ -177,14 +232,16 @@ def _avg_per_seed(d, tasks) -> list | None:
     return out
 
 def _avg_se(d, tasks) -> float | None:
-    "Standard error of the Avg (percent): lm-eval's per-task errors combined as independent, averaged over seeds."
+    "s.e. of the Avg (percent): `paired_bootstrap` over documents and seeds, or lm-eval's per-task errors combined as independent, averaged over seeds."
     import numpy as np
+    xs = [doc_scores(d, t) for t in tasks]
+    if all(x is not None for x in xs): return 100 * paired_bootstrap(xs)["se"]
     cols = [f"se:{t}" for t in tasks]
     if not all(c in d for c in cols): return None
     per = [math.sqrt(sum(float(r[c]) ** 2 for c in cols)) / len(cols) for _, r in d.iterrows() if all(_num(r[c]) for c in cols)]
-    return 100 * math.sqrt(np.mean(np.square(per)) / len(per)) if per else None
+    return 100 * float(np.mean(per)) if per else None
 
-# %% ../nbs/24_paper.ipynb #f287ada4
+# %% ../nbs/24_paper.ipynb #353df1fd
 def family_table(df: "pd.DataFrame", paper: dict, tasks: Sequence[str] = TASKS8, extra: dict | None = None,
                  baseline: str = "Baseline") -> "pd.DataFrame":
     "Ours beside the paper per variant: params, FLOPs, per-task `acc ± se (n)`, Avg, ROI, gold bits/byte, `extra` columns, val loss."
@@ -195,7 +252,7 @@ def family_table(df: "pd.DataFrame", paper: dict, tasks: Sequence[str] = TASKS8,
         pacc = dict(zip(TASKS8, p["acc"])) if p.get("acc") else {}
         fl = float(d.MFLOPs.iloc[0])
         avgs = _avg_per_seed(d, tasks)
-        stats[v] = (float(np.mean(avgs)) if avgs else None, _avg_se(d, tasks), fl)
+        stats[v] = (float(np.mean(avgs)) if avgs else None, _avg_se(d, tasks) if avgs else None, fl)
         row = {"model": v, "seeds": len(d), "total/active (M)": f"{d.total_M.iloc[0]:.2f}/{d.active_M.iloc[0]:.2f}",
                "MFLOPs/token (2x active)": round(fl, 2)}
         for t in tasks: row[t] = acc_cell(d, t, pacc.get(t))
@@ -218,17 +275,88 @@ def family_table(df: "pd.DataFrame", paper: dict, tasks: Sequence[str] = TASKS8,
     return pd.DataFrame(out)
 
 # %% ../nbs/24_paper.ipynb #8bfc096a
+def paired_gain(d: "pd.DataFrame", base: "pd.DataFrame", tasks: Sequence[str], **kw) -> dict | None:
+    "`paired_bootstrap` (in points) of the runs `d` minus the runs `base` on `tasks`, on the docs all of them scored; None without per-doc scores."
+    import pandas as pd
+    both, a, b = pd.concat([d, base], ignore_index=True), [], []
+    for t in tasks:
+        x = doc_scores(both, t)
+        if x is None: return None
+        a.append(x[:len(d)]); b.append(x[len(d):])
+    g = paired_bootstrap(a, b, **kw)
+    return {k: (100 * v if k in ("value", "se", "lo", "hi") else v) for k, v in g.items()} | {"docs": sum(x.shape[1] for x in a)}
+
 def family_gains(df: "pd.DataFrame", tasks: Sequence[str] = TASKS8, baseline: str = "Baseline") -> dict:
-    "{variant: (Avg - baseline Avg, its standard error)} in percent points; None where the Avg is missing."
-    import numpy as np
-    st = {v: (_avg_per_seed(d, tasks), _avg_se(d, tasks)) for v, d in df.groupby("variant", sort=False)}
-    b = st.get(baseline)
-    out = {}
-    for v, (a, se) in st.items():
-        if v == baseline: continue
-        ok = b is not None and a and b[0] and se is not None and b[1] is not None
-        out[v] = (float(np.mean(a) - np.mean(b[0])), math.hypot(se, b[1])) if ok else None
-    return out
+    "{variant: `paired_gain` of its Avg over `baseline`'s} in percent points; None where per-doc scores are missing."
+    by = dict(list(df.groupby("variant", sort=False)))
+    return {v: paired_gain(d, by[baseline], tasks) if baseline in by else None for v, d in by.items() if v != baseline}
+
+def gains_table(df: "pd.DataFrame", paper: dict, tasks: Sequence[str] = TASKS8, baseline: str = "Baseline") -> "pd.DataFrame":
+    "Per variant: its paired gain over `baseline` per task (± s.e.) and for the Avg (s.e., 95% interval), the paper's Avg gain and the verdict."
+    import pandas as pd
+    by, rows = dict(list(df.groupby("variant", sort=False))), []
+    for v, d in by.items():
+        if v == baseline or baseline not in by: continue
+        row = {"variant": v, "vs": baseline}
+        for t in tasks:
+            g = paired_gain(d, by[baseline], [t])
+            row[t] = f"{g['value']:+.1f} ± {g['se']:.1f}" if g else "n/a: no per-document scores"
+        g = paired_gain(d, by[baseline], tasks)
+        pg = paper[v]["avg"] - paper[baseline]["avg"] if paper.get(v, {}).get("avg") is not None and paper.get(baseline) else None
+        row.update({"Avg gain": f"{g['value']:+.2f}" if g else "n/a", "s.e.": round(g["se"], 2) if g else "n/a",
+                    "95% interval": f"[{g['lo']:+.2f}, {g['hi']:+.2f}]" if g else "n/a",
+                    "paper Avg gain": round(pg, 2) if pg is not None else "not reported",
+                    "verdict": compare_gain("", pg, g).split(": ", 1)[1].split(" (")[0] if pg is not None and g else "n/a"})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+# %% ../nbs/24_paper.ipynb #aea98d8a
+def snr_table(df: "pd.DataFrame", columns: dict) -> "pd.DataFrame":
+    "Per column {name: column of `df` or a function of `df` giving one number per run}: signal, noise, SNR over variants x seeds, ranked by SNR."
+    import numpy as np, pandas as pd
+    rows = []
+    for name, col in columns.items():
+        x = pd.to_numeric(col(df) if callable(col) else df[col], errors="coerce") if callable(col) or col in df else None
+        g = [] if x is None else [v.dropna().to_numpy() for _, v in x.groupby(df["variant"], sort=False)]
+        g = [v for v in g if len(v) >= 2]
+        if len(g) < 2: rows.append(dict(column=name, signal=np.nan, noise=np.nan, SNR=np.nan, variants=len(g))); continue
+        sig, noise = float(np.std([v.mean() for v in g], ddof=1)), float(np.sqrt(np.mean([v.var(ddof=1) for v in g])))
+        rows.append(dict(column=name, signal=sig, noise=noise, SNR=sig / noise if noise > 0 else np.inf if sig > 0 else np.nan, variants=len(g)))
+    return pd.DataFrame(rows).sort_values("SNR", ascending=False, na_position="last").reset_index(drop=True)
+
+# %% ../nbs/24_paper.ipynb #cd1d383d
+def family_snr(df: "pd.DataFrame", tasks: Sequence[str] = TASKS8, extra: dict | None = None) -> "pd.DataFrame":
+    "`snr_table` of a family's accuracy, Avg, gold bits/byte, `extra` ({column: name}) and val loss columns."
+    import pandas as pd
+    num = lambda cols: (lambda d: d[cols].apply(pd.to_numeric, errors="coerce").mean(axis=1, skipna=False))
+    acc, bpb = [f"acc:{t}" for t in tasks if f"acc:{t}" in df], [f"bpb:{t}" for t in tasks if f"bpb:{t}" in df]
+    cols = {c[4:]: c for c in acc} | ({"Avg": num(acc)} if len(acc) == len(tasks) else {})
+    cols |= {f"gold bpb {c[4:]}": c for c in bpb} | ({"mean gold bpb": num(bpb)} if bpb else {})
+    return snr_table(df, cols | {name: col for col, name in (extra or {}).items()} | {"val loss": "val_loss"})
+
+# %% ../nbs/24_paper.ipynb #caf39e49
+def snr_notes(snr: "pd.DataFrame") -> list[str]:
+    "Two sentences: the columns ranked by SNR, and how many can rank the variants."
+    ok = snr.dropna(subset=["SNR"])
+    if ok.empty: return ["signal-to-noise: not measured (it needs at least two variants with two seeds each)"]
+    return ["columns ranked by signal-to-noise (signal: std across the variants' seed means; noise: pooled std over seeds within a "
+            "variant; arXiv 2508.13144): " + ", ".join(f"{r.column} {r.SNR:.1f}" for r in ok.itertuples()),
+            f"{int((ok.SNR >= 2).sum())} of {len(ok)} columns have SNR >= 2 (the variants' spread at least twice the seed noise); "
+            f"{int((ok.SNR < 1).sum())} are below 1 and cannot rank the variants at this scale"]
+
+def write_paired(df: "pd.DataFrame", paper: dict, name: str, label: str, figures_dir: str | Path, preset: str, tasks: Sequence[str] = TASKS8,
+                 extra: dict | None = None, baseline: str = "Baseline") -> tuple:
+    "Write `<name>_gains` (`gains_table`) and `<name>_snr` (`family_snr`) under `figures_dir/tables`; returns both frames."
+    gt, snr = gains_table(df, paper, tasks, baseline), family_snr(df, tasks, extra)
+    first = f"preset: {preset}; seeds {sorted(set(df.seed))} per variant"
+    write_table(gt, f"{name}_gains", figures_dir, f"{label}: each variant minus {baseline}, paired over documents and seeds", [first,
+        f"each task: the variant's accuracy minus {baseline}'s, in points, on the documents both scored, ± its s.e.; Avg gain: their "
+        "mean, its s.e. and 95% interval; all from stem_nb.paper.paired_bootstrap (2,000 replicates, each redrawing the documents "
+        "of every task, one draw for both models, and each model's seeds)",
+        "verdict (stem_nb.paper.compare_gain): agrees in sign when the interval excludes 0 on the paper's side; disagrees when it "
+        "excludes 0 on the other side, or holds 0 but not the paper's gain; not resolved when it holds both"])
+    write_table(snr.round(3), f"{name}_snr", figures_dir, f"{label}: which columns tell the variants apart (signal / noise)", [first, *snr_notes(snr)])
+    return gt, snr
 
 # %% ../nbs/24_paper.ipynb #22029496
 VAL_SOURCE = "val_loss_source.json"   # beside the run: the sentence, keyed by the sha256 of its config.yaml
@@ -270,15 +398,19 @@ def family_notes(df: "pd.DataFrame", train: dict, paper_what: str, preset: str, 
     r0 = df.iloc[0]
     metrics = {t: df[f"metric:{t}"].iloc[0] for t in TASKS8 if f"metric:{t}" in df and isinstance(df[f"metric:{t}"].iloc[0], str)}
     srcs = {t: df[f"src:{t}"].iloc[0] for t in TASKS8 if f"src:{t}" in df and isinstance(df[f"src:{t}"].iloc[0], str)}
+    shots = {t: df[f"shots:{t}"].iloc[0] for t in TASKS8 if f"shots:{t}" in df and isinstance(df[f"shots:{t}"].iloc[0], str)}
     return [f"preset: {preset}; ours = mean over seeds {list(seeds)} (model init; one data order); the paper: {paper_what}",
             f"our scale: d={m['dim']}, {m['n_layers']} layers, V={m['vocab_size']}, seq {d['seq_len']}, {int(r0.tokens):,} training tokens per run",
-            "task cells: our accuracy in percent ± lm-eval's standard error (root mean square over seeds / sqrt(seeds)) (n = documents "
-            f"evaluated) [the paper's value]; documents: {r0.eval_docs}",
+            "task cells: our accuracy in percent (mean over seeds) ± its s.e. over documents (of the per-document scores averaged over "
+            f"seeds: every run scores the same documents) (n = documents evaluated) [the paper's value]; documents: {r0.eval_docs}",
             "metric per task: " + (", ".join(f"{t} {k}" for t, k in metrics.items()) or "none ran"),
+            "shots per task (lm-eval's task configs as run): " + (", ".join(f"{t} {k}" for t, k in shots.items()) or "not recorded"),
             "data per task (lm-eval's task config as run): " + ("; ".join(f"{t}: {s}" for t, s in srcs.items()) or "none ran"),
-            "Avg = mean of the 8 task accuracies (the paper's definition) ± its standard error; ROI = (Avg / MFLOPs) / (Baseline Avg / "
-            "Baseline MFLOPs) with MFLOPs = 2 x active parameters, as the paper's GFLOPs column",
-            "gold bpb <task>: negative log-likelihood of the correct answer's continuation per UTF-8 byte, in bits (lower is better)",
+            "Avg = mean of the 8 task accuracies (the paper's definition) ± its s.e. from a bootstrap over documents and seeds "
+            "(stem_nb.paper.paired_bootstrap); ROI = (Avg / MFLOPs) / (Baseline Avg / Baseline MFLOPs) with MFLOPs = 2 x active "
+            "parameters, as the paper's GFLOPs column",
+            "gold bpb <task>: negative log-likelihood of the correct answer's continuation per UTF-8 byte, in bits (lower is better); "
+            "it, the stand-ins and val loss are mean ± std over seeds",
             "stand-ins (tasks the project generates, kept because they move at our scale): " + ", ".join(STAND_INS.values()),
             val_loss_source(r0.dump_dir),
             f"evaluation wall time per run (every task above, this machine): mean {pd.to_numeric(df.eval_s, errors='coerce').mean():.0f} s "

@@ -7,13 +7,13 @@ Docs: https://stem-nb.github.io/stem-nb/reproduce.html.md"""
 
 # %% ../nbs/26_reproduce.ipynb #905653aa
 from __future__ import annotations
-import argparse, copy, hashlib, json, math, os, re, shutil, sys, tempfile, threading, time
+import argparse, copy, hashlib, json, os, re, shutil, sys, tempfile, threading, time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import yaml
 
-from .paper import STAND_INS, compare_gain, paper_numbers_markdown
+from .paper import STAND_INS, paper_numbers_markdown
 from .files import config_hash, repo_root, tmp_name, write_atomic
 from .config import ConfigError
 from .run_dir import pin_cpu_paths
@@ -22,8 +22,8 @@ from .run_dir import pin_cpu_paths
 __all__ = ['DRIVER_PARAMS', 'PRESET_KEYS', 'README_COLUMNS', 'FAMILY_TABLES', 'README_START', 'README_END', 'notebook_code_hash',
            'declared_parameters', 'load_presets', 'apply_sets', 'plan', 'figures_dir_for', 'run_dir_for',
            'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute', 'completed', 'reproduce', 'readme_table',
-           'findings', 'results_markdown', 'update_readme', 'parser', 'selected', 'cli', 'run_cli', 'report',
-           'print_plan']
+           'findings', 'snr_markdown', 'results_markdown', 'update_readme', 'parser', 'selected', 'cli', 'run_cli',
+           'report', 'print_plan']
 
 # %% ../nbs/26_reproduce.ipynb #3926e2b0
 def notebook_code_hash(path: str | Path, n: int = 12) -> str:
@@ -330,17 +330,15 @@ FAMILY_TABLES = {"table_350m": "350M", "table_1b": "1B", "table_midtrain": "1B m
 
 def _pm(cell) -> tuple[float, float] | None:
     "(value, standard error) of a cell `12.34 ± 0.56` (s.e. 0 without ±); None for a cell without a number (`n/a`)."
-    m = re.match(r"\s*(-?\d+(?:\.\d+)?)(?:\s*±\s*(\d+(?:\.\d+)?))?", str(cell))
+    m = re.match(r"\s*([-+]?\d+(?:\.\d+)?)(?:\s*±\s*(\d+(?:\.\d+)?))?", str(cell))
     return (float(m[1]), float(m[2] or 0)) if m else None
 
-def _gains(t) -> dict:
-    "{variant: (our Avg minus Baseline's, its s.e., the paper's difference or None)} of one family table (rows by model)."
-    b, pb = _pm(t.loc["Baseline", "Avg"]), _pm(t.loc["Baseline", "paper Avg"])
-    out = {}
-    for v, r in t.drop(index="Baseline").iterrows():
-        a, pa = _pm(r["Avg"]), _pm(r["paper Avg"])
-        if a and b: out[v] = (a[0] - b[0], math.hypot(a[1], b[1]), pa[0] - pb[0] if pa and pb else None)
-    return out
+def _gains(tables_dir, name: str) -> dict:
+    "{variant: (paired Avg gain over Baseline, its 95% interval, the paper's gain or None, verdict)} from `<name>_gains.csv`; {} without it."
+    import pandas as pd
+    f = Path(tables_dir) / f"{name}_gains.csv"
+    return {r["variant"]: (_pm(r["Avg gain"])[0], r["95% interval"], (_pm(r["paper Avg gain"]) or [None])[0], r["verdict"])
+            for _, r in (pd.read_csv(f, dtype=str, keep_default_na=False).iterrows() if f.is_file() else ()) if _pm(r["Avg gain"])}
 
 def _below(t, col: str) -> str:
     "How many variants are below Baseline in `col`, and the lowest."
@@ -353,30 +351,42 @@ def _below(t, col: str) -> str:
 def findings(tables_dir: str | Path) -> list[str]:
     "Five lines from the family tables' CSVs in `tables_dir`: the Avg leader, gains beside the paper's, the verdict on its claims, bits/byte, val loss."
     import pandas as pd
-    fam = {lab: t for name, lab in FAMILY_TABLES.items() if (f := Path(tables_dir) / f"{name}.csv").is_file()
+    fam = {lab: (name, t) for name, lab in FAMILY_TABLES.items() if (f := Path(tables_dir) / f"{name}.csv").is_file()
            and "Baseline" in (t := pd.read_csv(f, dtype=str, keep_default_na=False).set_index("model")).index}
     if not fam: return []
-    (lab0, t0), gains = next(iter(fam.items())), {lab: _gains(t) for lab, t in fam.items()}
+    gains = {lab: _gains(tables_dir, name) for lab, (name, _) in fam.items()}
+    fam = {lab: t for lab, (_, t) in fam.items()}
+    (lab0, t0), g = next(iter(fam.items())), gains[next(iter(fam))]
     avg, paper = ({v: x for v, c in t0[col].items() if (x := _pm(c))} for col in ("Avg", "paper Avg"))
-    lead, b, g = max(avg, key=lambda v: avg[v][0]), avg["Baseline"], gains[lab0]
-    over = f", {g[lead][0]:+.2f} ± {g[lead][1]:.2f} points over Baseline {b[0]:.2f} ± {b[1]:.2f}" if lead in g else ""
+    lead, b = max(avg, key=lambda v: avg[v][0]), avg["Baseline"]
+    over = f", {g[lead][0]:+.2f} points over Baseline {b[0]:.2f} {g[lead][1]} (paired)" if lead in g else ""
     out = [f"**Avg of the 8 commonsense tasks** ({lab0}, {len(t0)} variants): {lead} leads with {avg[lead][0]:.2f} ± "
            f"{avg[lead][1]:.2f}{over}; the paper's leader is {max(paper, key=lambda v: paper[v][0])} ({max(paper.values())[0]:.2f})"]
-    rest = [f"{lab}: {v} {x:+.2f} ± {se:.2f} (paper {p:+.2f})" for lab, gs in list(gains.items())[1:] for v, (x, se, p) in gs.items() if p is not None]
-    if rest: out.append("**Avg minus Baseline's, in points**: " + "; ".join(rest))
-    claims = [(x, se, p) for gs in gains.values() for x, se, p in gs.values() if p is not None]
-    if claims:                                       # compare_gain's verdict: the words before its parenthesis
-        verdict = pd.Series([compare_gain("", p, x, se).split(": ", 1)[1].split(" (")[0] for x, se, p in claims]).value_counts()
-        out.append(f"**The paper's claims** (a variant's Avg minus Baseline's; {len(claims)} in {len(fam)} tables): "
-                   + ", ".join(f"{n} {w}" for w, n in verdict.items()) + f"; the s.e. of our differences is "
-                   f"{min(c[1] for c in claims):.2f}-{max(c[1] for c in claims):.2f} points, the paper's differences "
-                   f"{min(c[2] for c in claims):+.2f} to {max(c[2] for c in claims):+.2f}")
+    rest = [f"{lab}: {v} {x:+.2f} {ci} (paper {p:+.2f})" for lab, gs in list(gains.items())[1:] for v, (x, ci, p, _) in gs.items() if p is not None]
+    if rest: out.append("**Avg minus Baseline's, in points, paired**: " + "; ".join(rest))
+    claims = [(x, p, w) for gs in gains.values() for x, _, p, w in gs.values() if p is not None]
+    if claims:                                       # compare_gain's verdicts, as the gains tables wrote them
+        verdict = pd.Series([w for _, _, w in claims]).value_counts()
+        out.append(f"**The paper's claims** (a variant's Avg minus Baseline's; {len(claims)} in {len(fam)} tables, 95% intervals paired over "
+                   "documents and seeds): " + ", ".join(f"{n} {w}" for w, n in verdict.items()) + f"; the paper's differences "
+                   f"{min(c[1] for c in claims):+.2f} to {max(c[1] for c in claims):+.2f}")
     out.append("**Held-out Shakespeare bits/byte** (a stand-in; lower is better): "
                + "; ".join(f"{lab}: {_below(t, STAND_INS['stem_heldout_ppl'])}" for lab, t in list(fam.items())[:2]))
     out.append(f"**{lab0}, mean gold-answer bits/byte**: {_below(t0, 'mean gold bpb')}; **validation loss**: {_below(t0, 'val loss')}")
     return out
 
 # %% ../nbs/26_reproduce.ipynb #6bec9b18
+def snr_markdown(tables_dir: str | Path, rel: str = "figures") -> list[str]:
+    "The first family table's signal-to-noise ranking (`<name>_snr.csv`) as sentences and a table; [] without one."
+    import pandas as pd
+    if (name := next((n for n in FAMILY_TABLES if (Path(tables_dir) / f"{n}_snr.csv").is_file()), None)) is None: return []
+    ok = pd.read_csv(Path(tables_dir) / f"{name}_snr.csv").dropna(subset=["SNR"])
+    return [f"Which measures can tell the variants apart at this scale ({FAMILY_TABLES[name]} family, `{rel}/tables/{name}_snr.csv`):",
+            "signal = std across the variants' seed means, noise = pooled std over seeds within a variant, SNR = signal / noise",
+            f"(arXiv 2508.13144). {int((ok.SNR >= 2).sum())} of {len(ok)} columns have SNR >= 2; {int((ok.SNR < 1).sum())} are below 1 "
+            "and cannot rank the variants here.", "", *_grid(ok[["column", "signal", "noise", "SNR"]].round(3).astype(str)), ""]
+
+# %% ../nbs/26_reproduce.ipynb #792e2e17
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 def _status_cell(s: dict) -> str:
@@ -389,9 +399,8 @@ def results_markdown(figures_dir: Path, status: Sequence[dict] = (), rel: str = 
     "The results section: findings, per-experiment status, date and seconds, then each experiment's tables (`readme_table`) and figures."
     figures_dir = Path(figures_dir)
     found, when = findings(figures_dir / "tables"), max((s.get("finished") or "" for s in status), default="")
-    out = [README_START, ""] + ([f"Findings, computed from `{rel}/tables/*.csv` by `stem_nb.reproduce.findings`:", ""]
-                                + [f"- {l}" for l in found] + [""] if found else [])
-    out += paper_numbers_markdown()
+    out = [README_START, ""] + snr_markdown(figures_dir / "tables", rel) + paper_numbers_markdown()
+    out += [f"Findings, computed from `{rel}/tables/*.csv` by `stem_nb.reproduce.findings`:", ""] + [f"- {l}" for l in found] + [""] if found else []
     out += [f"_Written by `stem-nb reproduce --preset {preset}`, last experiment finished {when or time.strftime('%Y-%m-%d %H:%M')}; seconds are wall-clock on "
             f"this machine ({os.cpu_count()} CPUs)._", ""]
     if status:

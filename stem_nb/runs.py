@@ -16,10 +16,10 @@ from .config import ConfigError
 from .paper import FAMILY_EVAL_TASKS, PAPER_TOKENS, STAND_INS, TASKS8, VARIANTS, VARIANTS_1B, task_columns
 
 # %% auto #0
-__all__ = ['CACHED_ONLY', 'GPU_MEMORY_GIB', 'experiment_params', 'train_overrides', 'train_key', 'train_cached', 'load_metrics',
-           'subsample_size', 'eval_file', 'eval_batch_size', 'eval_cached', 'run_family', 'arith_eval', 'arith_file',
-           'arith_cached', 'midtrain_block', 'paper_recipe', 'format_recipe', 'check_recipe_inputs', 'run_spec',
-           'eval_spec', 'eval_outputs', 'experiment_runs', 'preset_memory_plans', 'format_preset_memory']
+__all__ = ['CACHED_ONLY', 'EVAL_FORMAT', 'GPU_MEMORY_GIB', 'experiment_params', 'train_overrides', 'train_key', 'train_cached',
+           'load_metrics', 'subsample_size', 'eval_file', 'eval_batch_size', 'eval_cached', 'run_family', 'arith_eval',
+           'arith_file', 'arith_cached', 'midtrain_block', 'paper_recipe', 'format_recipe', 'check_recipe_inputs',
+           'run_spec', 'eval_spec', 'eval_outputs', 'experiment_runs', 'preset_memory_plans', 'format_preset_memory']
 
 # %% ../nbs/25_runs.ipynb #281bf6f8
 def experiment_params(experiment: str, preset: str = "smoke", presets: dict | None = None) -> dict:
@@ -104,10 +104,12 @@ def subsample_size(subsample: int | dict | None, task: str) -> int | None:
     return subsample.get("default")
 
 # %% ../nbs/25_runs.ipynb #7fa85c0b
+EVAL_FORMAT = 2      # results with per-document scores and each task's own shots: older results are not read
+
 def eval_file(dump_dir: str | Path, tasks: Sequence[str], limit=None, task_dir: str | Path | None = None,
-              subsample: int | dict | None = None, seed: int = 0) -> Path:
-    "Where `eval_cached` keeps these results: `dump_dir/eval-<hash of tasks, limit, task dir, subsample, seed>.json` (the batch size and device are not part of it)."
-    key = config_hash(dict(tasks=list(tasks), limit=limit, task_dir=str(task_dir), subsample=subsample, seed=seed))
+              subsample: int | dict | None = None, seed: int = 0, step: int | None = None) -> Path:
+    "Where `eval_cached` keeps these results: `dump_dir/eval-<hash of tasks, limit, task dir, subsample, seed, step, format>.json` (the batch size and device are not part of it)."
+    key = config_hash(dict(tasks=list(tasks), limit=limit, task_dir=str(task_dir), subsample=subsample, seed=seed, step=step, format=EVAL_FORMAT))
     return Path(dump_dir) / f"eval-{key}.json"
 
 def eval_batch_size(model, device) -> int:
@@ -126,23 +128,28 @@ def eval_batch_size(model, device) -> int:
 
 # %% ../nbs/25_runs.ipynb #32161468
 def eval_cached(dump_dir: str | Path, tasks: Sequence[str], limit=None, task_dir: str | Path | None = None,
-                batch_size: int | str = 32, subsample: int | dict | None = None, seed: int = 0, device: str = "cpu") -> dict:
-    "lm-eval `tasks` on the finished run `dump_dir` through `stem_nb.eval.evaluate`, cached beside it; `subsample`: see `subsample_size`; `batch_size` 'auto': `eval_batch_size`."
+                batch_size: int | str = 32, subsample: int | dict | None = None, seed: int = 0, device: str = "cpu",
+                step: int | None = None) -> dict:
+    "lm-eval `tasks` on the finished run `dump_dir` (its checkpoint of `step`, None: newest) through `stem_nb.eval.evaluate`, cached beside it; `subsample`: see `subsample_size`; `batch_size` 'auto': `eval_batch_size`."
     from stem_nb.eval import evaluate
     from stem_nb.lm import StemLM, run_info
-    out = eval_file(dump_dir, tasks, limit, task_dir, subsample, seed)
+    from stem_nb.checkpoint import CKPT_DIR, CheckpointError, ckpt_name
+    out = eval_file(dump_dir, tasks, limit, task_dir, subsample, seed, step)
     if out.exists(): return json.loads(out.read_text())
-    _cached_only(f"the evaluation of {list(tasks)} on {dump_dir}", out)
-    lm, run = StemLM.from_checkpoint(dump_dir, batch_size=1), run_info(dump_dir)
+    _cached_only(f"the evaluation of {list(tasks)} on {dump_dir}" + (f" at step {step}" if step is not None else ""), out)
+    src = Path(dump_dir) if step is None else Path(dump_dir) / CKPT_DIR / ckpt_name(step)
+    if not src.is_dir(): raise CheckpointError(f"{src}: the run keeps no checkpoint of step {step} (checkpoint.every / checkpoint.keep)")
+    lm, run = StemLM.from_checkpoint(src, batch_size=1), run_info(src)
     model = lm.model.to(device)
     lm = StemLM(model, lm.tokenizer, batch_size=eval_batch_size(model, device) if batch_size == "auto" else batch_size)
     by_size: dict = {}
     for t in tasks: by_size.setdefault(subsample_size(subsample, t), []).append(t)
-    merged = {k: {} for k in ("results", "groups", "n-samples", "sources", "gold_bpb")}
-    merged["task_status"], t0 = [], time.time()
+    keys = ("results", "groups", "n-samples", "n-shot", "shots", "sources", "gold_bpb", "per_doc")
+    merged = {k: {} for k in keys}
+    merged["task_status"], merged["step"], t0 = [], run["step"], time.time()
     for n, ts in by_size.items():                               # one `evaluate` per subsample size
         res = evaluate(lm, tasks=ts, limit=limit, subsample_n=n, include_path=task_dir, run=run, seed=seed)
-        for k in ("results", "groups", "n-samples", "sources", "gold_bpb"): merged[k].update(res.get(k) or {})
+        for k in keys: merged[k].update(res.get(k) or {})
         merged["task_status"] += res.get("task_status", []); merged["hub"] = res.get("hub")
     merged["docs"] = (f"lm-eval's first {limit} docs per task" if limit else
                       f"a fixed subsample (seed {seed}) per task: {subsample}" if subsample else "every document")
@@ -286,7 +293,7 @@ def experiment_runs(experiment: str, params: dict, runs_dir: str | Path) -> list
         ev = eval_spec(FAMILY_EVAL_TASKS, p.get("eval_subsample"))          # run_family's call of eval_cached
         return [run_spec(p[blk], v, sd, runs_dir, f"{blk} {v} seed {sd}", [ev]) for v in variants for sd in p["seeds"]]
     if experiment == "table_midtrain":
-        ev = eval_spec(TASKS8 + ["gsm8k", "mmlu"] + list(STAND_INS), p.get("eval_subsample"), arith_n=p.get("arith_n", 100))
+        ev = eval_spec(TASKS8 + ["gsm8k_cot", "mmlu"] + list(STAND_INS), p.get("eval_subsample"), arith_n=p.get("arith_n", 100))
         out = []
         for v in VARIANTS_1B:
             for sd in p["seeds"]:

@@ -14,14 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = yaml.safe_load((ROOT / "experiments" / "presets.yaml").read_text())
 
 
-def family(gain=0.05, seeds=(0, 1), se=0.01, n=500):
-    "A synthetic family: Baseline at 0.40 on every task, STEM 1/3 `gain` higher on every task."
+def family(gain=0.05, seeds=(0, 1), se=0.01, n=500, per_doc=True):
+    "A synthetic family: Baseline at 0.40 on every task, STEM 1/3 `gain` higher on every task (the first docs right)."
     rows = []
     for v, fl, g in (("Baseline", 4.0, 0.0), ("STEM 1/3", 3.0, gain)):
         for sd in seeds:
             r = dict(variant=v, seed=sd, total_M=2.0, active_M=fl / 2, MFLOPs=fl, val_loss=3.0)
             for i, t in enumerate(TASKS8):
-                r[f"acc:{t}"], r[f"se:{t}"], r[f"n:{t}"], r[f"bpb:{t}"] = 0.40 + g + 0.002 * sd, se, n, 1.5 + i / 10
+                k = round((0.40 + g + 0.002 * sd) * n)
+                r[f"acc:{t}"], r[f"se:{t}"], r[f"n:{t}"], r[f"bpb:{t}"] = k / n, se, n, 1.5 + i / 10
+                if per_doc: r[f"doc:{t}"] = {"id": list(range(n)), "v": [1.0] * k + [0.0] * (n - k)}
             rows.append(r)
     return pd.DataFrame(rows)
 
@@ -34,8 +36,10 @@ def test_family_table_avg_roi_and_cells():
     assert t.loc[1, "ROI"] == pytest.approx((avg_s / 3.0) / (avg_b / 4.0), abs=1e-3)
     assert t.loc[0, "ROI"] == 1.0
     assert t.loc[1, "paper Avg"] == 50.90 and t.loc[1, "paper ROI"] == 1.08
-    cell = t.loc[1, "arc_easy"]                                   # acc ± se (n) [paper]
-    assert re.fullmatch(r"45\.1 ± 0\.7 \(n=500\) \[paper 63\.01\]", cell), cell
+    cell = t.loc[1, "arc_easy"]                                   # acc ± s.e. over docs (n) [paper]
+    x = np.array([1.0] * 225 + [0.5] + [0.0] * 274)                # the two seeds' per-doc scores averaged
+    assert cell == f"45.1 ± {100 * x.std(ddof=1) / math.sqrt(500):.1f} (n=500) [paper 63.01]", cell
+    assert family_table(family(per_doc=False), PAPER_350M).loc[1, "arc_easy"] == "45.1 ± 1.0 (n=500) [paper 63.01]"  # lm-eval's s.e.
     assert t.loc[0, "mean gold bpb"] == "1.850 ± 0.000"
     assert t.loc[0, "gold bpb winogrande"] == "2.200 ± 0.000"
 
@@ -49,17 +53,17 @@ def test_family_table_missing_task_gives_reason_and_no_avg():
 
 
 def test_gains_agree_and_disagree():
-    g, se = family_gains(family(gain=0.05))["STEM 1/3"]
-    assert g == pytest.approx(5.0, abs=1e-9) and se < 1.0
-    assert compare_gain("STEM 1/3", 1.18, g, se).startswith("STEM 1/3: agrees in sign")
-    g0, se0 = family_gains(family(gain=0.0, se=0.05))["STEM 1/3"]
-    s = compare_gain("STEM-dagger", 50.65 - 49.72, g0, se0)
-    if abs(50.65 - 49.72 - g0) > 2 * se0:
-        assert s.startswith("STEM-dagger: disagrees (paper +0.93") and "no measurable difference" in s
-    else: assert s.startswith("STEM-dagger: not resolved at our scale (paper +0.93"), s
-    assert compare_gain("x", 3.0, 0.1, 0.5).startswith("x: disagrees (paper +3.00")      # ours ~0, the paper's gain far outside
-    assert compare_gain("x", 0.5, 0.1, 0.5).startswith("x: not resolved at our scale")   # ours within 2 s.e. of both
-    assert compare_gain("x", 1.0, -5.0, 0.5).endswith("opposite sign)")
+    g = family_gains(family(gain=0.05))["STEM 1/3"]                # 25 more docs right of 500 on every task, paired
+    assert g["value"] == pytest.approx(5.0, abs=1e-9) and 0 < g["se"] < 1.0 and 3.5 < g["lo"] < 5.0 < g["hi"] < 6.5
+    assert compare_gain("STEM 1/3", 1.18, g).startswith("STEM 1/3: agrees in sign")
+    g0 = family_gains(family(gain=0.0))["STEM 1/3"]                # the same docs right: only the seeds' one doc differs
+    assert abs(g0["value"]) < 1e-9 and g0["hi"] < 0.93
+    s = compare_gain("STEM-dagger", 50.65 - 49.72, g0)
+    assert s.startswith("STEM-dagger: disagrees (paper +0.93") and "no measurable difference" in s, s
+    ci = lambda g, lo, hi: dict(value=g, lo=lo, hi=hi)
+    assert compare_gain("x", 0.5, ci(0.1, -0.9, 1.1)).startswith("x: not resolved at our scale")   # the interval holds 0 and 0.5
+    assert compare_gain("x", 1.0, ci(-5.0, -6.0, -4.0)).endswith("opposite sign)")
+    assert family_gains(family(per_doc=False)) == {"STEM 1/3": None}
 
 
 def test_mean_pm():
