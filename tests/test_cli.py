@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest, torch, yaml
 
 from stem_nb.cli import main
-from stem_nb.flops import count_params, params_table
+from stem_nb.flops import count_params, flops_per_token, params_table
 from stem_nb.model import FFN_TYPES, ModelArgs, Transformer, preset
 from stem_nb.config import ConfigError, load_config
 from test_faults_data import _check, _train
@@ -102,8 +102,21 @@ def test_gpu_check_dry_run_prints_every_section(tmp_path):
     mem = next(x for x in rows if x["section"] == "paper-step" and x["item"].startswith("peak memory"))
     assert float(mem["value"]) > 0 and "plan " in mem["note"], mem
     assert not [x for x in rows if x["item"] == "-"], rows                 # no section failed
-    for x in rows:
-        if x["item"].endswith("tokens/s"): assert float(x["value"]) > 0, x
+    # every rate is work / seconds: one step (seq 64 x batch 2 = 128 tokens; decode: batch 8 x 8 new tokens = 64) cannot
+    # take longer than its whole section (the log's "[gpu-check] <section>: <s> s"), nor run at 1 TFLOP/s on one CPU thread
+    secs = {m[1]: float(m[2]) + 0.05 for m in re.finditer(r"\[gpu-check\] (\S+): ([\d.]+) s", r.stdout + r.stderr)}
+    fwd = flops_per_token(preset("debug"), 64, training=False)
+    rates = {(x["section"], x["item"]): float(x["value"]) for x in rows if x["item"].endswith(" tokens/s") and " / " not in x["item"]}
+    assert sorted(rates) == [("decode", "STEM 1/3 tokens/s"), ("decode", "dense tokens/s"), ("fsdp", "FSDP2 STEM 1/3 tokens/s"),
+                             ("paper-step", "debug dims STEM 1/3 tokens/s"), ("train", "STEM 1/3 tokens/s"),
+                             ("train", "dense tokens/s")], sorted(rates)
+    for (sec, item), v in rates.items():
+        work = 64 if sec == "decode" else 128
+        assert work / secs[sec] <= v < 1e12 / (fwd if sec == "decode" else 3 * fwd), (sec, item, v, secs[sec])
+    ratio = next(x for x in rows if x["item"] == "STEM 1/3 / dense tokens/s")["value"]
+    assert ratio == pytest.approx(rates["train", "STEM 1/3 tokens/s"] / rates["train", "dense tokens/s"], abs=2e-3), ratio
+    assert {x["note"] for x in rows if x["section"] == "decode"} == {"batch 8, 8 new tokens, prompt 32"}
+    assert next(x for x in rows if x["section"] == "fsdp")["note"].startswith("gloo, 4 steps, loss ")
     table = r.stdout.strip().splitlines()
     assert re.match(r"section +\| item", table[-len(rows) - 2]) and "float8" in table[-1]
     assert took < 120, f"gpu_check --dry-run took {took:.0f} s"

@@ -160,16 +160,31 @@ def test_ctrl_c_exits_130_and_resumes(tmp_path):
     assert r.returncode == 0 and len(done_dirs(root)) == 1, r.stdout + r.stderr
 
 
+def written_under(root: Path) -> list[str]:
+    "Every file and folder under `root`/runs (none when it has no runs/)."
+    return sorted(str(p) for p in (root / "runs").rglob("*"))
+
+
 def test_second_clone_writes_into_the_working_directory(tmp_path):
+    "The working directory's checkout wins over STEM_NB_ROOT and over the checkout the package is installed from."
     first, second = make_clone(tmp_path / "first"), make_clone(tmp_path / "second")
+    ours = written_under(ROOT)                                                  # the checkout this suite runs from, as it is
     r = run(second, "--preset", "smoke", "--only", "toy", env={"STEM_NB_ROOT": str(first)})
     assert r.returncode == 0, r.stderr
-    assert done_dirs(second) and not (first / "runs").exists()
-    assert not (ROOT / "runs" / "smoke" / "toy").exists()                      # nor into the checkout this suite runs from
+    (d,) = done_dirs(second)
+    params = json.loads((d / "params.json").read_text())                        # what the notebook was told to write into
+    assert params["runs_dir"] == str(second / "runs"), params
+    assert params["figures_dir"].startswith(f"{second / 'runs' / 'smoke' / 'toy'}/.stage-"), params   # staged, then moved to d
+    assert (second / "runs" / "smoke" / "figures" / "tables" / "toy.md").read_text() == "### toy 7 (complete)\n"
+    assert not (first / "runs").exists()
+    assert [p for p in written_under(ROOT) if p not in ours and "/toy" in p] == []   # nor into the installed checkout
     # outside any checkout, STEM_NB_ROOT names the checkout
     r = subprocess.run([str(BIN / "stem-nb"), "reproduce", "--preset", "smoke", "--only", "toy"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300, env={**ENV, "STEM_NB_ROOT": str(first)})
-    assert r.returncode == 0 and done_dirs(first), r.stderr
+    assert r.returncode == 0, r.stderr
+    (d,) = done_dirs(first)
+    assert json.loads((d / "params.json").read_text())["runs_dir"] == str(first / "runs")
+    assert not (tmp_path / "runs").exists() and len(done_dirs(second)) == 1
 
 
 def test_deleted_output_table_reruns_its_experiment(tmp_path):

@@ -35,8 +35,13 @@ def test_forward_and_sparse_grads_identical(prefetch, cap):
         if not k.startswith("stem_tables") and p.grad is not None:
             assert torch.equal(dict(m.named_parameters())[k].grad, p.grad), k
     s = tab.stats()
-    if cap == 80: assert s["hits"] > 0
-    if cap == 0: assert s["hits"] == 0 and s["bytes_per_token"] == s["bytes_per_token_dedup_only"]
+    # 3 steps (two training forwards, one inference) over the same 30 unique ids, in each of the 3 STEM layers
+    assert (len(tab.layers), len(torch.unique(x)), s["tokens"], s["unique_rows"]) == (3, 30, 96, 90)
+    h, mi, cached = lfu_reference([x.reshape(-1).tolist()] * 3, 80, cap)
+    assert (s["hits"], s["misses"]) == (3 * h, 3 * mi)
+    assert (s["hits"], s["misses"]) == {0: (0, 270), 5: (30, 240), 80: (180, 90)}[cap]   # full cache: only step 1 misses
+    for c in tab.caches.values(): assert c.cached_ids().tolist() == cached
+    if cap == 0: assert s["bytes_per_token"] == s["bytes_per_token_dedup_only"]
     tab.remove()
 
 

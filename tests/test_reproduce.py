@@ -41,10 +41,34 @@ def test_smoke_writes_tables_with_paper_beside_ours(smoke_status, smoke_root):
         run = smoke_root / "runs" / "smoke" / s["name"] / s["hash"]
         for o in s["outputs"]:
             assert (figs / o).read_bytes() == (run / "figures" / o).read_bytes(), (s["name"], o)
-            if o.endswith(".png"): assert (figs / o).stat().st_size > 1000, o
-            if o.endswith(".md"): assert (figs / o).with_suffix(".csv").exists(), o
-    md = (figs / "tables" / "table_350m.md").read_text()
-    assert "preset: smoke" in md and "paper" in md
+            if o.endswith(".png"): check_png(figs / o)
+            if o.endswith(".md"): check_table(figs / o)
+    t = pd.read_csv(figs / "tables" / "table_350m.csv", dtype=str).set_index("model")
+    from stem_nb.paper import PAPER_350M
+    for v in ("Baseline", "STEM 1/3"):                      # the paper's numbers sit beside ours, row by row
+        assert float(t.loc[v, "paper Avg"]) == PAPER_350M[v]["avg"], t.loc[v]
+        assert t.loc[v, "arc_easy"].endswith(f"[paper {PAPER_350M[v]['acc'][0]:.2f}]"), t.loc[v, "arc_easy"]
+
+
+def check_png(path: Path):
+    "A PNG that decodes, of a figure's size, with something drawn on it (more than one colour)."
+    from PIL import Image
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width >= 300 and im.height >= 200, (path.name, im.format, im.size)
+        im.load()
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 24)) > 2, (path.name, "a blank image")
+
+
+def check_table(md: Path):
+    "`write_table`'s layout: a title, the preset note first, one markdown table holding the CSV's columns and rows."
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("### ") and len(lines[0]) > 4, (md.name, lines[0])
+    notes = [l for l in lines if l.startswith("- ")]
+    assert notes and notes[0].startswith("- preset: smoke"), (md.name, notes[:1])
+    rows = [l for l in lines if l.startswith("|")]
+    header = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", rows[0].strip("|"))]   # a "|" in a name is "\|"
+    df = pd.read_csv(md.with_suffix(".csv"), dtype=str)
+    assert header == list(df.columns) and len(rows) - 2 == len(df) > 0, (md.name, header, list(df.columns), len(rows) - 2, len(df))
 
 
 def test_second_run_skips_complete(smoke_status, smoke_root):
