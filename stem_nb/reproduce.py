@@ -367,8 +367,8 @@ def findings(tables_dir: str | Path) -> list[str]:
     claims = [(x, p, w) for gs in gains.values() for x, _, p, w in gs.values() if p is not None]
     if claims:                                       # compare_gain's verdicts, as the gains tables wrote them
         verdict = pd.Series([w for _, _, w in claims]).value_counts()
-        out.append(f"**The paper's claims** (a variant's Avg minus Baseline's; {len(claims)} in {len(fam)} tables, 95% intervals paired over "
-                   "documents and seeds): " + ", ".join(f"{n} {w}" for w, n in verdict.items()) + f"; the paper's differences "
+        out.append(f"**The paper's claims** (a variant's Avg minus Baseline's; {len(claims)} in {len(fam)} tables, paired 95% intervals): "
+                   + ", ".join(f"{n} {w}" for w, n in verdict.items()) + f"; the paper's differences "
                    f"{min(c[1] for c in claims):+.2f} to {max(c[1] for c in claims):+.2f}")
     out.append("**Held-out Shakespeare bits/byte** (a stand-in; lower is better): "
                + "; ".join(f"{lab}: {_below(t, STAND_INS['stem_heldout_ppl'])}" for lab, t in list(fam.items())[:2]))
