@@ -101,7 +101,10 @@ def gold_bpb_docs(task, samples: Sequence[dict]) -> dict:
 def gold_bits_per_byte(task, samples: Sequence[dict]) -> Optional[dict]:
     "{'gold_bpb', 'gold_bpb_stderr', 'n'} of a multiple-choice task from lm-eval's logged samples (None for other tasks)."
     vals = list(gold_bpb_docs(task, samples).values())
-    if not vals: return None
+    return _mean_se(vals) if vals else None
+
+def _mean_se(vals: Sequence[float]) -> dict:
+    "{'gold_bpb', 'gold_bpb_stderr', 'n'}: the mean of per-doc bits/byte and its standard error."
     n, mean = len(vals), sum(vals) / len(vals)
     se = (sum((v - mean) ** 2 for v in vals) / (n - 1) / n) ** 0.5 if n > 1 else None
     return dict(gold_bpb=mean, gold_bpb_stderr=se, n=n)
@@ -197,9 +200,9 @@ def _add_per_doc(res: dict, leaves: dict, keep_samples: bool):
     samples = res.get("samples") if keep_samples else res.pop("samples", None)
     res["gold_bpb"], res["per_doc"] = {}, per_doc_scores(samples)
     for k, t in leaves.items():
-        g = gold_bits_per_byte(t, (samples or {}).get(k, []))
-        if g is None: continue
-        docs = gold_bpb_docs(t, samples[k])
+        docs = gold_bpb_docs(t, (samples or {}).get(k, []))                # read once: per doc, then the mean
+        if not docs: continue
+        g = _mean_se(list(docs.values()))
         res["per_doc"][k]["gold_bpb,none"] = [docs.get(i) for i in res["per_doc"][k]["doc_id"]]
         res["gold_bpb"][k] = g
         res["results"].setdefault(k, {}).update({"gold_bpb,none": g["gold_bpb"], "gold_bpb_stderr,none": g["gold_bpb_stderr"]})

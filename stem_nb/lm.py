@@ -117,13 +117,14 @@ def _score(self: StemLM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[t
     "(sum log p(cont | ctx), cont is the greedy continuation) for each token pair, packed by `_rows`."
     from tqdm.auto import tqdm
     L, out = self.max_length, [None] * len(pairs)
-    size = lambda r: len(r[0]) + sum(len(pairs[i][1]) - 1 for i in r[1])
-    rows = sorted(_rows(pairs, L, self.share_context), key=size, reverse=True)
+    sized = sorted(((len(c) + sum(len(pairs[i][1]) - 1 for i in ix), (c, ix)) for c, ix in _rows(pairs, L, self.share_context)),
+                   key=lambda x: -x[0])                                       # (row length, row), longest first
+    size, rows = [n for n, _ in sized], [r for _, r in sized]
     bar = tqdm(total=len(pairs), desc="requests", disable=not self.progress, leave=False)
     s = 0
     while s < len(rows):
         e = s + 1
-        while e < len(rows) and (e - s + 1) * size(rows[s]) <= self.batch_size * L: e += 1
+        while e < len(rows) and (e - s + 1) * size[s] <= self.batch_size * L: e += 1
         x, pos, mask, bi, si = _packed(rows[s:e], pairs, self._device)
         with output_at(self.model, lambda h: h[bi, si]):                      # the continuations' predicting positions only
             logits = self.model(x, positions=pos, mask=mask)                   # (N, V)

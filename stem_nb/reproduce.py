@@ -335,8 +335,7 @@ def _pm(cell) -> tuple[float, float] | None:
 
 def _gains(tables_dir, name: str) -> dict:
     "{variant: (paired Avg gain over Baseline, its 95% interval, the paper's gain or None, verdict)} from `<name>_gains.csv`; {} without it."
-    import pandas as pd
-    f = Path(tables_dir) / f"{name}_gains.csv"
+    import pandas as pd; f = Path(tables_dir) / f"{name}_gains.csv"
     return {r["variant"]: (_pm(r["Avg gain"])[0], r["95% interval"], (_pm(r["paper Avg gain"]) or [None])[0], r["verdict"])
             for _, r in (pd.read_csv(f, dtype=str, keep_default_na=False).iterrows() if f.is_file() else ()) if _pm(r["Avg gain"])}
 
