@@ -1,4 +1,4 @@
-"""`stem-nb bench` (nbs/27_bench): each benchmark at toy sizes returns its JSON rows with the peers in them, and the
+"""`stem-nb bench` (nbs/28_bench): each benchmark at toy sizes returns its JSON rows with the peers in them, and the
 command runs one benchmark in a fresh process. What the numbers are is measured by `stem-nb bench`, not here."""
 import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1"); os.environ.setdefault("HF_HUB_OFFLINE", "1")

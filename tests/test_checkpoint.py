@@ -230,7 +230,7 @@ def test_export_and_load_model(tmp_path):
 
 
 # -- the reference STEM/Lingua checkpoint ------------------------------------------------------------------------
-# Assumed layout (documented in nbs/13_checkpoint): a DCP folder whose state dict is {"model": {"lm_transformer.<name>":
+# Assumed layout (documented in nbs/14_checkpoint): a DCP folder whose state dict is {"model": {"lm_transformer.<name>":
 # tensor}} plus stem_shards/stem_model_mp{r}.pt = {"stem_embeddings.{layer}.weight": E_layer[:, r*H/P:(r+1)*H/P]}.
 # This writer is independent of stem_nb.restore.write_reference_checkpoint on purpose.
 
