@@ -23,6 +23,7 @@ Modules:
 - `stem_nb.offload`: STEM tables in host memory: per-step token de-duplication, asynchronous prefetch of each layer's rows, an LFU cache of hot rows on the device with hit/miss/byte counters — numerically identical to the in-memory model.
 - `stem_nb.optim`: AdamW for the backbone, the exact row-sparse AdamW for the STEM tables, one LR schedule, one global clip, one optimizer object.
 - `stem_nb.paper`: What the paper reports, the model variants it compares, and the family tables that put ours beside the paper: cells with standard errors and doc counts, Avg and ROI, gains against the baseline, and their notes.
+- `stem_nb.relatives`: STEM's relatives — per-layer embeddings, value embeddings, hashed n-gram memory, product-key memory — written for one device, behind the same table seam.
 - `stem_nb.reproduce`: The papermill driver: one parameterised notebook per paper table or figure, run as a grid, skipped when done.
 - `stem_nb.restore`: Reading a checkpoint back: exact resume at any world size and `stem_parallel_size`, falling back past bad checkpoints; `load_model` from a checkpoint, a dump dir or a consolidated file; export; the reference trainer's import.
 - `stem_nb.row_kernel`: The CPU numba kernel of the exact table AdamW: settle, step and record a table's touched rows in one pass.

@@ -143,7 +143,7 @@ def _layout(layout): return layout if layout is not None else StemLayout(1, 0, 1
 def _cpu(v): return v.detach().cpu().clone() if torch.is_tensor(v) else v
 
 def save_table_shards(ckpt_dir, model, layout: StemLayout, table_optimizer=None) -> Optional[Path]:
-    "Write this rank's table slices and their state in `table_optimizer` (`ModelOptimizer.tables`), STEM group 0 only."
+    "Write this rank's table slices (a relative's tables whole) and their state in `table_optimizer` (`ModelOptimizer.tables`), STEM group 0 only."
     if layout.group_index != 0: return None
     m = unwrap(model)
     tables, optim = {}, {}

@@ -16,14 +16,16 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import ConfigError
-from .model import Transformer, TABLE_INIT_CHUNK
+from .model import TABLE_INIT_CHUNK, TABLE_PREFIX
+from .relatives import build_model
 
 # %% auto #0
 __all__ = ['AC_MODES', 'DistributedArgs', 'stem_groups', 'world_info', 'init_distributed', 'barrier', 'destroy_distributed',
-           'StemLayout', 'make_layout', 'gather_group_tokens', 'slice_stem_tables_', 'unwrap', 'ShardedStemLookup',
-           'sync_table_grads', 'is_fsdp', 'stem_norm_hook', 'backbone_norm_hook', 'job_tokens', 'ddp_backbone',
-           'fsdp_backbone', 'wrap_backbone', 'parallelize', 'no_backbone_sync', 'apply_activation_checkpointing',
-           'materialize_', 'build_parallel_model', 'stem_comm_bytes', 'fsdp_w3_bytes', 'comm_table']
+           'StemLayout', 'make_layout', 'gather_group_tokens', 'stem_table_keys', 'check_table_slicing',
+           'slice_stem_tables_', 'unwrap', 'ShardedStemLookup', 'sync_table_grads', 'is_fsdp', 'stem_norm_hook',
+           'backbone_norm_hook', 'job_tokens', 'ddp_backbone', 'fsdp_backbone', 'wrap_backbone', 'parallelize',
+           'no_backbone_sync', 'apply_activation_checkpointing', 'materialize_', 'build_parallel_model',
+           'stem_comm_bytes', 'fsdp_w3_bytes', 'comm_table']
 
 # %% ../nbs/12_distributed.ipynb #98449a0e
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -164,12 +166,23 @@ def gather_group_tokens(tokens, layout: StemLayout) -> torch.Tensor:
     return torch.stack(buf)
 
 # %% ../nbs/12_distributed.ipynb #8902901c
+def stem_table_keys(model) -> list[str]:
+    "The keys of `model.stem_tables` that are STEM tables `[V, H]` (sliced along H over P ranks); any other is a relative's, kept whole."
+    return [k for k in model.stem_tables if k in {str(i) for i in model.args.table_layers}]
+
+def check_table_slicing(model, P: int) -> None:
+    "`ConfigError` naming the first table of `model` that is not a STEM table when P > 1: a relative's tables are never sliced."
+    if P > 1 and (other := [k for k in model.stem_tables if k not in stem_table_keys(model)]):
+        raise ConfigError(f"distributed.stem_parallel_size={P}: table {other[0]!r} of model.ffn_type={model.args.ffn_type!r} "
+                          f"{list(model.table_shape(other[0]))} is never sliced; set it to 1 (the backbone still spreads over every rank)")
+
 def slice_stem_tables_(model, layout: StemLayout):
-    "Replace every `[V, H]` table of `model` (a `Transformer`) by this rank's `[V, H/P]` column slice: a copy, or on the meta device nothing allocated."
+    "Replace every STEM `[V, H]` table of `model` (a `Transformer`) by this rank's `[V, H/P]` column slice: a copy, or on the meta device nothing allocated."
+    check_table_slicing(model, layout.P)
     V, H = model.args.vocab_size, model.args.hidden_dim
     lo, hi = layout.columns(H)
-    for name, emb in list(model.stem_tables.items()):
-        w = emb.weight.detach()
+    for name in stem_table_keys(model):
+        w = (emb := model.stem_tables[name]).weight.detach()
         if w.shape[1] != H: raise RuntimeError(f"stem_tables[{name!r}] is already sharded ({tuple(w.shape)})")
         new = nn.Embedding(V, hi - lo, sparse=emb.sparse, device=w.device, dtype=w.dtype)
         with torch.no_grad(): new.weight.copy_(w[:, lo:hi])
@@ -182,11 +195,11 @@ def unwrap(model):
 
 # %% ../nbs/12_distributed.ipynb #14bc4988
 class ShardedStemLookup:
-    "Replace every table of `model` by its `[V, H/P]` column slice and install the group-wide reader."
+    "Replace every STEM table of `model` by its `[V, H/P]` column slice and install the group-wide reader (a relative's table: P = 1 only)."
     def __init__(self, model, layout: StemLayout):
         self.layout, self.P = layout, layout.P
-        args = model.args
-        self.V, self.H = args.vocab_size, args.hidden_dim
+        check_table_slicing(model, self.P)
+        self.V, self.H = (args := model.args).vocab_size, args.hidden_dim
         if self.H % self.P:
             raise ConfigError(f"distributed.stem_parallel_size={self.P} does not divide the STEM hidden dim H={self.H} "
                               f"(model.dim={args.dim}); choose a divisor of {self.H}")
@@ -198,7 +211,7 @@ class ShardedStemLookup:
         self._tokens, self._all = None, None
         model.set_stem_lookup(self)
 
-    def __call__(self, layer: int, tokens):
+    def __call__(self, layer: int | str, tokens):
         table = self.tables[str(layer)]
         if self.P == 1: return table(tokens)
         if tokens is not self._tokens: self._tokens, self._all = tokens, gather_group_tokens(tokens, self.layout)
@@ -384,22 +397,23 @@ def apply_activation_checkpointing(model, mode: str):
 
 # %% ../nbs/12_distributed.ipynb #bf35cb34
 def _table_columns(m, layout: StemLayout, state: Optional[dict] = None) -> dict:
-    """name -> (lo, hi): the columns of the full `[V, H]` value each table of `m` holds (the whole table, or this layout's
-    slice); every parameter checked to be in the single-process state dict `state` (if given) with its full shape."""
-    V, H = m.args.vocab_size, m.args.hidden_dim
-    cols = {}
-    for name, p in m.table_parameters():
-        if tuple(p.shape) == (V, H): cols[name] = (0, H)
-        elif tuple(p.shape) == (V, H // layout.P) and H % layout.P == 0: cols[name] = layout.columns(H)
-        else: raise RuntimeError(f"materialize_: {name} has shape {tuple(p.shape)}, neither [V, H] = {[V, H]} nor this layout's "
-                                 f"slice [V, H/P] = {[V, H // layout.P]} ({layout})")
+    """name -> (lo, hi): the columns of its full value (`m.table_shape`) each table of `m` holds (whole, or a STEM table's
+    slice for this layout); every parameter checked to be in the single-process state dict `state` (if given), full shape."""
+    V, H, P, stem, cols, full = m.args.vocab_size, m.args.hidden_dim, layout.P, stem_table_keys(m), {}, {}
+    for key, emb in m.stem_tables.items():
+        name, shape = f"{TABLE_PREFIX}.{key}.weight", tuple(emb.weight.shape)
+        rows, width = full[name] = tuple(m.table_shape(key))
+        if shape == (rows, width): cols[name] = (0, width)
+        elif key not in stem: raise RuntimeError(f"materialize_: {name} has shape {shape}, not its full {[rows, width]} (never sliced)")
+        elif shape == (V, H // P) and H % P == 0: cols[name] = layout.columns(H)
+        else: raise RuntimeError(f"materialize_: {name} has shape {shape}, neither [V, H] = {[V, H]} nor this layout's "
+                                 f"slice [V, H/P] = {[V, H // P]} ({layout})")
     if state is not None:
         missing = [n for n, _ in m.named_parameters() if n not in state]
         if missing: raise KeyError(f"materialize_: the state dict has no {missing[0]!r} ({len(missing)} parameters missing)")
         for name, p in m.named_parameters():
-            full = (V, H) if name in cols else tuple(p.shape)
-            if tuple(state[name].shape) != full:
-                raise RuntimeError(f"materialize_: state[{name!r}] has shape {tuple(state[name].shape)}, the model needs {list(full)}")
+            if tuple(state[name].shape) != (want := full.get(name, tuple(p.shape))):
+                raise RuntimeError(f"materialize_: state[{name!r}] has shape {tuple(state[name].shape)}, the model needs {list(want)}")
     return cols
 
 # %% ../nbs/12_distributed.ipynb #4f4a96ca
@@ -408,8 +422,8 @@ def materialize_(model, layout: StemLayout, device, state: Optional[dict] = None
                  chunk: int = TABLE_INIT_CHUNK):
     """Allocate `model` (a `Transformer` built on the meta device, its tables full or already this rank's slices, its
     backbone maybe FSDP2-sharded) on `device`, then fill it in place: from `Transformer.init_values(seed)` (the
-    single-process init, bitwise), or from the full tensors of `state` (a single-process state dict). A table gets
-    its columns `layout.columns(H)`, an FSDP2 parameter this rank's shard, anything else the whole value. Returns `model`."""
+    single-process init, bitwise), or from the full tensors of `state` (a single-process state dict). A STEM table slice
+    gets its columns `layout.columns(H)`, an FSDP2 parameter this rank's shard, anything else the whole value. Returns `model`."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     m = unwrap(model)
     cols = _table_columns(m, layout, state)
@@ -429,15 +443,16 @@ def materialize_(model, layout: StemLayout, device, state: Optional[dict] = None
 # %% ../nbs/12_distributed.ipynb #0c9abb6b
 def build_parallel_model(margs, args: DistributedArgs, device, state: Optional[dict] = None, compile_blocks: bool = False,
                          prepare=None, layout: Optional[StemLayout] = None, chunk: int = TABLE_INIT_CHUNK):
-    """The `Transformer` of `margs` for this rank, allocating only what the rank holds. On the meta device, in this
-    order: the tables replaced by this rank's `[V, H/P]` slices and the sharded reader installed (several ranks),
-    `prepare(model)` if given (e.g. float8 linears), activation checkpointing (`args.ac_mode`), `compile_blocks` (each
-    block `compile()`d), FSDP2 on the backbone (`args.backbone == "fsdp"`); then `materialize_` on `device` (the init of
-    `margs.seed`, or the full state dict `state`); DDP last. Returns (model to call, layout)."""
+    """The model of `margs` (`relatives.build_model`) for this rank, allocating only what the rank holds. On the meta device,
+    in this order: a relative's table refused if P > 1, the STEM tables replaced by this rank's `[V, H/P]` slices and the
+    sharded reader installed (several ranks), `prepare(model)` if given (e.g. float8 linears), activation checkpointing
+    (`args.ac_mode`), `compile_blocks` (each block `compile()`d), FSDP2 on the backbone (`args.backbone == "fsdp"`); then
+    `materialize_` on `device` (the init of `margs.seed`, or the full state dict `state`); DDP last. Returns (model to call, layout)."""
     world = world_info()[1]
     _check_backbone(args, world)
+    with torch.device("meta"): model = build_model(margs)
+    check_table_slicing(model, max(args.stem_parallel_size, layout.P if layout else 1))    # before any process group is made
     layout = layout or make_layout(args.stem_parallel_size)
-    with torch.device("meta"): model = Transformer(margs)
     if world > 1: ShardedStemLookup(unwrap(model), layout)
     if prepare is not None: prepare(model)
     apply_activation_checkpointing(model, args.ac_mode)

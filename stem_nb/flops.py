@@ -12,34 +12,39 @@ from typing import Optional
 
 import torch
 
-from .model import ModelArgs, Transformer, FFN_TYPES, TABLE_FFN_TYPES, TABLE_INIT_CHUNK, preset
+from .model import ModelArgs, Transformer, FFN_TYPES, TABLE_FFN_TYPES, TABLE_INIT_CHUNK, RELATIVE_TYPES, preset
+from .config import ConfigError
+from .relatives import build_model, relative_layer_params, SIZE_KNOB, FLOPS_KNOB, knobs
 
 # %% auto #0
-__all__ = ['QWEN25', 'PAPER_PARAMS', 'AC_PLAN_MODES', 'PRECISIONS', 'count_params', 'flops_per_token', 'estimate_mfu',
-           'table1_training_flops', 'table1_decode_reads', 'stem_decode_saving', 'stem_flops_saving', 'table1',
-           'params_table', 'backbone_shapes', 'activation_bytes', 'alloc_peaks', 'alloc_peak', 'memory_plan',
+__all__ = ['BUDGETS', 'QWEN25', 'PAPER_PARAMS', 'AC_PLAN_MODES', 'PRECISIONS', 'count_params', 'flops_per_token', 'estimate_mfu',
+           'match_budget', 'table1_training_flops', 'table1_decode_reads', 'stem_decode_saving', 'stem_flops_saving',
+           'table1', 'params_table', 'backbone_shapes', 'activation_bytes', 'alloc_peaks', 'alloc_peak', 'memory_plan',
            'plan_precision', 'train_memory_plan', 'format_memory_plan']
 
 # %% ../nbs/08_flops.ipynb #c7aafee8
 def count_params(args: ModelArgs) -> dict:
-    "Analytic parameter counts of the model `args` describes: total, active, embedding, stem (and parts)."
+    """Analytic parameter counts of the model `args` describes: total, active, embedding, stem (every table: STEM's or a
+    relative's), reads (table values a token reads) and parts. A relative's layer: `07_relatives.relative_layer_params`."""
     V, d, H, L = args.vocab_size, args.dim, args.hidden_dim, args.n_layers
     attn = 2 * d * d + 2 * d * args.kv_heads * args.head_dim          # wq, wo + wk, wv
     ffn_dense = 3 * d * H
     replaced = set(args.replaced_layers)
-    ffn_total = ffn_active = stem = 0
+    rel = relative_layer_params(args) if args.ffn_type in RELATIVE_TYPES else None
+    ffn_total = ffn_active = stem = reads = 0
     for i in range(L):
         kind = args.ffn_type if i in replaced else "dense"
         if kind == "dense": t = a = ffn_dense
-        elif kind in ("stem", "stem_gate"): t = a = 2 * d * H; stem += V * H
-        elif kind == "stem_add": t = a = ffn_dense; stem += V * H
+        elif kind in ("stem", "stem_gate"): t = a = 2 * d * H; stem += V * H; reads += H
+        elif kind == "stem_add": t = a = ffn_dense; stem += V * H; reads += H
         elif kind == "hash_moe": t, a = args.n_experts * ffn_dense, ffn_dense
+        else: t = a = rel["ffn"] + rel["module"]; stem += rel["tables"]; reads += rel["reads"]
         ffn_total += t; ffn_active += a
     norms = L * 2 * d + d
     backbone_common = 2 * V * d + norms + L * attn
     total = backbone_common + ffn_total + stem
     active = backbone_common + ffn_active
-    return dict(total=total, active=active, embedding=V * d, output=V * d, stem=stem,
+    return dict(total=total, active=active, embedding=V * d, output=V * d, stem=stem, reads=reads,
                 attention=L * attn, ffn=ffn_total, ffn_active=ffn_active, norms=norms)
 
 # %% ../nbs/08_flops.ipynb #7a20c21f
@@ -47,12 +52,39 @@ def flops_per_token(args: ModelArgs, seq_len: int, training: bool = True) -> flo
     "FLOPs per token (forward, or forward+backward when `training`) of the model `args` at `seq_len`."
     c = count_params(args)
     n_mm = c["active"] - c["embedding"]
-    fwd = 2 * n_mm + 4 * args.n_layers * args.dim * seq_len + len(args.table_layers) * args.hidden_dim
+    fwd = 2 * n_mm + 4 * args.n_layers * args.dim * seq_len + c["reads"]
     return 3 * fwd if training else fwd
 
 def estimate_mfu(flops_per_tok: float, tokens_per_s: float, peak_flops: float) -> float:
     "Model FLOPs utilisation: achieved FLOP/s over the hardware's peak."
     return flops_per_tok * tokens_per_s / peak_flops
+
+# %% ../nbs/08_flops.ipynb #176b8ffb
+BUDGETS = ("active", "total")   # match_budget: STEM's active FLOPs per token, or STEM's total parameters
+
+def match_budget(args: ModelArgs, budget: str, seq_len: Optional[int] = None) -> ModelArgs:
+    """The relative `args` with the knob of `budget` set to the largest value at which its training FLOPs per token
+    (`active`, at `seq_len`, default `max_seq_len`) or its total parameters (`total`, FFN dense) do not exceed those of
+    STEM in the same layers; every knob written out in `relative`."""
+    import dataclasses
+    if budget not in BUDGETS: raise ConfigError(f"match_budget: budget {budget!r} is not one of {BUDGETS}")
+    k, kind, S = knobs(args), args.ffn_type, seq_len or args.max_seq_len
+    stem = dataclasses.replace(args, ffn_type="stem", relative={})
+    if budget == "active": knob, metric = FLOPS_KNOB[kind], (lambda a: flops_per_token(a, S))
+    else:
+        knob, metric = SIZE_KNOB[kind], (lambda a: count_params(a)["total"])
+        if "ffn_hidden" in k: k["ffn_hidden"] = args.hidden_dim
+    step = 2 if knob == "key_dim" else 1                     # PKM's keys are split in two halves
+    make = lambda x: dataclasses.replace(args, relative={**k, knob: x * step})
+    target, lo = metric(stem), (k["topk"] if knob == "n_keys" else 1)
+    if metric(make(lo)) > target:
+        raise ConfigError(f"match_budget: {kind} exceeds STEM's {budget} budget ({target:,}) even at {knob}={lo * step}")
+    hi = lo + 1
+    while metric(make(hi)) <= target: lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if metric(make(mid)) <= target else (lo, mid)
+    return make(lo)
 
 # %% ../nbs/08_flops.ipynb #683c2657
 def table1_training_flops(d: int, d_ff: int, seq_len: int, batch: int = 1, stem: bool = False) -> int:
@@ -118,11 +150,14 @@ def params_table(build: bool = True) -> "pd.DataFrame":
 # %% ../nbs/08_flops.ipynb #223692f9
 AC_PLAN_MODES = ("none", "selective", "full")     # activation checkpointing, as `distributed.activation_checkpointing`
 PRECISIONS = ("fp32", "autocast", "bf16")
-_N_UP = dict(dense=2, stem=1, stem_gate=1, stem_add=2, hash_moe=2)            # d -> H matmuls in the FFN
+_N_UP = dict(dense=2, stem=1, stem_gate=1, stem_add=2, hash_moe=2, **{k: 2 for k in RELATIVE_TYPES})  # d -> H matmuls in the FFN (a relative's layer: as dense, its module's activations not counted)
 _BODY_AUTOCAST = dict(dense=8, stem=10, stem_gate=12, stem_add=10, hash_moe=8)  # bytes per H the FFN keeps under autocast
 
 def backbone_shapes(args: ModelArgs) -> list[tuple]:
     "(unit, name, shape) of every backbone parameter; `unit` is FSDP2's: 'root' (embedding, final norm, output) or the block index."
+    if args.ffn_type in RELATIVE_TYPES:           # a relative's modules: read off its meta build
+        with torch.device("meta"): m = build_model(args)
+        return [(int(n.split(".")[1]) if n.startswith("layers.") else "root", n, tuple(p.shape)) for n, p in m.backbone_parameters()]
     d, H, V, kv = args.dim, args.hidden_dim, args.vocab_size, args.kv_heads * args.head_dim
     out = [("root", "tok_embeddings.weight", (V, d))]
     replaced = set(args.replaced_layers)

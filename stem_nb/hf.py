@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .config import ConfigError
 from .tokenizer import Tokenizer, SentencePieceTokenizer, BOS_TOKEN, EOS_TOKEN
-from .model import FFN_TYPES, ModelArgs, Transformer
+from .model import FFN_TYPES, RELATIVE_TYPES, ModelArgs, Transformer
 from .tensor_files import CheckpointError, read_safetensors_header, _ST_NAMES
 from .checkpoint import save_checkpoint
 from .restore import load_model, read_train_state, resolve_checkpoint
@@ -389,6 +389,7 @@ def export_hf(run_or_ckpt, out, tokenizer=None, force: bool = False, max_shard_b
     try:
         m = load_model(ck)
         a = m.args
+        if a.ffn_type in RELATIVE_TYPES: raise HFError(f"{ck}: a {a.ffn_type} model (one of STEM's relatives) has no transformers class; export covers the STEM family")
         if tok.n_vocab > a.vocab_size:
             raise HFError(f"tokenizer {tok.name!r} has {tok.n_vocab} ids, the model of {ck} only {a.vocab_size}: not the run's tokenizer")
         write_tokenizer(tok, tmp, a.max_seq_len)

@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from .config import ConfigError
 
 # %% auto #0
-__all__ = ['FFN_TYPES', 'TABLE_FFN_TYPES', 'TABLE_PREFIX', 'STEM_LAYERS_FORMS', 'PRESETS', 'FFN_CLASSES', 'KNUTH_MULT',
-           'HASH_BITS', 'TABLE_INIT_CHUNK', 'is_table_key', 'resolve_stem_layers', 'ModelArgs', 'preset', 'RMSNorm',
-           'rope_cos_sin', 'apply_rope', 'KVCache', 'Attention', 'FeedForward', 'StemFeedForward',
+__all__ = ['RELATIVE_TYPES', 'FFN_TYPES', 'TABLE_FFN_TYPES', 'TABLE_PREFIX', 'STEM_LAYERS_FORMS', 'PRESETS', 'FFN_CLASSES',
+           'KNUTH_MULT', 'HASH_BITS', 'TABLE_INIT_CHUNK', 'is_table_key', 'resolve_stem_layers', 'ModelArgs', 'preset',
+           'RMSNorm', 'rope_cos_sin', 'apply_rope', 'KVCache', 'Attention', 'FeedForward', 'StemFeedForward',
            'StemGateFeedForward', 'StemAddFeedForward', 'hash_expert', 'HashMoEFeedForward', 'mark_compact_grad',
            'compact_row_grad', 'TableRows', 'TransformerBlock', 'table_row_blocks', 'Transformer']
 
 # %% ../nbs/06_model.ipynb #6fd8bdaa
-FFN_TYPES = ("dense", "stem", "stem_gate", "stem_add", "hash_moe")
+RELATIVE_TYPES = ("ple", "value_embed", "engram", "pkm")   # STEM's relatives: built by stem_nb.relatives.build_model
+FFN_TYPES = ("dense", "stem", "stem_gate", "stem_add", "hash_moe")   # what this module builds
 TABLE_FFN_TYPES = ("stem", "stem_gate", "stem_add")   # the variants that own a [V, H] table per replaced layer
 TABLE_PREFIX = "stem_tables"                          # the module that holds the tables: `stem_tables.<layer>.weight`
 
@@ -73,14 +74,15 @@ class ModelArgs:
     norm_eps: float = 1e-5                     # RMSNorm epsilon (computed in fp32)
     rope_theta: float = 10000.0                # RoPE base
     max_seq_len: int = 1024                    # longest sequence RoPE tables are built for
-    ffn_type: str = "dense"                    # one of FFN_TYPES: what the replaced layers become
+    ffn_type: str = "dense"                    # one of FFN_TYPES (or RELATIVE_TYPES): what the replaced layers become
     stem_layers: Any = "all"                   # list of layer ids, or none | all | 1/3 | 1/2 | a/b
     n_experts: int = 16                        # hash_moe only: experts per replaced layer
+    relative: dict = field(default_factory=dict)  # a relative's knobs (stem_nb.relatives.RELATIVE_KNOBS); {}: its defaults
     seed: int = 42                             # parameter initialisation seed
 
     def __post_init__(self):
-        if self.ffn_type not in FFN_TYPES:
-            raise ConfigError(f"model.ffn_type: {self.ffn_type!r} is not one of {FFN_TYPES}")
+        if self.ffn_type not in FFN_TYPES + RELATIVE_TYPES:
+            raise ConfigError(f"model.ffn_type: {self.ffn_type!r} is not one of {FFN_TYPES + RELATIVE_TYPES}")
         for k in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
             if getattr(self, k) <= 0: raise ConfigError(f"model.{k} must be positive, got {getattr(self, k)}")
         if self.dim % self.n_heads:
@@ -94,6 +96,11 @@ class ModelArgs:
         if hasattr(self.stem_layers, "__iter__") and not isinstance(self.stem_layers, str):   # tuples, OmegaConf ListConfig
             self.stem_layers = [int(i) for i in self.stem_layers]
         resolve_stem_layers(self.stem_layers, self.n_layers)   # validate now: errors name the key
+        self.relative = dict(self.relative or {})            # OmegaConf DictConfig -> dict; knobs checked by stem_nb.relatives
+        bad = [k for k, v in self.relative.items() if not (isinstance(k, str) and type(v) is int and v > 0)]
+        if bad: raise ConfigError(f"model.relative.{bad[0]}={self.relative[bad[0]]!r}: a relative's knobs are positive integers")
+        if self.relative and self.ffn_type not in RELATIVE_TYPES:
+            raise ConfigError(f"model.relative is set but model.ffn_type={self.ffn_type!r} is not a relative {RELATIVE_TYPES}")
 
     @property
     def kv_heads(self) -> int: return self.n_kv_heads or self.n_heads
@@ -180,11 +187,12 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None, mask=None):
+    def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None, mask=None, value_rows=None):
+        "`value_rows` (B, S, kv_heads * head_dim), if given, is added to the values (a relative: value embeddings)."
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = (self.wv(x) if value_rows is None else self.wv(x) + value_rows.to(x.dtype)).view(B, S, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None: k, v = cache.update(k, v, start_pos)          # (B, start_pos+S, kv, hd)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                   # (B, heads, S, hd)
@@ -306,7 +314,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_type = args.ffn_type if layer_id in args.replaced_layers else "dense"   # this layer's FFN
         if self.ffn_type == "hash_moe": self.feed_forward = HashMoEFeedForward(args.dim, args.hidden_dim, args.n_experts)
-        else: self.feed_forward = FFN_CLASSES[self.ffn_type](args.dim, args.hidden_dim)
+        elif self.ffn_type in FFN_CLASSES: self.feed_forward = FFN_CLASSES[self.ffn_type](args.dim, args.hidden_dim)
+        else: raise ConfigError(f"model.ffn_type={self.ffn_type!r} is one of STEM's relatives: build it with "
+                                "stem_nb.relatives.build_model(args)")
 
     def forward(self, x, cos, sin, tokens, rows=None, start_pos: int = 0, cache=None, mask=None):
         h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, mask)
@@ -328,16 +338,16 @@ def table_row_blocks(V: int, H: int, std: float, g: torch.Generator, chunk: int 
 # %% ../nbs/06_model.ipynb #a7e11524
 class Transformer(nn.Module):
     "Llama/Lingua decoder with optional STEM layers. `forward(tokens)` -> logits (B, S, V); with `targets` -> mean CE."
+    block_class = TransformerBlock               # what each layer is (stem_nb.relatives' subclass builds its own)
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(self.block_class(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # one [V, H] table per STEM layer, apart from the backbone; sparse grads = only touched rows
-        self.stem_tables = nn.ModuleDict({str(i): nn.Embedding(args.vocab_size, args.hidden_dim, sparse=True)
-                                          for i in args.table_layers})
+        self.stem_tables = nn.ModuleDict({k: nn.Embedding(r, w, sparse=True) for k, (r, w) in self.table_shapes().items()})
         cos, sin = rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -352,8 +362,14 @@ class Transformer(nn.Module):
         self.__dict__["_stem_lookup"] = fn
         return self
 
-    def stem_rows(self, layer: int, tokens):
-        "Rows `E_layer[tokens]` (B, S, H), through the installed lookup if any."
+    def table_shapes(self) -> dict[str, tuple[int, int]]:
+        "key -> full shape `(rows, width)` of every table: `[V, H]` per STEM layer (a relative's subclass adds its own)."
+        return {str(i): (self.args.vocab_size, self.args.hidden_dim) for i in self.args.table_layers}
+
+    def table_shape(self, key) -> tuple[int, int]: return self.table_shapes()[str(key)]
+
+    def stem_rows(self, layer: int | str, tokens):
+        "Rows `E_layer[tokens]` (B, S, width) of table `layer` (a STEM layer, or a relative's table key), through the installed lookup if any."
         fn = self.__dict__["_stem_lookup"]
         if fn is not None: return fn(layer, tokens)
         w = self.stem_tables[str(layer)].weight
@@ -362,6 +378,18 @@ class Transformer(nn.Module):
         if u is None or u[0] is not tokens or u[1] != tokens._version:
             u = self.__dict__["_unique"] = (tokens, tokens._version, *torch.unique(tokens, return_inverse=True))
         return TableRows.apply(w, tokens, u[2], u[3])
+
+    def lookup_context(self, tokens, start_pos: int = 0, cache=None, positions=None, mask=None):
+        "What `layer_rows` reads the tables with: the token ids (a relative may need more, e.g. the tokens before them)."
+        return tokens
+
+    def layer_rows(self, i: int, ctx):
+        "The table rows layer `i` takes (B, S, H), or None: its STEM table's rows at the tokens."
+        return self.stem_rows(i, ctx) if self.layers[i].ffn_type in TABLE_FFN_TYPES else None
+
+    def table_ids(self, batches: list):
+        "The rows the next forward over token batches `batches` reads in every table: their token ids (what the optimizer settles)."
+        return torch.cat([x.reshape(-1) for x in batches])
 
     def backbone_parameters(self):
         "(name, param) of everything but the STEM tables."
@@ -392,24 +420,28 @@ class Transformer(nn.Module):
             for prefix, f in ffns:
                 for nm in ("w1", "w3"):
                     if hasattr(f, nm): yield tn(f"{prefix}.{nm}.weight", getattr(f, nm).weight.shape, d ** -0.5)
-                yield tn(f"{prefix}.w2.weight", f.w2.weight.shape, H ** -0.5)
+                if hasattr(f, "w2"): yield tn(f"{prefix}.w2.weight", f.w2.weight.shape, f.w2.weight.shape[1] ** -0.5)
             for nm in ("attention_norm", "ffn_norm"): yield f"layers.{i}.{nm}.weight", 0, torch.ones(d)
         yield "norm.weight", 0, torch.ones(d)
         yield tn("output.weight", self.output.weight.shape, d ** -0.5)
-        for name in self.stem_tables:
+        yield from self.extra_init_values(tn, g, chunk)
+        for name in map(str, self.args.table_layers):
             for r0, block in table_row_blocks(V, H, math.sqrt(2.0 / (V + H)), g, chunk):
                 yield f"{TABLE_PREFIX}.{name}.weight", r0, block
                 del block                                 # one block alive at a time: drop it before drawing the next
+
+    def extra_init_values(self, tn, g: torch.Generator, chunk: int):
+        "A relative's parameters, drawn after the backbone's and before the STEM tables' (`tn(name, shape, std)`: truncated normal)."
+        return iter(())
 
     @torch.no_grad()
     def reset_parameters(self, seed: Optional[int] = None):
         "Every parameter set to `init_values(seed)` (nothing on the meta device)."
         if any(p.is_meta for p in self.parameters()): return
-        V, H = self.args.vocab_size, self.args.hidden_dim
         for name, t in self.stem_tables.items():
-            if tuple(t.weight.shape) != (V, H):
-                raise RuntimeError(f"reset_parameters: stem_tables[{name!r}] holds {tuple(t.weight.shape)}, not the full [V, H] = "
-                                   f"{[V, H]}; initialise a sharded model with stem_nb.distributed.materialize_")
+            if tuple(t.weight.shape) != (full := self.table_shape(name)):
+                raise RuntimeError(f"reset_parameters: stem_tables[{name!r}] holds {tuple(t.weight.shape)}, not the full "
+                                   f"{list(full)}; initialise a sharded model with stem_nb.distributed.materialize_")
         params = dict(self.named_parameters())
         for name, r0, value in self.init_values(seed):
             params[name][r0:r0 + len(value)].copy_(value)
@@ -433,11 +465,12 @@ class Transformer(nn.Module):
             raise ValueError("packed rows need both `positions` and `mask`, and no KV cache")
         fn = self.__dict__["_stem_lookup"]
         if fn is not None and hasattr(fn, "begin"): fn.begin(tokens)
+        ctx = self.lookup_context(tokens, start_pos, cache, positions, mask)
         cos, sin = ((self.rope_cos[start_pos:start_pos + S], self.rope_sin[start_pos:start_pos + S]) if positions is None
                     else (self.rope_cos[positions], self.rope_sin[positions]))
         h = self.tok_embeddings(tokens)                                      # (B, S, d)
         for i, layer in enumerate(self.layers):
-            rows = self.stem_rows(i, tokens) if layer.ffn_type in TABLE_FFN_TYPES else None   # (B, S, H)
+            rows = self.layer_rows(i, ctx)                                   # (B, S, H) or None
             h = layer(h, cos, sin, tokens, rows, start_pos, None if cache is None else cache[i], mask)
         logits = self.output(self.norm(h))                                   # (B, S, V)
         if targets is None: return logits

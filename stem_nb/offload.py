@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 from .model import Transformer, compact_row_grad
+from .generate import generate, generate_ids
 
 # %% auto #0
-__all__ = ['LFUCache', 'lfu_reference', 'OffloadedTables', 'offload', 'lfu_hit_rates']
+__all__ = ['TABLE_DESIGNS', 'LFUCache', 'lfu_reference', 'OffloadedTables', 'offload', 'lfu_hit_rates', 'table_design',
+           'DecodeRecorder', 'lfu_decode_hits', 'decode_hit_rates', 'design_summary']
 
 # %% ../nbs/23_offload.ipynb #8705d97a
 class LFUCache:
@@ -291,3 +293,96 @@ def lfu_hit_rates(tokens, vocab_size: int, fracs: Sequence[float] = (0.005, 0.01
                         token_hit_rate=pos_hits / max(1, n_pos), rows_requested=c.hits + c.misses,
                         eval_tokens=n_pos, warm_tokens=len(train) if warm else 0))
     return res
+
+# %% ../nbs/23_offload.ipynb #8bd3f752
+TABLE_DESIGNS = {"ple": "ple", "ve": "value_embed", "engram": "engram", "pkm": "pkm"}   # key prefix -> design
+
+def table_design(key) -> str:
+    "The design of the table `model.stem_tables[key]`: `'stem'` for a layer number, else from the key's prefix."
+    k = str(key)
+    if k.isdigit(): return "stem"
+    for prefix, design in TABLE_DESIGNS.items():
+        if k.startswith(prefix) and k[len(prefix):len(prefix) + 1].isdigit(): return design
+    raise ValueError(f"table_design: no design for table key {k!r} (a layer number, or {'/'.join(TABLE_DESIGNS)} + layer)")
+
+# %% ../nbs/23_offload.ipynb #406f7b91
+class DecodeRecorder:
+    "Lookup that records the row ids each table is read at, per model call; returns the previous lookup's rows."
+    def __init__(self, model: Transformer):
+        if not len(model.stem_tables): raise ValueError(f"DecodeRecorder: model has no tables (ffn_type={model.args.ffn_type!r})")
+        self.model, self.steps, self.prev, self._hook = model, [], None, None   # steps: [(phase, {key: [ids]})]
+
+    def __enter__(self):
+        self.prev = self.model.__dict__.get("_stem_lookup")
+        self._hook = self.model.register_forward_pre_hook(self._open_step, with_kwargs=True)
+        self.model.set_stem_lookup(self)
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.remove(); self.model.set_stem_lookup(self.prev)
+
+    def _open_step(self, module, args, kwargs):
+        start = kwargs.get("start_pos", args[2] if len(args) > 2 else 0)
+        self.steps.append(("prefill" if start == 0 else "decode", {}))
+
+    def begin(self, tokens):
+        if hasattr(self.prev, "begin"): self.prev.begin(tokens)
+
+    def __call__(self, key, ids):
+        if not self.steps: self.steps.append(("prefill", {}))           # read outside a model call: a step of its own
+        self.steps[-1][1].setdefault(str(key), []).append(ids.detach().reshape(-1).cpu().numpy().astype(np.int64))
+        self.model.set_stem_lookup(self.prev)
+        try: return self.model.stem_rows(key, ids)
+        finally: self.model.set_stem_lookup(self)
+
+    def stream(self, key) -> list[tuple[str, np.ndarray]]:
+        "`(phase, ids)` of every step that read table `key`, in order."
+        return [(ph, np.concatenate(r[str(key)])) for ph, r in self.steps if str(key) in r]
+
+# %% ../nbs/23_offload.ipynb #d3c28ca5
+def lfu_decode_hits(stream, key_space: int, capacity: int, warm_prefill: bool = True) -> dict:
+    "LFU `hits`, `lookups`, `distinct`, `steps` over the decode steps of `stream` (`(phase, ids)` pairs)."
+    c, host = LFUCache(key_space, 1, capacity_rows=capacity), torch.zeros(key_space, 1)
+    hits = lookups = steps = 0
+    seen = []
+    for phase, ids in stream:
+        if phase not in ("prefill", "decode"): raise ValueError(f"lfu_decode_hits: phase must be 'prefill' or 'decode', got {phase!r}")
+        if phase == "prefill" and not warm_prefill: continue
+        u, cnt = np.unique(np.asarray(ids, np.int64), return_counts=True)
+        h0 = c.hits
+        c.fetch(torch.from_numpy(u), host, cnt)
+        if phase == "decode": hits += c.hits - h0; lookups += len(u); steps += 1; seen.append(u)
+    distinct = len(np.unique(np.concatenate(seen))) if seen else 0
+    return dict(capacity=c.capacity, hits=hits, lookups=lookups, distinct=distinct, steps=steps)
+
+# %% ../nbs/23_offload.ipynb #e4265c43
+def decode_hit_rates(model: Transformer, tokenizer, prompts, fracs: Sequence[float] = (0.02, 0.1), max_new_tokens: int = 32,
+                     batch_size: int = 1, warm_prefill: bool = True):
+    """LFU hit rate of every table of `model` while decoding `prompts` greedily (strings with `tokenizer`, or token-id
+    lists with `tokenizer=None`): one row per (table, frac), a cache of `round(frac * key_space)` rows. Prefill steps
+    warm the cache (or are skipped: `warm_prefill=False`) and are excluded from `hit_rate`, `lookups` (distinct ids per
+    decode step, summed) and `distinct`. `df.attrs["outputs"]` holds the generations."""
+    import pandas as pd
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts: raise ValueError("decode_hit_rates: no prompts")
+    bad = [f for f in fracs if not 0 <= f <= 1]
+    if bad: raise ValueError(f"decode_hit_rates: fracs must be in [0, 1], got {bad}")
+    with DecodeRecorder(model) as rec:
+        outs = (generate_ids(model, prompts, max_new_tokens, batch_size=batch_size) if tokenizer is None else
+                generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size))
+    rows = []
+    for key, table in model.stem_tables.items():
+        V, stream = table.weight.shape[0], rec.stream(key)
+        for f in fracs:
+            r = lfu_decode_hits(stream, V, int(round(f * V)), warm_prefill)
+            rows.append(dict(table=key, design=table_design(key), key_space=V, frac=f, capacity=r["capacity"],
+                             hit_rate=r["hits"] / r["lookups"] if r["lookups"] else float("nan"),
+                             lookups=r["lookups"], distinct=r["distinct"], steps=r["steps"]))
+    df = pd.DataFrame(rows)
+    df.attrs["outputs"] = outs
+    return df
+
+def design_summary(df):
+    "Per design and cache fraction: the mean hit rate over its tables, the tables, and the look-ups summed."
+    return (df.groupby(["design", "frac"], sort=False)
+              .agg(tables=("table", "size"), hit_rate=("hit_rate", "mean"), lookups=("lookups", "sum")).reset_index())

@@ -7,20 +7,22 @@ Docs: https://stem-nb.github.io/stem-nb/paper.html.md"""
 
 # %% ../nbs/25_paper.ipynb #89e28007
 from __future__ import annotations
-import hashlib, json, math
+import dataclasses, hashlib, json, math
 from pathlib import Path
 from typing import Sequence
 
 from .files import write_atomic
+from .config import ConfigError
 
 # %% auto #0
 __all__ = ['TASKS8', 'PAPER_350M', 'PAPER_1B', 'PAPER_MIDTRAIN', 'PAPER_CONTEXT', 'PAPER_NEEDLE', 'NO_OFFLINE_SOURCE',
            'STAND_INS', 'FAMILY_EVAL_TASKS', 'PAPER_TOKENS', 'PAPER_GLOBAL_BATCH', 'PAPER_SEQ_LEN', 'VARIANTS',
-           'VARIANTS_1B', 'HEADLINE_METRICS', 'VAL_SOURCE', 'LM_EVAL_DOCS', 'PAPER_COMPARISONS', 'write_table',
-           'task_stats', 'task_metric', 'recorded_source', 'task_per_doc', 'task_columns', 'mean_pm', 'doc_scores',
-           'acc_cell', 'paired_bootstrap', 'compare_gain', 'family_table', 'paired_gain', 'family_gains', 'gains_table',
-           'snr_table', 'family_snr', 'snr_notes', 'write_paired', 'val_loss_source', 'family_notes', 'binomial_se',
-           'gain_decomposition', 'paper_gains_table', 'paper_param_check', 'paper_numbers_markdown']
+           'VARIANTS_1B', 'RELATIVES', 'HEADLINE_METRICS', 'VAL_SOURCE', 'LM_EVAL_DOCS', 'PAPER_COMPARISONS',
+           'write_table', 'variant_model', 'task_stats', 'task_metric', 'recorded_source', 'task_per_doc',
+           'task_columns', 'mean_pm', 'doc_scores', 'acc_cell', 'paired_bootstrap', 'compare_gain', 'family_table',
+           'paired_gain', 'family_gains', 'gains_table', 'snr_table', 'family_snr', 'snr_notes', 'write_paired',
+           'val_loss_source', 'family_notes', 'binomial_se', 'gain_decomposition', 'paper_gains_table',
+           'paper_param_check', 'paper_numbers_markdown']
 
 # %% ../nbs/25_paper.ipynb #9664bb0b
 def write_table(df, name: str, figures_dir: str | Path, title: str, notes: Sequence[str] = ()) -> Path:
@@ -60,10 +62,8 @@ PAPER_NEEDLE = "STEM's lead over dense grows from 8.4% (8k) to 13% (32k); absolu
 NO_OFFLINE_SOURCE = "n/a: no offline source"   # BBH, MuSR, LongBench: no package ships their data
 STAND_INS = {"stem_bios_mc": "Bios recall MC (stand-in, chance 0.25)", "stem_heldout_ppl": "held-out Shakespeare bits/byte (stand-in)"}
 FAMILY_EVAL_TASKS = TASKS8 + list(STAND_INS)   # one list for table_350m, table_1b and fig9: their evaluations are shared
-
-# %% ../nbs/25_paper.ipynb #3d39c5c0
-PAPER_TOKENS = {"paper-350m": {"train_350m": 100e9}, "paper-1b": {"train_1b": 1e12, "midtrain": 100e9}}
-PAPER_GLOBAL_BATCH, PAPER_SEQ_LEN = 512, 4096
+PAPER_TOKENS = {"paper-350m": {"train_350m": 100e9}, "paper-1b": {"train_1b": 1e12, "midtrain": 100e9}}   # tokens per run
+PAPER_GLOBAL_BATCH, PAPER_SEQ_LEN = 512, 4096   # the paper's global batch: 512 sequences of 4096 tokens
 
 # %% ../nbs/25_paper.ipynb #95f85246
 VARIANTS = {  # the paper's 350M-family rows -> ModelArgs overrides
@@ -76,6 +76,18 @@ VARIANTS = {  # the paper's 350M-family rows -> ModelArgs overrides
     "STEM-dagger": dict(ffn_type="stem_add", stem_layers="1/3"),
 }
 VARIANTS_1B = ["Baseline", "STEM 1/3"]   # the rows of the 1B table and of the mid-training table
+RELATIVES = {f"{name} iso-{b}": dict(ffn_type=t, stem_layers="1/2", budget=k)   # each relative at STEM 1/2's FLOPs or params
+             for name, t in (("PLE", "ple"), ("Value emb.", "value_embed"), ("Engram", "engram"), ("PKM", "pkm"))
+             for b, k in (("FLOPs", "active"), ("params", "total"))}
+
+def variant_model(model: dict, variant: str) -> dict:
+    "The model block `model` as `variant` (of `VARIANTS` or `RELATIVES`) trains it: `{**model, **overrides}`, a relative's budget met by `match_budget`."
+    if variant not in VARIANTS and variant not in RELATIVES: raise ConfigError(f"unknown variant {variant!r}; known: {list(VARIANTS) + list(RELATIVES)}")
+    if variant in VARIANTS: return {**model, **VARIANTS[variant]}
+    from stem_nb.model import ModelArgs
+    from stem_nb.flops import match_budget
+    over = {k: x for k, x in RELATIVES[variant].items() if k != "budget"}
+    return dataclasses.asdict(match_budget(ModelArgs(**{**model, **over}), RELATIVES[variant]["budget"]))
 
 # %% ../nbs/25_paper.ipynb #c05ede00
 HEADLINE_METRICS = ("acc_norm", "acc", "exact_match", "bits_per_byte")
@@ -250,16 +262,13 @@ def family_table(df: "pd.DataFrame", paper: dict, tasks: Sequence[str] = TASKS8,
     for v, d in df.groupby("variant", sort=False):
         p = paper.get(v, {})
         pacc = dict(zip(TASKS8, p["acc"])) if p.get("acc") else {}
-        fl = float(d.MFLOPs.iloc[0])
-        avgs = _avg_per_seed(d, tasks)
+        fl, avgs = float(d.MFLOPs.iloc[0]), _avg_per_seed(d, tasks)
         stats[v] = (float(np.mean(avgs)) if avgs else None, _avg_se(d, tasks) if avgs else None, fl)
         row = {"model": v, "seeds": len(d), "total/active (M)": f"{d.total_M.iloc[0]:.2f}/{d.active_M.iloc[0]:.2f}",
                "MFLOPs/token (2x active)": round(fl, 2)}
         for t in tasks: row[t] = acc_cell(d, t, pacc.get(t))
         row["Avg"] = (f"{stats[v][0]:.2f}" + (f" ± {stats[v][1]:.2f}" if stats[v][1] is not None else "")) if avgs else "n/a"
-        row["paper Avg"] = p.get("avg", "not reported")
-        row["ROI"] = None
-        row["paper ROI"] = p.get("roi") if p.get("roi") is not None else "not reported"
+        row |= {"paper Avg": p.get("avg", "not reported"), "ROI": None, "paper ROI": p.get("roi") if p.get("roi") is not None else "not reported"}
         bpb = [f"bpb:{t}" for t in tasks if f"bpb:{t}" in d and all(_num(x) for x in d[f"bpb:{t}"])]
         for c in bpb: row[c.replace("bpb:", "gold bpb ")] = mean_pm(d[c])
         row["mean gold bpb"] = mean_pm(d[bpb].mean(axis=1)) if bpb else "n/a"
@@ -275,16 +284,16 @@ def family_table(df: "pd.DataFrame", paper: dict, tasks: Sequence[str] = TASKS8,
     return pd.DataFrame(out)
 
 # %% ../nbs/25_paper.ipynb #8bfc096a
-def paired_gain(d: "pd.DataFrame", base: "pd.DataFrame", tasks: Sequence[str], **kw) -> dict | None:
-    "`paired_bootstrap` (in points) of the runs `d` minus the runs `base` on `tasks`, on the docs all of them scored; None without per-doc scores."
+def paired_gain(d: "pd.DataFrame", base: "pd.DataFrame", tasks: Sequence[str], kind: str = "doc", scale: float = 100, **kw) -> dict | None:
+    "`paired_bootstrap` x `scale` (accuracy in points) of the runs `d` minus the runs `base` on `tasks`' per-doc `kind` scores (`doc_scores`), on the docs all scored; None without them."
     import pandas as pd
     both, a, b = pd.concat([d, base], ignore_index=True), [], []
     for t in tasks:
-        x = doc_scores(both, t)
+        x = doc_scores(both, t, kind)
         if x is None: return None
         a.append(x[:len(d)]); b.append(x[len(d):])
     g = paired_bootstrap(a, b, **kw)
-    return {k: (100 * v if k in ("value", "se", "lo", "hi") else v) for k, v in g.items()} | {"docs": sum(x.shape[1] for x in a)}
+    return {k: (scale * v if k in ("value", "se", "lo", "hi") else v) for k, v in g.items()} | {"docs": sum(x.shape[1] for x in a)}
 
 def family_gains(df: "pd.DataFrame", tasks: Sequence[str] = TASKS8, baseline: str = "Baseline") -> dict:
     "{variant: `paired_gain` of its Avg over `baseline`'s} in percent points; None where per-doc scores are missing."

@@ -19,11 +19,11 @@ from .config import ConfigError
 from .run_dir import pin_cpu_paths
 
 # %% auto #0
-__all__ = ['DRIVER_PARAMS', 'PRESET_KEYS', 'README_COLUMNS', 'FAMILY_TABLES', 'README_START', 'README_END', 'notebook_code_hash',
-           'declared_parameters', 'load_presets', 'apply_sets', 'plan', 'figures_dir_for', 'run_dir_for',
-           'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute', 'completed', 'reproduce', 'readme_table',
-           'findings', 'snr_markdown', 'results_markdown', 'update_readme', 'parser', 'selected', 'cli', 'run_cli',
-           'report', 'print_plan']
+__all__ = ['DRIVER_PARAMS', 'PRESET_KEYS', 'README_SECTIONS', 'README_COLUMNS', 'FAMILY_TABLES', 'README_START', 'README_END',
+           'notebook_code_hash', 'declared_parameters', 'load_presets', 'apply_sets', 'plan', 'figures_dir_for',
+           'run_dir_for', 'failed_dir_for', 'promote', 'quarantine', 'TrainWatch', 'execute', 'completed', 'reproduce',
+           'readme_table', 'findings', 'snr_markdown', 'readme_markers', 'results_markdown', 'update_readme', 'parser',
+           'selected', 'cli', 'run_cli', 'report', 'print_plan']
 
 # %% ../nbs/27_reproduce.ipynb #3926e2b0
 def notebook_code_hash(path: str | Path, n: int = 12) -> str:
@@ -106,30 +106,28 @@ def plan(preset: str = "cpu", only: Sequence[str] | None = None, presets: dict |
         nb = f"experiments/{name}.ipynb"
         resolved = {**presets[preset].get("params", {}), **(over or {}), "preset": preset}
         path = (root or repo_root()) / nb
-        if path.is_file():
-            declared = declared_parameters(path)
-            params = {k: v for k, v in resolved.items() if k in declared}
-            code = notebook_code_hash(path)
-        else: declared, params, code = None, resolved, "missing"
+        declared, code = (declared_parameters(path), notebook_code_hash(path)) if path.is_file() else (None, "missing")
+        params = resolved if declared is None else {k: v for k, v in resolved.items() if k in declared}
         out.append(dict(name=name, preset=preset, notebook=nb, params=params, declared=declared, code=code,
                         hash=config_hash(dict(params=params, code=code))))
     return out
 
 # %% ../nbs/27_reproduce.ipynb #b2319c8e
-def figures_dir_for(preset: str, root: Path | None = None, sets: Sequence[str] = ()) -> Path:
-    "`figures/` for the cpu preset as it is; `runs/<preset>/figures/` for every other preset, and for any preset run with `--set`."
-    root = root or repo_root()
-    return root / "figures" if preset == "cpu" and not sets else root / "runs" / preset / "figures"
+README_SECTIONS = {"cpu": "results", "relatives": "relatives"}   # presets that publish -> their README markers; outputs named after a
+                                                                 # preset other than cpu are that preset's (cpu's section leaves them out)
 
-def run_dir_for(run: dict, root: Path | None = None) -> Path:
-    return (root or repo_root()) / "runs" / run["preset"] / run["name"] / run["hash"]
+def figures_dir_for(preset: str, root: Path | None = None, sets: Sequence[str] = ()) -> Path:
+    "`figures/` for a preset of `README_SECTIONS` as it is; `runs/<preset>/figures/` for every other preset, and for any run with `--set`."
+    root = root or repo_root()
+    return root / "figures" if preset in README_SECTIONS and not sets else root / "runs" / preset / "figures"
+
+def run_dir_for(run: dict, root: Path | None = None) -> Path: return (root or repo_root()) / "runs" / run["preset"] / run["name"] / run["hash"]
 
 def failed_dir_for(run: dict, root: Path | None = None) -> Path:
     return (root or repo_root()) / "runs" / run["preset"] / "failed" / f"{run['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 # %% ../nbs/27_reproduce.ipynb #0673f168
-def _outputs(stage: Path) -> list[str]:
-    return sorted(str(p.relative_to(stage / "figures")) for p in (stage / "figures").rglob("*") if p.is_file())
+def _outputs(stage: Path) -> list[str]: return sorted(str(p.relative_to(stage / "figures")) for p in (stage / "figures").rglob("*") if p.is_file())
 
 def promote(stage: Path, final: Path, figures_dir: Path) -> list[str]:
     "Copy the tables/figures `stage` wrote into `figures_dir` (one atomic rename each), then make `stage` the run folder `final`."
@@ -188,8 +186,7 @@ def _ipc_kernel_manager(sock_dir: str, log):
         _launch_kernel = _async_launch_kernel
     return IPCKernelManager
 
-def _is_interruption(e: BaseException) -> bool:
-    return isinstance(e, KeyboardInterrupt) or getattr(e, "ename", None) == "KeyboardInterrupt"
+def _is_interruption(e: BaseException) -> bool: return isinstance(e, KeyboardInterrupt) or getattr(e, "ename", None) == "KeyboardInterrupt"
 
 def _error_line(e: BaseException) -> str:
     ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
@@ -299,7 +296,7 @@ def reproduce(preset: str = "cpu", only: Sequence[str] | None = None, force: boo
     finally:                                         # what finished is recorded, even when a Ctrl-C stops the rest
         all_names = [r["name"] for r in plan(preset, presets=presets, root=root)]
         merged = _merge_status(root / "runs" / preset / "status.json", status, all_names)
-        if preset == "cpu" and not sets and (root / "README.md").exists(): update_readme(root / "README.md", figs, merged)
+        if preset in README_SECTIONS and not sets and (root / "README.md").exists(): update_readme(root / "README.md", figs, merged, preset)
     return status
 
 # %% ../nbs/27_reproduce.ipynb #52cb6d77
@@ -386,7 +383,8 @@ def snr_markdown(tables_dir: str | Path, rel: str = "figures") -> list[str]:
             "and cannot rank the variants here.", "", *_grid(ok[["column", "signal", "noise", "SNR"]].round(3).astype(str)), ""]
 
 # %% ../nbs/27_reproduce.ipynb #792e2e17
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+def readme_markers(preset: str = "cpu") -> tuple: return tuple(f"<!-- {README_SECTIONS.get(preset, preset)}:{e} -->" for e in ("start", "end"))
+README_START, README_END = readme_markers("cpu")   # the comments between which the README holds the cpu preset's results
 
 def _status_cell(s: dict) -> str:
     if s["status"].startswith("FAILED"):
@@ -395,10 +393,10 @@ def _status_cell(s: dict) -> str:
     return s["status"]
 
 def results_markdown(figures_dir: Path, status: Sequence[dict] = (), rel: str = "figures", preset: str = "cpu") -> str:
-    "The results section: findings, per-experiment status, date and seconds, then each experiment's tables (`readme_table`) and figures."
-    figures_dir = Path(figures_dir)
-    found, when = findings(figures_dir / "tables"), max((s.get("finished") or "" for s in status), default="")
-    out = [README_START, ""] + snr_markdown(figures_dir / "tables", rel) + paper_numbers_markdown()
+    "A preset's results: for cpu SNR, the paper's numbers and findings; then status, date and seconds per experiment, its tables and figures."
+    figures_dir, cpu = Path(figures_dir), preset == "cpu"
+    found, when = findings(figures_dir / "tables") if cpu else [], max((s.get("finished") or "" for s in status), default="")
+    out = [readme_markers(preset)[0], ""] + (snr_markdown(figures_dir / "tables", rel) + paper_numbers_markdown() if cpu else [])
     out += [f"Findings, computed from `{rel}/tables/*.csv` by `stem_nb.reproduce.findings`:", ""] + [f"- {l}" for l in found] + [""] if found else []
     out += [f"_Written by `stem-nb reproduce --preset {preset}`, last experiment finished {when or time.strftime('%Y-%m-%d %H:%M')}; seconds are wall-clock on "
             f"this machine ({os.cpu_count()} CPUs)._", ""]
@@ -408,27 +406,27 @@ def results_markdown(figures_dir: Path, status: Sequence[dict] = (), rel: str = 
         tot = sum(s["seconds"] for s in status)
         out += [f"| **total** | {sum(s['status'] == 'done' for s in status)}/{len(status)} done | | {tot:.0f} s = {tot / 60:.1f} min |", ""]
     listed = [o for s in status for o in s.get("outputs", [])]
-    rest = sorted(str(p.relative_to(figures_dir)) for p in [*figures_dir.glob("tables/*.md"), *figures_dir.rglob("*.png")])
+    rest = sorted(str(p.relative_to(figures_dir)) for p in [*figures_dir.glob("tables/*.md"), *figures_dir.rglob("*.png")]
+                  if cpu and not p.stem.startswith(tuple(k for k in README_SECTIONS if k != "cpu")))
     for o in dict.fromkeys(listed + rest):
         p = figures_dir / o
         if p.suffix == ".md" and p.is_file(): out += readme_table(p, rel)
         elif p.suffix == ".png" and p.is_file(): out += [f"![{p.stem}]({rel}/{o})", ""]
-    return "\n".join(out + [README_END])
+    return "\n".join(out + [readme_markers(preset)[1]])
 
 # %% ../nbs/27_reproduce.ipynb #90c39604
-def update_readme(readme: Path, figures_dir: Path, status: Sequence[dict] = ()):
-    "Replace the README's results section (between the markers, markers included) with `results_markdown`."
-    txt = Path(readme).read_text()
-    if README_START not in txt or README_END not in txt: return
-    head, rest = txt.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
-    write_atomic(readme, head + results_markdown(figures_dir, status) + tail)
+def update_readme(readme: Path, figures_dir: Path, status: Sequence[dict] = (), preset: str = "cpu"):
+    "Replace `preset`'s results section of the README (between its `readme_markers`, markers included) with `results_markdown`."
+    txt, (start, end) = Path(readme).read_text(), readme_markers(preset)
+    if start not in txt or end not in txt: return
+    head, rest = txt.split(start, 1)
+    write_atomic(readme, head + results_markdown(figures_dir, status, preset=preset) + rest.split(end, 1)[1])
 
 # %% ../nbs/27_reproduce.ipynb #251588a8
 def parser() -> argparse.ArgumentParser:
     "The options of `stem-nb reproduce` that run notebooks (`stem_nb.cli` adds the options that submit jobs)."
     p = argparse.ArgumentParser(prog="stem-nb reproduce", description="Regenerate the paper's tables and figures through papermill.")
-    p.add_argument("--preset", default="cpu", help="smoke | cpu | paper-350m | paper-1b (default: cpu)")
+    p.add_argument("--preset", default="cpu", help="smoke | cpu | relatives | paper-350m | paper-1b (default: cpu)")
     p.add_argument("--only", nargs="*", default=None, help="run only these experiments")
     p.add_argument("--force", action="store_true", help="re-run experiments already complete (the previous results stay until the new run succeeds)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (params, hashes, launch commands) and exit")

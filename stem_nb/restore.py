@@ -18,7 +18,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .model import ModelArgs, Transformer
 from .flops import count_params
-from .distributed import StemLayout, world_info, unwrap
+from .distributed import StemLayout, check_table_slicing, stem_table_keys, world_info, unwrap
+from .relatives import build_model
 from .tensor_files import (CheckpointError, available_memory, dcp_load, load_tensor_file, read_dcp_metadata, save_tensor_file,
                                   _short)
 from .checkpoint import (BACKBONE_DIR, CKPT_DIR, MANIFEST, MODEL_ARGS, OPTIMIZER_HPARAMS, CheckpointPruned,
@@ -78,14 +79,16 @@ def model_args_from(kw, source) -> ModelArgs:
     for k, v in kw.items():
         if k not in fields: raise CheckpointError(f"{source}: {k!r} is not a model argument")
         default = fields[k].default
-        if isinstance(default, int) and not isinstance(default, bool) or k == "n_kv_heads":
+        if k == "relative":
+            if not (isinstance(v, dict) and all(isinstance(a, str) and type(b) is int for a, b in v.items())):
+                raise CheckpointError(f"{source}: model.relative={v!r} is not a dict of integer knobs (e.g. {{\"width\": 32}})")
+        elif isinstance(default, int) and not isinstance(default, bool) or k == "n_kv_heads":
             if not (type(v) is int or v is None and k == "n_kv_heads"): raise CheckpointError(f"{source}: model.{k}={v!r} is not an integer")
         elif isinstance(default, float) or k == "ffn_dim_multiplier":
             if not (type(v) in (int, float) and math.isfinite(v) and v > 0 or v is None and k == "ffn_dim_multiplier"):
                 raise CheckpointError(f"{source}: model.{k}={v!r} is not a positive finite number")
-    try: args = ModelArgs(**kw)
+    try: args = ModelArgs(**kw); n = count_params(args)["total"] + args.max_seq_len * args.head_dim
     except Exception as e: raise CheckpointError(f"{source} does not describe a model: {type(e).__name__}: {e}") from None
-    n = count_params(args)["total"] + args.max_seq_len * args.head_dim
     if 4 * n > (avail := available_memory()):
         raise CheckpointError(f"{source}: its model args describe {n:,} parameters ({4 * n:,} bytes in fp32), more than the "
                               f"{avail:,} bytes of memory available: refusing to build the model")
@@ -131,8 +134,16 @@ def _slice_state(saved: dict, objs: dict, name: str, h_old: int, lo: int, hi: in
 # %% ../nbs/15_restore.ipynb #40868c82
 _SLICE_KEYS = ("P", "slice", "vocab", "hidden", "tables", "optim")
 
-def _read_slice(f: Path, j: int, P: int, V: int, H: int, names: list[str], dtype=torch.float32) -> dict:
-    "Table slice file `f` (slice `j` of `P`) of the `[V, H]` `dtype` tables of STEM layers `names`, checked; else `CheckpointError` naming `f`."
+def _slice_shapes(m, P: int, where) -> dict[str, tuple[int, int]]:
+    "Table key -> its shape in each of `P` slice files: a STEM table `[V, H/P]`, a relative's whole (P = 1 only: else `CheckpointError` naming `where`)."
+    stem, (V, H) = stem_table_keys(m), (m.args.vocab_size, m.args.hidden_dim)
+    other = [k for k in m.stem_tables if k not in stem]
+    if P > 1 and other: raise CheckpointError(f"{where}: tables saved in {P} column slices, but table {other[0]!r} of model.ffn_type="
+                                              f"{m.args.ffn_type!r} is never sliced (it is saved with stem_parallel_size=1)")
+    return {k: (V, H // P) if k in stem else tuple(m.table_shape(k)) for k in m.stem_tables}
+
+def _read_slice(f: Path, j: int, P: int, V: int, H: int, shapes: dict, dtype=torch.float32) -> dict:
+    "Table slice file `f` (slice `j` of `P`) of a model whose STEM tables are `[V, H]`, holding exactly the `dtype` tables of `shapes` (key -> shape in the file, `_slice_shapes`), checked; else `CheckpointError` naming `f`."
     obj = load_tensor_file(f, mmap=True)
     if not isinstance(obj, dict): raise CheckpointError(f"{f}: holds a {type(obj).__name__}, not a table slice (a dict with 'tables')")
     missing = [k for k in _SLICE_KEYS if k not in obj]
@@ -140,11 +151,11 @@ def _read_slice(f: Path, j: int, P: int, V: int, H: int, names: list[str], dtype
     if (obj["P"], obj["slice"]) != (P, j): raise CheckpointError(f"{f}: holds slice {obj['slice']!r} of {obj['P']!r}, its name says {j} of {P}")
     if (obj["vocab"], obj["hidden"]) != (V, H):
         raise CheckpointError(f"{f}: tables of shape [{obj['vocab']}, {obj['hidden']}] do not fit the model's [{V}, {H}]")
-    _check_tensors(f, obj["tables"], {n: torch.empty(V, H // P, dtype=dtype, device="meta") for n in names}, "table")
+    _check_tensors(f, obj["tables"], {n: torch.empty(shape, dtype=dtype, device="meta") for n, shape in shapes.items()}, "table")
     optim = obj["optim"]
     if not isinstance(optim, dict) or not all(isinstance(v, dict) for v in optim.values()):
         raise CheckpointError(f"{f}: 'optim' is not a dict of per-table state dicts")
-    if set(optim) - set(names): raise CheckpointError(f"{f}: optimizer state for table {sorted(set(optim) - set(names))[0]!r}, which the model does not have")
+    if set(optim) - set(shapes): raise CheckpointError(f"{f}: optimizer state for table {sorted(set(optim) - set(shapes))[0]!r}, which the model does not have")
     return obj
 
 def _same_state_layout(objs: dict, files: list[Path]):
@@ -157,40 +168,44 @@ def _same_state_layout(objs: dict, files: list[Path]):
 # %% ../nbs/15_restore.ipynb #bd195dda
 @torch.no_grad()
 def load_table_shards(ckpt_dir, model, layout: StemLayout, table_optimizer=None):
-    "Load the table slices (and optimizer state into `table_optimizer`) saved at any P into this rank's slice for `layout`."
+    "Load the table slices (and optimizer state into `table_optimizer`) saved at any P into this rank's slice for `layout` (a relative's table: whole, P = 1)."
     m = unwrap(model)
     P_old, files = table_slices(ckpt_dir)
     H, V = m.args.hidden_dim, m.args.vocab_size
     if H % P_old: raise CheckpointError(f"{files[0].parent}: {P_old} slices cannot split the model's table width H={H}")
+    check_table_slicing(m, layout.P)
+    shapes, stem = _slice_shapes(m, P_old, files[0].parent), stem_table_keys(m)
     h_old, h = H // P_old, H // layout.P
     lo, hi = layout.slice_index * h, (layout.slice_index + 1) * h
     need = range(lo // h_old, (hi - 1) // h_old + 1)
-    names = list(m.stem_tables)
-    dtype = next(iter(m.stem_tables.values())).weight.dtype if names else torch.float32
-    objs = {j: _read_slice(files[j], j, P_old, V, H, names, dtype) for j in need}
+    # per table: (width of a saved slice, lo, hi) of the columns this rank holds; a relative's whole (P_old = P = 1)
+    span = {k: (h_old, lo, hi) if k in stem else (shapes[k][1], 0, shapes[k][1]) for k in m.stem_tables}
+    dtype = next(iter(m.stem_tables.values())).weight.dtype if shapes else torch.float32
+    objs = {j: _read_slice(files[j], j, P_old, V, H, shapes, dtype) for j in need}
     _same_state_layout(objs, files)
     first, read = objs[need[0]], ", ".join(str(files[j]) for j in need)
     for name, emb in m.stem_tables.items():
-        if tuple(emb.weight.shape) != (V, h):
-            raise CheckpointError(f"stem_tables[{name!r}] is {tuple(emb.weight.shape)}, expected the slice [{V}, {h}] for {layout}")
+        if tuple(emb.weight.shape) != (want := (V, h) if name in stem else shapes[name]):
+            raise CheckpointError(f"stem_tables[{name!r}] is {tuple(emb.weight.shape)}, expected {list(want)} for {layout}")
     states = {}
     if table_optimizer is not None:
         for name, emb in m.stem_tables.items():
             if name not in first["optim"]: continue
-            state = _slice_state(first["optim"][name], objs, name, h_old, lo, hi, emb.weight.device)
+            state = _slice_state(first["optim"][name], objs, name, *span[name], emb.weight.device)
             try: table_optimizer.validate_state(emb.weight, state)
             except ValueError as e: raise CheckpointError(f"{read}: the optimizer state of table {name!r} is refused: {e}") from None
             states[emb.weight] = state
-    for name, emb in m.stem_tables.items(): emb.weight.copy_(_columns(objs, h_old, lo, hi, lambda o: o["tables"][name]))
+    for name, emb in m.stem_tables.items(): emb.weight.copy_(_columns(objs, *span[name], lambda o: o["tables"][name]))
     if table_optimizer is not None: table_optimizer.state.update(states)
 
 def full_tables(ckpt_dir, args: Optional[ModelArgs] = None) -> dict[str, torch.Tensor]:
-    "Every table of a checkpoint (of the model `args`, default its `model_args.json`) as one `[V, H]` tensor (slices concatenated along H)."
+    "Every STEM table of a checkpoint (of the model `args`, default its `model_args.json`) as one `[V, H]` tensor (slices concatenated along H); a relative's tables are checked, not returned."
     args = args or read_model_args(ckpt_dir)
     P, files = table_slices(ckpt_dir)
-    names = [str(i) for i in args.table_layers]
-    objs = [_read_slice(f, j, P, args.vocab_size, args.hidden_dim, names) for j, f in enumerate(files)]
-    return {name: torch.cat([o["tables"][name] for o in objs], dim=1) for name in names}
+    with torch.device("meta"): m = build_model(args)           # its tables' shapes, nothing allocated
+    shapes = _slice_shapes(m, P, files[0].parent)
+    objs = [_read_slice(f, j, P, args.vocab_size, args.hidden_dim, shapes) for j, f in enumerate(files)]
+    return {name: torch.cat([o["tables"][name] for o in objs], dim=1) for name in stem_table_keys(m)}
 
 # %% ../nbs/15_restore.ipynb #30bfeaaa
 def load_checkpoint(ckpt_dir, model, optimizer=None, layout: Optional[StemLayout] = None, verify: bool = True) -> dict:
@@ -227,7 +242,7 @@ def _model_from_ckpt(ckpt_dir, device="cpu") -> Transformer:
     d = Path(ckpt_dir)
     with pin_checkpoint(d):
         verify_checkpoint(d)
-        m = Transformer(read_model_args(d))
+        m = build_model(read_model_args(d))
         load_backbone(d, m)
         for n, p in m.backbone_parameters():
             if (row := _nonfinite_row(p.detach())) is not None:
@@ -240,7 +255,7 @@ def _model_from_file(p: Path) -> Transformer:
     obj = load_tensor_file(p, mmap=True)                 # copied into the model, whose size model_args_from bounds
     if not isinstance(obj, dict) or "model_args" not in obj or "model" not in obj:
         raise CheckpointError(f"{p} is not a consolidated stem-nb checkpoint (expected keys 'model_args' and 'model')")
-    m = Transformer(model_args_from(obj["model_args"], p))
+    m = build_model(model_args_from(obj["model_args"], p))
     _check_tensors(p, obj["model"], m.state_dict(), "weight")
     m.load_state_dict(obj["model"])
     return m
@@ -294,7 +309,7 @@ def reading_checkpoint(path):
     raise CheckpointError(f"{p}: its newest checkpoints kept being pruned while being opened")
 
 def load_model(path, device="cpu") -> Transformer:
-    "The `Transformer` stored at `path`: a consolidated `.pt`, a checkpoint folder, or a dump dir (newest valid checkpoint)."
+    "The model stored at `path` (a `Transformer`, or a relative's subclass): a consolidated `.pt`, a checkpoint folder, or a dump dir (newest valid checkpoint)."
     p = Path(path)
     if p.is_file(): return _model_from_file(p).to(device)
     if not p.exists(): raise CheckpointError(f"{p} does not exist")
@@ -308,6 +323,8 @@ _REF_KEY_RE = re.compile(r"^stem_embeddings\.(\d+)\.weight$")
 
 def write_reference_checkpoint(model: Transformer, ckpt_dir, P: int = 1) -> Path:
     "Write `model` in the reference trainer's layout (above), tables split in `P` column slices. For tests and demos."
+    if other := [k for k in model.stem_tables if k not in stem_table_keys(model)]:
+        raise ValueError(f"write_reference_checkpoint: table {other[0]!r} is a relative's; the reference trainer holds STEM tables only")
     d = Path(ckpt_dir); d.mkdir(parents=True, exist_ok=True)
     sd = {REF_PREFIX + n: p.detach().clone() for n, p in model.backbone_parameters()}
     with warnings.catch_warnings():
@@ -316,9 +333,8 @@ def write_reference_checkpoint(model: Transformer, ckpt_dir, P: int = 1) -> Path
     a = dataclasses.asdict(model.args)
     (d / "params.json").write_text(json.dumps({"model": {**a, "max_seqlen": a.pop("max_seq_len")}}))
     if len(model.stem_tables):
-        H = model.args.hidden_dim
+        H, h = model.args.hidden_dim, model.args.hidden_dim // P
         if H % P: raise ValueError(f"P={P} does not divide the table width H={H}")
-        h = H // P
         (d / REF_SHARDS).mkdir(exist_ok=True)
         for r in range(P):      # torch.save, justified: the reference trainer's own shard format, written to test its import
             torch.save({f"stem_embeddings.{k}.weight": t.weight.detach()[:, r * h:(r + 1) * h].clone()
@@ -398,7 +414,7 @@ def import_reference(ckpt_dir, model_args: Optional[ModelArgs] = None) -> Transf
     meta = read_dcp_metadata(d)
     tables, keymap = _ref_tables(d), _ref_keymap(d, meta)
     args = _ref_model_args(d, tables) if model_args is None else model_args_from(dataclasses.asdict(model_args), "model_args")
-    m = Transformer(args)
+    m = build_model(args)
     own = dict(m.backbone_parameters())
     missing = sorted(set(own) - set(keymap.values()))
     if missing: raise CheckpointError(f"{d}: the reference checkpoint has no weight for {missing[0]} ({len(missing)} missing)")

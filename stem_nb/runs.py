@@ -13,7 +13,7 @@ from typing import Sequence
 
 from .files import config_hash, repo_root, write_atomic
 from .config import ConfigError
-from .paper import FAMILY_EVAL_TASKS, PAPER_TOKENS, STAND_INS, TASKS8, VARIANTS, VARIANTS_1B, task_columns
+from .paper import FAMILY_EVAL_TASKS, PAPER_TOKENS, STAND_INS, TASKS8, VARIANTS, VARIANTS_1B, task_columns, variant_model
 
 # %% auto #0
 __all__ = ['CACHED_ONLY', 'EVAL_FORMAT', 'GPU_MEMORY_GIB', 'experiment_params', 'train_overrides', 'train_key', 'train_cached',
@@ -40,11 +40,9 @@ def _dotlist(prefix: str, d: dict) -> list[str]:
     return out
 
 def train_overrides(train: dict, variant: str | None = None, seed: int = 0, **extra) -> list[str]:
-    "Dotted `TrainArgs` overrides from a preset's `train` block, a variant of `VARIANTS` and a seed; `extra`: dotted keys."
-    if variant is not None and variant not in VARIANTS:
-        raise ConfigError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
+    "Dotted `TrainArgs` overrides from a preset's `train` block, a variant (`VARIANTS`, `RELATIVES`: `variant_model`) and a seed; `extra`: dotted keys."
     train = copy.deepcopy(train)                  # never mutate the caller's (the preset's) dicts
-    model = {**train.get("model", {}), **(VARIANTS[variant] if variant else {}), "seed": seed}
+    model = {**(variant_model(train.get("model", {}), variant) if variant else train.get("model", {})), "seed": seed}
     cfg = {**{k: v for k, v in train.items() if k != "model"}, "seed": seed, "model": model}
     for k, v in extra.items():
         node = cfg
@@ -170,7 +168,7 @@ def run_family(train: dict, variants: Sequence[str], seeds: Sequence[int], eval_
         for sd in seeds:
             s = train_cached(train_overrides(train, v, sd), runs_dir, log=log)
             res = eval_cached(s["dump_dir"], eval_tasks, eval_limit, task_dir, subsample=subsample, seed=0)
-            c = count_params(ModelArgs(**{**train.get("model", {}), **VARIANTS[v]}))
+            c = count_params(ModelArgs(**variant_model(train.get("model", {}), v)))
             rows.append(dict(variant=v, seed=sd, total_M=c["total"] / 1e6, active_M=c["active"] / 1e6,
                              MFLOPs=2 * c["active"] / 1e6, train_flops=s["flops"], tokens=s["tokens"],
                              loss=s["loss"], val_loss=s["val_loss"], tokens_per_s=s["tokens_per_s"], dump_dir=s["dump_dir"],
@@ -288,8 +286,8 @@ def eval_outputs(dump_dir: str | Path, ev: dict) -> list[Path]:
 def experiment_runs(experiment: str, params: dict, runs_dir: str | Path) -> list[dict]:
     "The training runs (`run_spec`) that `experiments/<experiment>.ipynb` reads with `params`, each with the evaluations it asks for."
     p = params
-    if experiment in ("table_350m", "table_1b"):
-        blk, variants = ("train_350m", p.get("variants") or list(VARIANTS)) if experiment == "table_350m" else ("train_1b", VARIANTS_1B)
+    if experiment in ("table_350m", "table_1b", "relatives"):
+        blk, variants = ("train_1b", VARIANTS_1B) if experiment == "table_1b" else ("train_350m", p.get("variants") or list(VARIANTS))
         ev = eval_spec(FAMILY_EVAL_TASKS, p.get("eval_subsample"))          # run_family's call of eval_cached
         return [run_spec(p[blk], v, sd, runs_dir, f"{blk} {v} seed {sd}", [ev]) for v in variants for sd in p["seeds"]]
     if experiment == "table_midtrain":

@@ -11,7 +11,6 @@ import math
 from contextlib import contextmanager
 from fastcore.basics import patch
 from typing import Callable, Iterator, Optional, Union
-
 import torch
 from torch import Tensor
 
@@ -340,11 +339,14 @@ def _id_span(ids: Tensor) -> Optional[tuple[int, int]]:
     if ids.device.type != "cpu": return None
     return tuple(int(x) for x in torch.aminmax(ids.reshape(-1))) if ids.numel() else (0, -1)
 @torch.no_grad()
-def _settle(self, tokens: Optional[Tensor] = None) -> None:
-    "Bring rows `tokens` (integer ids, every row if None) of every table up to the last completed step, before they are read."
+def _settle(self, tokens: Optional[Tensor] = None, groups: Optional[list] = None) -> None:
+    "Bring rows `tokens` (integer ids, every row if None; or per table, `{group name: ids or None}`) of every table up to the last completed step, before they are read."
+    if isinstance(tokens, dict):                       # a model whose tables are read at different ids (stem_nb.relatives)
+        for g in self.param_groups: _settle(self, tokens.get(g.get("name")), [g])
+        return
     if tokens is not None: _check_id_dtype(tokens, "TableAdamW.settle")
     span = None if tokens is None else _id_span(tokens)
-    for group in self.param_groups:
+    for group in groups or self.param_groups:
         for p in group["params"]:
             st = self.state.get(p)
             if not st or group["mode"] == "dense": continue

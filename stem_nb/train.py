@@ -124,7 +124,10 @@ def train_step(model, batches, optimizer: ModelOptimizer, args: TrainArgs, layou
     "One optimizer step over the micro-batches `batches` ((x, y) on `device`); returns (mean loss, grad norm) on the device, and the lr."
     lr = optimizer.set_lr(step)
     with span("table_optim.settle"):
-        optimizer.settle(job_tokens(torch.cat([x.reshape(-1) for x, _ in batches])))   # [distributed] every rank's rows
+        ids = unwrap(model).table_ids([x for x, _ in batches])     # token ids; a relative: {table: its own ids}
+        if not torch.is_tensor(ids) and layout.world > 1:
+            raise ConfigError("STEM's relatives (stem_nb.relatives) train in one process: run without torchrun")
+        optimizer.settle(job_tokens(ids) if torch.is_tensor(ids) else ids)   # [distributed] every rank's rows
     n, total = len(batches), torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
         with no_backbone_sync(model, i < n - 1):     # [distributed] DDP no_sync / FSDP2 no reduce until the last micro-batch
