@@ -12,9 +12,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .model import Transformer, compact_row_grad
 from .generate import generate, generate_ids
+from .relatives import TABLE_KEY
 
 # %% auto #0
 __all__ = ['TABLE_DESIGNS', 'LFUCache', 'lfu_reference', 'OffloadedTables', 'offload', 'lfu_hit_rates', 'table_design',
@@ -295,7 +297,7 @@ def lfu_hit_rates(tokens, vocab_size: int, fracs: Sequence[float] = (0.005, 0.01
     return res
 
 # %% ../nbs/23_offload.ipynb #8bd3f752
-TABLE_DESIGNS = {"ple": "ple", "ve": "value_embed", "engram": "engram", "pkm": "pkm"}   # key prefix -> design
+TABLE_DESIGNS = {p: kind for kind, p in TABLE_KEY.items()}   # a relative's table key prefix -> its design
 
 def table_design(key) -> str:
     "The design of the table `model.stem_tables[key]`: `'stem'` for a layer number, else from the key's prefix."
@@ -331,9 +333,7 @@ class DecodeRecorder:
     def __call__(self, key, ids):
         if not self.steps: self.steps.append(("prefill", {}))           # read outside a model call: a step of its own
         self.steps[-1][1].setdefault(str(key), []).append(ids.detach().reshape(-1).cpu().numpy().astype(np.int64))
-        self.model.set_stem_lookup(self.prev)
-        try: return self.model.stem_rows(key, ids)
-        finally: self.model.set_stem_lookup(self)
+        return self.prev(key, ids) if self.prev is not None else F.embedding(ids, self.model.stem_tables[str(key)].weight)
 
     def stream(self, key) -> list[tuple[str, np.ndarray]]:
         "`(phase, ids)` of every step that read table `key`, in order."
