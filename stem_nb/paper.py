@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses, hashlib, json, math
 from pathlib import Path
 from typing import Sequence
+import numpy as np
 
 from .files import write_atomic
 from .config import ConfigError
@@ -161,7 +162,6 @@ def task_columns(res: dict, tasks: Sequence[str]) -> dict:
 # %% ../nbs/25_paper.ipynb #e8f5b0d4
 def mean_pm(x, digits: int = 3) -> str:
     "mean ± std over seeds of numeric cells; an n/a reason passes through."
-    import numpy as np
     vals = list(x)
     if any(isinstance(v, str) for v in vals): return next(v for v in vals if isinstance(v, str))
     vals = [float(v) for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -173,7 +173,6 @@ def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bo
 
 def doc_scores(d: "pd.DataFrame", task: str, kind: str = "doc") -> "np.ndarray | None":
     "Per-document scores of `task` for the runs (rows) of `d`, (runs, docs) on the docs every run scored (`kind` 'bpbdoc': gold bits/byte); None without them."
-    import numpy as np
     col = f"{kind}:{task}"
     if col not in d or not all(isinstance(x, dict) for x in d[col]): return None
     common = sorted(set.intersection(*(set(map(str, x["id"])) for x in d[col])))
@@ -182,7 +181,6 @@ def doc_scores(d: "pd.DataFrame", task: str, kind: str = "doc") -> "np.ndarray |
 
 def acc_cell(d: "pd.DataFrame", task: str, paper: float | None = None) -> str:
     "A task cell over the seeds of one variant: `acc% ± s.e. over documents (n=N)`, the paper's value beside it; or an n/a reason."
-    import numpy as np
     col = f"acc:{task}"
     if col not in d: return "n/a: not run"
     vals = list(d[col])
@@ -199,7 +197,6 @@ def acc_cell(d: "pd.DataFrame", task: str, paper: float | None = None) -> str:
 # %% ../nbs/25_paper.ipynb #29724ed6
 def paired_bootstrap(a: Sequence, b: Sequence | None = None, iters: int = 2000, seed: int = 0, chunk: int = 250) -> dict:
     "{value, se, lo, hi, iters} of mean over tasks of (mean of `a[t]` - mean of `b[t]`); `a[t]`, `b[t]`: (seeds, docs) arrays on the same docs."
-    import numpy as np
     rng = np.random.default_rng(seed)
     parts = [(np.asarray(x, float), None if b is None else np.asarray(b[t], float)) for t, x in enumerate(a)]
     for A, B in parts:
@@ -235,7 +232,6 @@ def compare_gain(name: str, paper_gain: float, ours: dict | None, unit: str = ""
 # %% ../nbs/25_paper.ipynb #c195807c
 def _avg_per_seed(d, tasks) -> list | None:
     "Avg (percent) of `tasks` per seed row; None when any task has no number."
-    import numpy as np
     if not all(f"acc:{t}" in d for t in tasks): return None
     out = []
     for _, r in d.iterrows():
@@ -245,7 +241,6 @@ def _avg_per_seed(d, tasks) -> list | None:
 
 def _avg_se(d, tasks) -> float | None:
     "s.e. of the Avg (percent): `paired_bootstrap` over documents and seeds, or lm-eval's per-task errors combined as independent, averaged over seeds."
-    import numpy as np
     xs = [doc_scores(d, t) for t in tasks]
     if all(x is not None for x in xs): return 100 * paired_bootstrap(xs)["se"]
     cols = [f"se:{t}" for t in tasks]
@@ -257,7 +252,7 @@ def _avg_se(d, tasks) -> float | None:
 def family_table(df: "pd.DataFrame", paper: dict, tasks: Sequence[str] = TASKS8, extra: dict | None = None,
                  baseline: str = "Baseline") -> "pd.DataFrame":
     "Ours beside the paper per variant: params, FLOPs, per-task `acc ± se (n)`, Avg, ROI, gold bits/byte, `extra` columns, val loss."
-    import numpy as np, pandas as pd
+    import pandas as pd
     out, stats = [], {}
     for v, d in df.groupby("variant", sort=False):
         p = paper.get(v, {})
@@ -322,7 +317,7 @@ def gains_table(df: "pd.DataFrame", paper: dict, tasks: Sequence[str] = TASKS8, 
 # %% ../nbs/25_paper.ipynb #aea98d8a
 def snr_table(df: "pd.DataFrame", columns: dict) -> "pd.DataFrame":
     "Per column {name: column of `df` or a function of `df` giving one number per run}: signal, noise, SNR over variants x seeds, ranked by SNR."
-    import numpy as np, pandas as pd
+    import pandas as pd
     rows = []
     for name, col in columns.items():
         x = pd.to_numeric(col(df) if callable(col) else df[col], errors="coerce") if callable(col) or col in df else None
@@ -330,6 +325,7 @@ def snr_table(df: "pd.DataFrame", columns: dict) -> "pd.DataFrame":
         g = [v for v in g if len(v) >= 2]
         if len(g) < 2: rows.append(dict(column=name, signal=np.nan, noise=np.nan, SNR=np.nan, variants=len(g))); continue
         sig, noise = float(np.std([v.mean() for v in g], ddof=1)), float(np.sqrt(np.mean([v.var(ddof=1) for v in g])))
+        if np.ptp(allv := np.concatenate(g)) <= 1e-9 * max(1.0, abs(allv.mean())): sig = noise = 0.0   # every run scored the same: 0/0, no SNR
         rows.append(dict(column=name, signal=sig, noise=noise, SNR=sig / noise if noise > 0 else np.inf if sig > 0 else np.nan, variants=len(g)))
     return pd.DataFrame(rows).sort_values("SNR", ascending=False, na_position="last").reset_index(drop=True)
 
@@ -345,13 +341,14 @@ def family_snr(df: "pd.DataFrame", tasks: Sequence[str] = TASKS8, extra: dict | 
 
 # %% ../nbs/25_paper.ipynb #caf39e49
 def snr_notes(snr: "pd.DataFrame") -> list[str]:
-    "Two sentences: the columns ranked by SNR, and how many can rank the variants."
-    ok = snr.dropna(subset=["SNR"])
-    if ok.empty: return ["signal-to-noise: not measured (it needs at least two variants with two seeds each)"]
+    "The sentences: the columns ranked by SNR, how many can rank the variants, and those without one because every run scored the same."
+    ok, same = snr.dropna(subset=["SNR"]), snr[(snr.signal == 0) & (snr.noise == 0)].column.tolist()
+    same = [f"no SNR for {', '.join(same)}: every run scored the same (no spread between variants or seeds)"] if same else []
+    if ok.empty: return ["signal-to-noise: not measured (it needs at least two variants with two seeds each)"] + same
     return ["columns ranked by signal-to-noise (signal: std across the variants' seed means; noise: pooled std over seeds within a "
             "variant; arXiv 2508.13144): " + ", ".join(f"{r.column} {r.SNR:.1f}" for r in ok.itertuples()),
             f"{int((ok.SNR >= 2).sum())} of {len(ok)} columns have SNR >= 2 (the variants' spread at least twice the seed noise); "
-            f"{int((ok.SNR < 1).sum())} are below 1 and cannot rank the variants at this scale"]
+            f"{int((ok.SNR < 1).sum())} are below 1 and cannot rank the variants at this scale", *same]
 
 def write_paired(df: "pd.DataFrame", paper: dict, name: str, label: str, figures_dir: str | Path, preset: str, tasks: Sequence[str] = TASKS8,
                  extra: dict | None = None, baseline: str = "Baseline") -> tuple:
