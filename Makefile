@@ -29,10 +29,11 @@ smoke: env
 	$(OFFLINE) $(BIN)/stem-nb smoke
 
 # pytest exits 5 when it collects no test: that is a failure too (any non-zero code stops make); two pytest
-# workers, each taking whole files (--dist loadfile), so a module's fixtures are built once
+# workers, each taking whole files (--dist loadfile), so a module's fixtures are built once; the 25 slowest steps are
+# printed at the end (where the suite's time goes)
 test: env
 	$(OFFLINE) $(BIN)/nbdev-test --n-workers 2 --timing
-	$(OFFLINE) $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(OFFLINE) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 bench: env
 	$(OFFLINE) $(BIN)/stem-nb bench
