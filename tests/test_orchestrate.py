@@ -24,6 +24,17 @@ STEPS, EVERY = 16, 4
 BASE, HALF = "train_350m Baseline seed 0", "train_350m STEM 1/2 seed 0"
 
 
+def settled_digest(path: Path, timeout: float = 120.0) -> dict:
+    "`digest` once two reads 2 s apart agree (the jobs' processes have stopped writing)."
+    prev, t0 = digest(path), time.time()
+    while time.time() - t0 < timeout:
+        time.sleep(2)
+        cur = digest(path)
+        if cur == prev: return cur
+        prev = cur
+    raise AssertionError(f"{path} kept changing for {timeout:.0f} s after the command returned")
+
+
 def sets(data: Path) -> list[str]:
     "The paper-350m recipe at a size two cores train in seconds: same blocks and schedule shape, smaller everything."
     return ["world_size=2", "seeds=[0]", "eval_subsample={default: 2}", "experiments.table_350m.variants=[Baseline, STEM 1/2]",
@@ -135,8 +146,9 @@ def test_local_jobs_end_to_end_with_a_killed_and_resumed_job(data, tmp_path):
     assert f"{HALF}: done" in out and f"eval {HALF}: done" in out, out
     assert "re-run the same command to submit them again (a training run resumes from its newest checkpoint)" in err, err
 
-    # --status prints every job's state and submits (and writes) nothing
-    before = digest(root / "runs")
+    # --status prints every job's state and submits (and writes) nothing. The command returns once every job's outputs
+    # exist; a local job's process may still be writing its tail (submitit's result and log): let runs/ settle first
+    before = settled_digest(root / "runs")
     r = subprocess.run(cmd(data, "--status"), cwd=root, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     assert re.search(rf"^{re.escape(BASE)} +train +died \(died at step", r.stdout, re.M) and re.search(rf"^{re.escape(HALF)} +train +done", r.stdout, re.M), r.stdout

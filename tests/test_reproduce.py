@@ -28,11 +28,16 @@ def smoke_names(root: Path) -> list[str]:
     return [r["name"] for r in plan("smoke", presets=load_presets(root / "experiments" / "presets.yaml")) if r["name"] not in OWN_TEST]
 
 
+# the fixture runs 14 notebooks (729 s in CI on 2026-12-03): whichever test builds it gets 30 minutes, not the suite's 15
+SMOKE_TIMEOUT = pytest.mark.timeout(1800)
+
+
 @pytest.fixture(scope="module")
 def smoke_status(smoke_root):
     return reproduce("smoke", only=smoke_names(smoke_root), root=smoke_root, progress=False)
 
 
+@SMOKE_TIMEOUT
 def test_smoke_runs_every_notebook(smoke_status, smoke_root):
     names = smoke_names(smoke_root)
     assert set(names) | OWN_TEST == {p.stem for p in (ROOT / "experiments").glob("*.ipynb")}   # every notebook, here or in its own test
@@ -43,6 +48,7 @@ def test_smoke_runs_every_notebook(smoke_status, smoke_root):
         assert list((smoke_root / "runs" / "smoke" / n).glob("*/executed.ipynb")), n
 
 
+@SMOKE_TIMEOUT
 def test_smoke_writes_tables_with_paper_beside_ours(smoke_status, smoke_root):
     "Each experiment's outputs (recorded in its DONE) are in the figures folder, byte for byte the copies in its run folder."
     figs = smoke_root / "runs" / "smoke" / "figures"
@@ -81,6 +87,7 @@ def check_table(md: Path):
     assert header == list(df.columns) and len(rows) - 2 == len(df) > 0, (md.name, header, list(df.columns), len(rows) - 2, len(df))
 
 
+@SMOKE_TIMEOUT
 def test_second_run_skips_complete(smoke_status, smoke_root):
     again = reproduce("smoke", only=["table1_efficiency", "fig3_loss_flops"], root=smoke_root, progress=False)
     assert all(s["status"].startswith("skipped") for s in again), again
