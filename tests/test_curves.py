@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from checks import check_png, check_table
 from stem_nb.checkpoint import CKPT_DIR, list_checkpoints
 from stem_nb.reproduce import load_presets, reproduce
 from stem_nb.runs import eval_cached, experiment_params, load_metrics
@@ -53,6 +54,11 @@ def test_fig9_smoke_draws_one_curve_per_variant(fig9):
     md = (figs / "tables" / f"{NAME}.md").read_text()
     assert "min/max: the seeds' range" in md and f"docs per task: {p['eval_subsample']['default']} " in md, md
     assert (figs / f"{NAME}.png").stat().st_size > 10_000
+    run = root / "runs" / "smoke" / NAME / status["hash"]               # what tests/test_reproduce.py checks of the others
+    assert status["outputs"] and all((figs / o).read_bytes() == (run / "figures" / o).read_bytes() for o in status["outputs"])
+    for o in status["outputs"]:
+        if o.endswith(".png"): check_png(figs / o)
+        if o.endswith(".md"): check_table(figs / o)
 
 
 def test_smoke_runs_keep_each_checkpoint_with_its_flops(fig9):

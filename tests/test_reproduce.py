@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from checks import check_png, check_table
 from stem_nb.reproduce import plan, reproduce, load_presets, figures_dir_for, declared_parameters, DRIVER_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,16 +20,17 @@ def smoke_root(tmp_path_factory):
     return root
 
 
-# tests/test_relatives_experiment.py runs `relatives` at the smoke preset's size (through `reproduce('relatives')`, which
-# publishes to figures/ and README): run once there, not twice
-OWN_TEST = {"relatives"}
+# notebooks with a test of their own, run once there, not twice: tests/test_relatives_experiment.py runs `relatives` at the
+# smoke preset's size (through `reproduce('relatives')`, which publishes to figures/ and README); tests/test_curves.py
+# runs Figure 9 under the smoke preset
+OWN_TEST = {"relatives", "fig9_bpb_vs_flops"}
 
 
 def smoke_names(root: Path) -> list[str]:
     return [r["name"] for r in plan("smoke", presets=load_presets(root / "experiments" / "presets.yaml")) if r["name"] not in OWN_TEST]
 
 
-# the fixture runs 14 notebooks (729 s in CI on 2026-12-03): whichever test builds it gets 30 minutes, not the suite's 15
+# the fixture runs 13 notebooks (14 took 729 s in CI on 2026-12-03): whichever test builds it gets 30 minutes, not the suite's 15
 SMOKE_TIMEOUT = pytest.mark.timeout(1800)
 
 
@@ -64,27 +66,6 @@ def test_smoke_writes_tables_with_paper_beside_ours(smoke_status, smoke_root):
     for v in ("Baseline", "STEM 1/3"):                      # the paper's numbers sit beside ours, row by row
         assert float(t.loc[v, "paper Avg"]) == PAPER_350M[v]["avg"], t.loc[v]
         assert t.loc[v, "arc_easy"].endswith(f"[paper {PAPER_350M[v]['acc'][0]:.2f}]"), t.loc[v, "arc_easy"]
-
-
-def check_png(path: Path):
-    "A PNG that decodes, of a figure's size, with something drawn on it (more than one colour)."
-    from PIL import Image
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.width >= 300 and im.height >= 200, (path.name, im.format, im.size)
-        im.load()
-        assert len(im.convert("RGB").getcolors(maxcolors=1 << 24)) > 2, (path.name, "a blank image")
-
-
-def check_table(md: Path):
-    "`write_table`'s layout: a title, the preset note first, one markdown table holding the CSV's columns and rows."
-    lines = md.read_text().splitlines()
-    assert lines[0].startswith("### ") and len(lines[0]) > 4, (md.name, lines[0])
-    notes = [l for l in lines if l.startswith("- ")]
-    assert notes and notes[0].startswith("- preset: smoke"), (md.name, notes[:1])
-    rows = [l for l in lines if l.startswith("|")]
-    header = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", rows[0].strip("|"))]   # a "|" in a name is "\|"
-    df = pd.read_csv(md.with_suffix(".csv"), dtype=str)
-    assert header == list(df.columns) and len(rows) - 2 == len(df) > 0, (md.name, header, list(df.columns), len(rows) - 2, len(df))
 
 
 @SMOKE_TIMEOUT
