@@ -109,7 +109,7 @@ class EvalJob:
         from stem_nb.runs import eval_cached, arith_cached, eval_outputs
         from stem_nb.paper import val_loss_source
         dev, ev = ("cuda" if torch.cuda.is_available() else "cpu"), self.ev
-        val_loss_source(self.dump_dir)                       # the tables' note, replayed here rather than where they are built;
+        val_loss_source(self.dump_dir)                       # the tables' note, replayed here rather than where they are built
         eval_cached(self.dump_dir, ev["tasks"], ev["limit"], ev["task_dir"], self.batch_size, ev["subsample"], ev["seed"], device=dev)
         if ev.get("arith_n"): arith_cached(self.dump_dir, ev["arith_n"], device=dev)   # the outputs last: `job_done` reads them
         return [str(p) for p in eval_outputs(self.dump_dir, ev)]
